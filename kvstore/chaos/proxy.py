@@ -1,0 +1,547 @@
+"""Fault-injecting TCP proxy in front of pysyncobj Raft ports (the etcd ``pkg/proxy`` approach, no root).
+
+Topology: replica R binds its real Raft port (``SyncObjConf(bindAddress=real)``) while every node, R
+included, names R by the address of R's proxy (``selfNode``/``otherNodes``). pysyncobj's node identity is
+that string, so peers dial R's proxy and the proxy forwards to R's real port.
+
+Who is dialing: in pysyncobj 0.3.17 only the node with the greater address string dials
+(``TCPTransport._shouldConnect``) and, without a password, its first message is its own advertised address
+(``TCPTransport._sendSelfAddress``), framed by ``TcpConnection.send`` as
+``struct.pack('i', len(data)) + data`` with ``data = zlib.compress(pickle.dumps(address, 2), 3)``.
+The proxy reads that one frame before it connects upstream, decodes it with an unpickler that refuses every
+global (so peer bytes can only build plain str/list/tuple, never run code), maps the address to a replica
+name through the ``LinkController`` registry, then forwards the frame unchanged.
+
+Connections it cannot identify get source ``None``: with ``SyncObjConf(password=...)`` the first frame is a
+Fernet token (and the address only comes after a key exchange), admin tools (``syncobj_admin``) send a list,
+other clients send anything. Only rules that need no source apply to them: ``isolate`` of the target and
+delays with ``src=None``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import io
+import logging
+import pickle
+import socket
+import struct
+import threading
+import zlib
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# pysyncobj packs the length with struct.pack('i', ...): native byte order, 4-byte signed int.
+_FRAME_HEADER = struct.Struct("=i")
+# An address frame is a few dozen bytes; a larger length means "not an id frame", and it must not be
+# buffered while we wait for it.
+_MAX_ID_FRAME = 4096
+_MAX_ID_DECOMPRESSED = 4096
+_CHUNK = 64 * 1024
+# Per-direction queue bound, in chunks. A delayed direction holds delay * throughput bytes; past this bound
+# the reader stops reading and TCP flow control pushes back on the sender instead of us buffering forever.
+_QUEUE_CHUNKS = 256
+_EOF = b""  # queue marker: the source half-closed its side
+_STOP_ROUNDS = 10  # stop() re-cancels tasks accepted while it was stopping; a few rounds always suffice
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, port = address.rsplit(":", 1)
+    return host, int(port)
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP RST. A plain abort() sends a FIN, which a peer could take for an orderly
+    end of stream; a reset is what a cut link should look like, and it leaves no TIME_WAIT behind."""
+    if writer.transport.is_closing():
+        return
+    sock = writer.transport.get_extra_info("socket")
+    try:
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:  # already dead: abort() below is all that is left to do
+        pass
+    writer.transport.abort()
+
+
+class _NoGlobalsUnpickler(pickle.Unpickler):
+    """Unpickler that cannot import anything: bytes from a peer must never run code in our process."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"global {module}.{name} refused")
+
+
+def frame_length(buf: bytes) -> int | None:
+    """Bytes needed for the pysyncobj frame starting buf (header included), or None if it cannot be one."""
+    if len(buf) < _FRAME_HEADER.size:
+        return _FRAME_HEADER.size
+    (length,) = _FRAME_HEADER.unpack_from(buf)
+    if not 0 < length <= _MAX_ID_FRAME:
+        return None
+    return _FRAME_HEADER.size + length
+
+
+def decode_first_frame(buf: bytes) -> object | None:
+    """The message in pysyncobj's unencrypted first frame at the start of buf, or None if there is none."""
+    total = frame_length(buf)
+    if total is None or len(buf) < total or total == _FRAME_HEADER.size:
+        return None
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(buf[_FRAME_HEADER.size : total], _MAX_ID_DECOMPRESSED)
+        if not inflater.eof:  # truncated, or bigger than any address: not an id frame
+            return None
+        return _NoGlobalsUnpickler(io.BytesIO(raw)).load()
+    except Exception:  # garbage raises anything from zlib.error to EOFError/ValueError: "not a frame"
+        return None
+
+
+def encode_frame(message: object) -> bytes:
+    """Frame a message exactly as pysyncobj 0.3.17 ``TcpConnection.send`` does without a password."""
+    data = zlib.compress(pickle.dumps(message, 2), 3)
+    return _FRAME_HEADER.pack(len(data)) + data
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rules:
+    """Immutable rule set: setters swap in a new one, so the data path reads rules without a lock."""
+
+    cuts: frozenset[frozenset[str]] = frozenset()
+    isolated: frozenset[str] = frozenset()
+    blackholes: frozenset[tuple[str, str]] = frozenset()
+    delays: tuple[tuple[str | None, str | None, float], ...] = ()
+    version: int = 0
+
+
+class LinkController:
+    """Fault rules shared by all proxies of a cluster. Setters are thread-safe and take effect at once:
+    every chunk read after a setter returns is judged by the new rules, and proxies close cut links."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rules = _Rules()
+        self._names: dict[str, str] = {}  # address (advertised or real) -> replica name
+        self._listeners: list[Callable[[], None]] = []
+
+    # --- registry and listeners (used by FaultProxy) ---
+    def register(self, name: str, *addresses: str) -> None:
+        """Map addresses a dialer may announce to the replica name used in rules."""
+        with self._lock:
+            self._names.update({address: name for address in addresses})
+
+    def name_of(self, address: str | None) -> str | None:
+        return None if address is None else self._names.get(address)
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            self._listeners.append(callback)
+
+    def unsubscribe(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if callback in self._listeners:
+                self._listeners.remove(callback)
+
+    # --- rule setters ---
+    def partition(self, group_a: Iterable[str], group_b: Iterable[str]) -> None:
+        pairs = {frozenset((a, b)) for a in set(group_a) for b in set(group_b) if a != b}
+        self._update(lambda r: dataclasses.replace(r, cuts=r.cuts | pairs))
+
+    def blackhole(self, src: str, dst: str) -> None:
+        self._update(lambda r: dataclasses.replace(r, blackholes=r.blackholes | {(src, dst)}))
+
+    def isolate(self, name: str) -> None:
+        self._update(lambda r: dataclasses.replace(r, isolated=r.isolated | {name}))
+
+    def delay(self, src: str | None, dst: str | None, seconds: float) -> None:
+        """Latency on links from src to dst (None = any, including unidentified dialers). A new call for
+        the same (src, dst) replaces the old one; 0 removes it; overlapping rules take the largest."""
+        if seconds < 0:
+            raise ValueError("delay must be >= 0")
+
+        def change(r: _Rules) -> _Rules:
+            kept = tuple(d for d in r.delays if (d[0], d[1]) != (src, dst))
+            added = ((src, dst, float(seconds)),) if seconds > 0 else ()
+            return dataclasses.replace(r, delays=kept + added)
+
+        self._update(change)
+
+    def heal(self) -> None:
+        self._update(lambda r: _Rules())
+
+    def _update(self, change: Callable[[_Rules], _Rules]) -> None:
+        with self._lock:
+            version = self._rules.version + 1
+            self._rules = dataclasses.replace(change(self._rules), version=version)
+            listeners = list(self._listeners)
+        for callback in listeners:  # outside the lock: callbacks only schedule work on their loops
+            callback()
+
+    # --- queries for the data path (lock-free: one attribute read of an immutable object) ---
+    def is_cut(self, a: str | None, b: str | None) -> bool:
+        """True if the link between a and b (either direction) is cut. None is an unidentified end."""
+        rules = self._rules
+        if a in rules.isolated or b in rules.isolated:
+            return True
+        return a is not None and b is not None and frozenset((a, b)) in rules.cuts
+
+    def is_blackholed(self, src: str | None, dst: str | None) -> bool:
+        return (src, dst) in self._rules.blackholes
+
+    def delay_for(self, src: str | None, dst: str | None) -> float:
+        matching = [s for ds, dd, s in self._rules.delays if ds in (None, src) and dd in (None, dst)]
+        return max(matching, default=0.0)
+
+    def snapshot(self) -> dict[str, Any]:
+        rules = self._rules
+        return {
+            "version": rules.version,
+            "partitions": sorted(sorted(pair) for pair in rules.cuts),
+            "isolated": sorted(rules.isolated),
+            "blackholes": sorted([src, dst] for src, dst in rules.blackholes),
+            "delays": [{"src": s, "dst": d, "seconds": sec} for s, d, sec in rules.delays],
+        }
+
+
+@dataclasses.dataclass
+class ProxyStats:
+    accepted: int = 0
+    identified: int = 0  # dialer decoded and found in the registry
+    refused: int = 0  # closed at once: link cut at accept time, or target unreachable
+    cut: int = 0  # established links closed because a rule cut them
+    bytes_forwarded: int = 0
+    bytes_dropped: int = 0  # blackholed
+
+
+class _LinkCut(Exception):
+    """A chunk arrived on a link that a rule has cut."""
+
+
+class _Pipe:
+    """One direction of a link. The reader stamps each chunk with its due time (receive time + delay) and
+    queues it; the writer releases chunks in order once due, so delays never add up chunk after chunk."""
+
+    def __init__(
+        self,
+        proxy: FaultProxy,
+        ends: tuple[str | None, str | None],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self._proxy = proxy
+        self._src, self._dst = ends
+        self._reader = reader
+        self._writer = writer
+        self._queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(_QUEUE_CHUNKS)
+
+    async def read_loop(self, head: bytes) -> None:
+        if head:
+            await self._admit(head)
+        while True:  # ends at EOF, on a reset or a cut, or when the link is cancelled
+            chunk = await self._reader.read(_CHUNK)
+            if not chunk:
+                # The FIN is forwarded even when blackholed, so a closed connection is never hidden.
+                await self._queue.put((self._due(), _EOF))
+                return
+            await self._admit(chunk)
+
+    async def _admit(self, chunk: bytes) -> None:
+        controller = self._proxy.controller
+        if controller.is_cut(self._src, self._dst):
+            raise _LinkCut()
+        if controller.is_blackholed(self._src, self._dst):
+            self._proxy.stats.bytes_dropped += len(chunk)
+            return
+        await self._queue.put((self._due(), chunk))
+
+    def _due(self) -> float:
+        return asyncio.get_running_loop().time() + self._proxy.controller.delay_for(self._src, self._dst)
+
+    async def write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:  # ends after forwarding EOF, on a reset, or when the link is cancelled
+            due, chunk = await self._queue.get()
+            wait = due - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if chunk == _EOF:
+                if self._writer.can_write_eof():
+                    self._writer.write_eof()
+                return
+            self._writer.write(chunk)
+            self._proxy.stats.bytes_forwarded += len(chunk)
+            await self._writer.drain()
+
+
+class _Link:
+    """One proxied connection: dialer <-> proxy <-> target replica, as two independent directions."""
+
+    def __init__(
+        self,
+        proxy: FaultProxy,
+        src: str | None,
+        announced: str | None,
+        client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    ) -> None:
+        self.src = src
+        self.dst = proxy.name
+        self.announced = announced
+        self._proxy = proxy
+        self._client = client
+        self._upstream = upstream
+        self._tasks: list[asyncio.Task[None]] = []
+        self._aborted = False
+
+    async def run(self, head: bytes) -> None:
+        if self._aborted or self._proxy.controller.is_cut(self.src, self.dst):
+            self.abort()
+            return
+        to_target = _Pipe(self._proxy, (self.src, self.dst), self._client[0], self._upstream[1])
+        to_dialer = _Pipe(self._proxy, (self.dst, self.src), self._upstream[0], self._client[1])
+        failed = False
+        try:
+            async with asyncio.TaskGroup() as group:
+                for coro in (to_target.read_loop(head), to_target.write_loop(),
+                             to_dialer.read_loop(b""), to_dialer.write_loop()):
+                    self._tasks.append(group.create_task(coro))
+        except* (OSError, _LinkCut):  # a reset on either side, or a cut: drop both sides at once
+            failed = True
+        if failed or self._aborted:
+            self.abort()
+        else:  # both directions reached EOF and forwarded it: close gracefully, flushing buffers
+            self._client[1].close()
+            self._upstream[1].close()
+
+    def abort(self) -> None:
+        """Reset both sides now; bytes still buffered here are discarded (they were 'in the network')."""
+        self._aborted = True
+        for task in self._tasks:
+            task.cancel()
+        _reset(self._client[1])
+        _reset(self._upstream[1])
+
+
+class FaultProxy:
+    """One listening proxy in front of one replica's real Raft port. Runs on the loop that started it."""
+
+    def __init__(
+        self,
+        name: str,
+        listen: tuple[str, int],
+        target: tuple[str, int],
+        controller: LinkController,
+        *,
+        identify_timeout: float = 1.0,
+        connect_timeout: float = 2.0,
+    ) -> None:
+        self.name = name
+        self.controller = controller
+        self.listen_address = ""
+        self.stats = ProxyStats()
+        self._listen = listen
+        self._target = target
+        # How long to wait for a dialer's first frame. pysyncobj sends it as soon as the TCP connect
+        # completes; only clients that wait for the server to speak first pay this once per connection.
+        self._identify_timeout = identify_timeout
+        self._connect_timeout = connect_timeout
+        self._server: asyncio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._links: set[_Link] = set()
+
+    async def start(self) -> None:
+        if self._server is not None:
+            raise RuntimeError(f"proxy {self.name} already started")
+        self._loop = asyncio.get_running_loop()
+        self._server = await asyncio.start_server(self._on_accept, *self._listen)
+        host, port = self._server.sockets[0].getsockname()[:2]
+        self.listen_address = f"{host}:{port}"
+        target = f"{self._target[0]}:{self._target[1]}"
+        # The real address is registered too, in case a replica advertises it by mistake.
+        self.controller.register(self.name, self.listen_address, target)
+        self.controller.subscribe(self._on_rules_changed)
+
+    async def stop(self) -> None:
+        """Stop listening and reset every connection; returns when all of this proxy's tasks are done."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self.controller.unsubscribe(self._on_rules_changed)
+        server.close()
+        for _ in range(_STOP_ROUNDS):  # connections accepted just before close() may add tasks
+            tasks = list(self._tasks)
+            if not tasks:
+                break
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=5.0)
+        await server.wait_closed()
+
+    def links(self) -> list[tuple[str | None, str, str | None]]:
+        """(dialer name, target name, address the dialer announced) for each open link."""
+        return sorted(((lk.src, lk.dst, lk.announced) for lk in self._links), key=repr)
+
+    def _on_accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(self._serve(reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(functools.partial(self._on_serve_done, writer))
+
+    def _on_serve_done(self, writer: asyncio.StreamWriter, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        # Refused dialers, and tasks cancelled before they ran, still hold the accepted socket.
+        _reset(writer)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("proxy %s: connection handler failed", self.name, exc_info=task.exception())
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.stats.accepted += 1
+        try:
+            head, announced = await self._sniff(reader)
+        except OSError:
+            return
+        src = self.controller.name_of(announced)
+        self.stats.identified += src is not None
+        if self.controller.is_cut(src, self.name):
+            self.stats.refused += 1  # reset at once, so the dialer notices now rather than on a timeout
+            return
+        try:
+            upstream = await asyncio.wait_for(asyncio.open_connection(*self._target), self._connect_timeout)
+        except (OSError, TimeoutError):
+            self.stats.refused += 1
+            return
+        link = _Link(self, src, announced, (reader, writer), upstream)
+        self._links.add(link)
+        try:
+            await link.run(head)
+        finally:
+            self._links.discard(link)
+            _reset(upstream[1])
+
+    async def _sniff(self, reader: asyncio.StreamReader) -> tuple[bytes, str | None]:
+        """Read the dialer's first frame (bounded in size and time); return the bytes read and the
+        address it announced, if it is a pysyncobj address frame."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._identify_timeout
+        buf = b""
+        for _ in range(_MAX_ID_FRAME + _FRAME_HEADER.size):  # each pass reads >= 1 byte or stops
+            need = frame_length(buf)
+            remaining = deadline - loop.time()
+            if need is None or len(buf) >= need or remaining <= 0:
+                break
+            try:
+                chunk = await asyncio.wait_for(reader.read(_CHUNK), remaining)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+        message = decode_first_frame(buf)
+        return buf, message if isinstance(message, str) else None
+
+    def _on_rules_changed(self) -> None:
+        """Called from any thread by the controller: hop onto our loop to close links a rule cuts."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(self._enforce_cuts)
+        except RuntimeError:  # the loop closed between the check and the call
+            pass
+
+    def _enforce_cuts(self) -> None:
+        for link in list(self._links):
+            if self.controller.is_cut(link.src, link.dst):
+                self.stats.cut += 1
+                link.abort()
+
+
+class ProxyCluster:
+    """N proxies, one per replica, on an event loop in a background thread (for synchronous callers)."""
+
+    def __init__(self, replicas: dict[str, str], *, listen_host: str = "127.0.0.1",
+                 identify_timeout: float = 1.0) -> None:
+        self.controller = LinkController()
+        self.proxies: dict[str, FaultProxy] = {}
+        self._replicas = dict(replicas)
+        self._listen_host = listen_host
+        self._identify_timeout = identify_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> dict[str, str]:
+        """Start all proxies; return name -> proxy address, the addresses replicas must advertise."""
+        if self._thread is not None:
+            raise RuntimeError("proxy cluster already started")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, args=(self._loop,),
+                                        name="fault-proxy-loop", daemon=True)
+        self._thread.start()
+        try:
+            return self._call(self._start_all())
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        try:
+            self._call(self._stop_all())
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=10.0)
+            self._loop = self._thread = None
+
+    def links(self) -> dict[str, list[tuple[str | None, str, str | None]]]:
+        """Open links per proxy, read on the proxies' loop (their link sets are not thread-safe)."""
+
+        async def collect() -> dict[str, list[tuple[str | None, str, str | None]]]:
+            return {name: proxy.links() for name, proxy in self.proxies.items()}
+
+        return self._call(collect())
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return {name: dataclasses.asdict(proxy.stats) for name, proxy in self.proxies.items()}
+
+    def __enter__(self) -> ProxyCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float = 15.0) -> T:
+        if self._loop is None:
+            coro.close()
+            raise RuntimeError("proxy cluster not started")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _start_all(self) -> dict[str, str]:
+        for name, real in self._replicas.items():
+            proxy = FaultProxy(name, (self._listen_host, 0), _host_port(real), self.controller,
+                               identify_timeout=self._identify_timeout)
+            self.proxies[name] = proxy  # before start(), so stop() cleans up a partial start
+            await proxy.start()
+        return {name: proxy.listen_address for name, proxy in self.proxies.items()}
+
+    async def _stop_all(self) -> None:
+        results = await asyncio.gather(*(p.stop() for p in self.proxies.values()), return_exceptions=True)
+        for name, result in zip(self.proxies, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("proxy %s failed to stop", name, exc_info=result)
+
+    @staticmethod
+    def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()

@@ -1,0 +1,176 @@
+"""`AsyncClient`: the asyncio front door. Runs the core's plans with grpc.aio channels."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from kvstore import errors
+from kvstore.client import api
+from kvstore.client.core import ClientCore, Consistency, ReadConsistency, ReadPolicy
+from kvstore.client.plans import Call, Parallel, Plan, Sleep
+from kvstore.proto import kvstore_pb2_grpc as pb_grpc
+
+_STUBS = {"KV": pb_grpc.KVStub, "Admin": pb_grpc.AdminStub}
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
+
+class AsyncClient:
+    """Asyncio kvstore client. Same API and behaviour as `Client` (both run `ClientCore`).
+
+    async with AsyncClient.from_cluster(".kvstore/demo") as kv:
+        await kv.put(b"k", b"v")
+    """
+
+    def __init__(
+        self,
+        endpoints: list[str] | str | None = None,
+        *,
+        router: str | None = None,
+        consistency: ReadConsistency = Consistency.STRONG,
+        read_policy: ReadPolicy = ReadPolicy.LEADER,
+        session: str | None = None,
+        timeout: float = 10.0,
+        zone: str = "",
+        _core: ClientCore | None = None,
+    ) -> None:
+        self.core = _core or api.make_core(
+            endpoints, router, None, consistency, read_policy, session, timeout, zone
+        )
+        # One channel per endpoint, shared by every call to it (grpc.aio multiplexes over HTTP/2).
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[tuple[str, str], Any] = {}
+
+    @classmethod
+    def from_cluster(cls, directory: str | Path, **kwargs: Any) -> AsyncClient:
+        cluster_map = api.load_cluster_map(directory)
+        core = api.make_core(
+            None,
+            None,
+            cluster_map,
+            kwargs.pop("consistency", Consistency.STRONG),
+            kwargs.pop("read_policy", ReadPolicy.LEADER),
+            kwargs.pop("session", None),
+            kwargs.pop("timeout", 10.0),
+            kwargs.pop("zone", ""),
+        )
+        return cls(_core=core, **kwargs)
+
+    # ----- running plans ---------------------------------------------------------------------
+
+    async def _run(self, plan: Plan) -> Any:
+        try:
+            step = next(plan)
+            while True:
+                try:
+                    outcome = await self._perform(step)
+                except errors.KvError as err:
+                    step = plan.throw(err)
+                else:
+                    step = plan.send(outcome)
+        except StopIteration as done:
+            return done.value
+
+    async def _perform(self, step: Any) -> Any:
+        if isinstance(step, Call):
+            stub = self._stub(step.address, step.service)
+            try:
+                return await getattr(stub, step.method)(step.request, timeout=step.timeout)
+            except grpc.RpcError as exc:
+                raise errors.from_rpc_error(exc) from None
+        if isinstance(step, Sleep):
+            await asyncio.sleep(step.seconds)
+            return None
+        if isinstance(step, Parallel):
+            return list(await asyncio.gather(*(self._run(p) for p in step.plans)))
+        raise TypeError(f"unknown plan step {step!r}")
+
+    def _stub(self, address: str, service: str) -> Any:
+        key = (address, service)
+        stub = self._stubs.get(key)
+        if stub is None:
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = self._channels[address] = grpc.aio.insecure_channel(
+                    address, options=_CHANNEL_OPTIONS
+                )
+            stub = self._stubs[key] = _STUBS[service](channel)
+        return stub
+
+    async def close(self) -> None:
+        channels, self._channels = self._channels, {}
+        self._stubs.clear()
+        for channel in channels.values():
+            await channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ----- the API (keep in step with sync.Client) ------------------------------------------
+
+    async def put(self, key: bytes, value: bytes) -> int:
+        """Write `value`; returns the write's revision. Raises UnknownOutcome if it may or may not apply."""
+        return (await self._run(self.core.put(key, value))).header.revision
+
+    async def get(self, key: bytes, *, consistency: ReadConsistency | None = None) -> bytes | None:
+        return api.get_result(await self._run(self.core.get(key, consistency)))
+
+    async def get_item(self, key: bytes, *, consistency: ReadConsistency | None = None) -> api.Item | None:
+        return api.get_item_result(await self._run(self.core.get(key, consistency)))
+
+    async def delete(self, key: bytes) -> bool:
+        return (await self._run(self.core.delete([key]))).deleted == 1
+
+    async def delete_many(self, keys: list[bytes], *, atomic: bool = True) -> int:
+        return (await self._run(self.core.delete(list(keys), atomic))).deleted
+
+    async def compare_and_set(self, key: bytes, value: bytes, *, expected_revision: int) -> api.CasResult:
+        return api.cas_result(await self._run(self.core.compare_and_set(key, value, expected_revision)))
+
+    async def multi_put(self, items: Mapping[bytes, bytes] | list[tuple[bytes, bytes]]) -> int:
+        """Atomic write of keys on one shard (use a shared {hash tag}); returns its revision."""
+        return (await self._run(self.core.multi_put(api.as_items(items), atomic=True))).header.revision
+
+    async def put_many(
+        self, items: Mapping[bytes, bytes] | list[tuple[bytes, bytes]], *, atomic: bool = False
+    ) -> dict[int, int]:
+        """Write keys that may span shards: atomic per shard only. Returns {shard: revision}."""
+        return api.revisions(await self._run(self.core.multi_put(api.as_items(items), atomic=atomic)))
+
+    async def multi_get(
+        self, keys: list[bytes], *, consistency: ReadConsistency | None = None
+    ) -> dict[bytes, bytes]:
+        return api.multi_get_result(await self._run(self.core.multi_get(list(keys), consistency)))
+
+    async def scan(
+        self,
+        *,
+        start: bytes = b"",
+        end: bytes = b"",
+        prefix: bytes = b"",
+        limit: int = 1000,
+        continuation: bytes = b"",
+        consistency: ReadConsistency | None = None,
+    ) -> api.ScanPage:
+        plan = self.core.scan(
+            start=start,
+            end=end,
+            prefix=prefix,
+            limit=limit,
+            continuation=continuation,
+            consistency=consistency,
+        )
+        return api.scan_result(await self._run(plan))
+
+    def session_token(self) -> str:
+        return self.core.session_token()
+
+    async def cluster_map(self) -> Any:
+        return await self._run(self.core.refresh_map())

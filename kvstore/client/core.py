@@ -1,0 +1,471 @@
+"""The client core shared by `Client`, `AsyncClient` and the router: routing, retries, consistency.
+
+Two modes:
+- smart: holds the cluster map and ring, sends each key to its shard directly (leader for
+  writes, a replica chosen by the read policy for reads), splits multi-key operations by shard;
+- router: sends everything to one router address, which runs this same core in smart mode.
+
+Every operation is a plan (see plans.py) returning the raw protobuf response; the front doors turn
+it into Python values. No I/O happens here.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import heapq
+import itertools
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from kvstore import errors
+from kvstore.client.plans import Call, Parallel, Plan, Sleep
+from kvstore.proto import kvstore_pb2 as pb
+from kvstore.routing.cluster_map import ClusterMap, ShardInfo
+
+STRONG, SESSION, BOUNDED, EVENTUAL = pb.STRONG, pb.SESSION, pb.BOUNDED, pb.EVENTUAL
+
+
+@dataclass(frozen=True)
+class ReadConsistency:
+    level: int
+    max_staleness: float = 0.0
+
+    def __str__(self) -> str:
+        name = pb.Consistency.Name(self.level).lower()
+        return f"bounded:{self.max_staleness}s" if self.level == BOUNDED else name
+
+
+class Consistency:
+    """Per-request read consistency (see docs/consistency.md)."""
+
+    STRONG = ReadConsistency(STRONG)
+    SESSION = ReadConsistency(SESSION)
+    EVENTUAL = ReadConsistency(EVENTUAL)
+
+    @staticmethod
+    def bounded(seconds: float) -> ReadConsistency:
+        if seconds <= 0:
+            raise ValueError("a staleness bound must be positive")
+        return ReadConsistency(BOUNDED, float(seconds))
+
+    @staticmethod
+    def parse(text: str) -> ReadConsistency:
+        """'strong' | 'session' | 'eventual' | 'bounded:0.5s' (CLI form)."""
+        text = text.strip().lower()
+        if text.startswith("bounded:"):
+            return Consistency.bounded(float(text.split(":", 1)[1].rstrip("s")))
+        try:
+            return {
+                "strong": Consistency.STRONG,
+                "session": Consistency.SESSION,
+                "eventual": Consistency.EVENTUAL,
+            }[text]
+        except KeyError:
+            raise ValueError(f"unknown consistency {text!r}") from None
+
+
+class ReadPolicy(enum.Enum):
+    """Which replica serves a non-leader-only read.
+
+    FOLLOWERS_ONLY tries every follower first and goes to the leader only when none can serve."""
+
+    LEADER = "leader"
+    NEAREST = "nearest"
+    ROUND_ROBIN = "round_robin"
+    FOLLOWERS_ONLY = "followers_only"
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    timeout: float = 10.0  # whole operation, retries included
+    rpc_timeout: float = 5.0  # one attempt
+    backoff_initial: float = 0.02
+    backoff_max: float = 0.5
+    zone: str = ""  # NEAREST prefers replicas with this zone label
+
+
+class ClientCore:
+    def __init__(
+        self,
+        *,
+        seeds: Iterable[str] = (),
+        cluster_map: ClusterMap | None = None,
+        router: str | None = None,
+        consistency: ReadConsistency = Consistency.STRONG,
+        read_policy: ReadPolicy = ReadPolicy.LEADER,
+        session: str | None = None,
+        settings: ClientSettings | None = None,
+        track_session: bool = True,
+    ) -> None:
+        self.router = router
+        self.seeds = list(seeds)
+        self.cluster_map = cluster_map
+        if not router and not self.seeds and cluster_map is None:
+            raise ValueError("give seed addresses, a cluster map, or a router address")
+        self.consistency = consistency
+        self.read_policy = read_policy
+        self.settings = settings or ClientSettings()
+        self.track_session = track_session
+        self.session: dict[int, int] = decode_session(session) if session else {}
+        self.leaders: dict[int, str] = {}
+        self.latency: dict[str, float] = {}
+        self._rr = itertools.count()
+
+    # ----- session tokens --------------------------------------------------------------------
+
+    def session_token(self) -> str:
+        return encode_session(self.session)
+
+    def observe(self, header: pb.ResponseHeader) -> None:
+        """Raise the session token to what a response shows was seen or written."""
+        if not self.track_session:
+            return
+        seen = dict(header.revisions) or {header.shard: header.revision}
+        for shard, revision in seen.items():
+            if revision > self.session.get(shard, 0):
+                self.session[shard] = revision
+
+    def record_latency(self, address: str, seconds: float) -> None:
+        old = self.latency.get(address)
+        self.latency[address] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    # ----- cluster map -----------------------------------------------------------------------
+
+    def _ensure_map(self) -> Plan:
+        if self.cluster_map is None:
+            yield from self.refresh_map()
+        return self.cluster_map
+
+    def refresh_map(self, min_epoch: int = 0) -> Plan:
+        """Fetch the map from any known node; keep whichever is newest."""
+        candidates = list(self.seeds)
+        if self.cluster_map is not None:
+            candidates += [r.address for s in self.cluster_map.shards for r in s.replicas]
+        random.shuffle(candidates)
+        last_error: errors.KvError | None = None
+        for address in dict.fromkeys(candidates):
+            try:
+                msg = yield Call(
+                    address, "Admin", "ClusterMap", pb.ClusterMapRequest(), self.settings.rpc_timeout
+                )
+            except errors.KvError as err:
+                last_error = err
+                continue
+            fetched = ClusterMap.from_proto(msg)
+            if self.cluster_map is None or fetched.epoch >= self.cluster_map.epoch:
+                self.cluster_map = fetched
+            if self.cluster_map.epoch >= min_epoch:
+                return self.cluster_map
+        if self.cluster_map is not None:
+            return self.cluster_map
+        raise errors.Unavailable(f"could not fetch the cluster map from any of {candidates}: {last_error}")
+
+    def _shard_of(self, keys: list[bytes]) -> ShardInfo:
+        assert self.cluster_map is not None
+        groups = self.cluster_map.ring.shards_for(keys)
+        if len(groups) > 1:
+            raise errors.CrossShardWrite(
+                f"an atomic write's keys span shards {sorted(groups)}; use a shared {{hash tag}} "
+                "or the non-atomic variant (put_many/delete_many with atomic=False)"
+            )
+        return self.cluster_map.shard(next(iter(groups)))
+
+    # ----- target selection ------------------------------------------------------------------
+
+    def _leader_guess(self, shard: ShardInfo) -> str:
+        return self.leaders.get(shard.id) or shard.replicas[0].address
+
+    def _next_replica(self, shard: ShardInfo, after: str) -> str:
+        addresses = [r.address for r in shard.replicas]
+        i = addresses.index(after) if after in addresses else -1
+        return addresses[(i + 1) % len(addresses)]
+
+    def _read_targets(self, shard: ShardInfo, policy: ReadPolicy) -> list[str]:
+        leader = self._leader_guess(shard)
+        replicas = [r.address for r in shard.replicas]
+        if policy == ReadPolicy.LEADER:
+            return [leader] + [a for a in replicas if a != leader]
+        if policy == ReadPolicy.ROUND_ROBIN:
+            start = next(self._rr) % len(replicas)
+            return replicas[start:] + replicas[:start]
+        if policy == ReadPolicy.FOLLOWERS_ONLY:
+            followers = [a for a in replicas if a != leader]
+            random.shuffle(followers)
+            return followers + [leader]
+        zone = self.settings.zone
+
+        def distance(r: Any) -> tuple[int, float]:
+            return (0 if zone and r.zone == zone else 1, self.latency.get(r.address, 0.0))
+
+        return [r.address for r in sorted(shard.replicas, key=distance)]
+
+    # ----- the retry loops -------------------------------------------------------------------
+
+    def _deadline(self) -> float:
+        return time.monotonic() + self.settings.timeout
+
+    def _attempt_timeout(self, deadline: float) -> float:
+        return max(0.001, min(self.settings.rpc_timeout, deadline - time.monotonic()))
+
+    def _backoff(self, attempt: int) -> Sleep:
+        ceiling = min(self.settings.backoff_max, self.settings.backoff_initial * (2**attempt))
+        return Sleep(random.uniform(ceiling / 2, ceiling))
+
+    def write(self, keys: list[bytes], method: str, request: Any) -> Plan:
+        """Send a write to its shard's leader until it is applied, definitely failed, or time is up.
+
+        Retries reuse the request's id, so a write that did apply is not applied twice."""
+        if self.router:
+            return (yield from self._via_router(method, request, is_write=True))
+        deadline = self._deadline()
+        ambiguous = False
+        last: errors.KvError | None = None
+        for attempt in itertools.count():
+            yield from self._ensure_map()
+            shard = self._shard_of(keys)
+            address = self._leader_guess(shard)
+            request.epoch = self.cluster_map.epoch
+            try:
+                response = yield Call(address, "KV", method, request, self._attempt_timeout(deadline))
+                self.leaders[shard.id] = address
+                self.observe(response.header)
+                return response
+            except errors.WrongShard as err:
+                yield from self.refresh_map(err.epoch)
+                last = err
+                continue
+            except errors.NotLeader as err:
+                self.leaders[shard.id] = err.leader or self._next_replica(shard, address)
+                last = err
+                if err.leader:
+                    continue
+            except (errors.Unavailable, errors.UnknownOutcome, errors.ReplicaBehind) as err:
+                ambiguous = ambiguous or isinstance(err, errors.UnknownOutcome) or not err.from_server
+                self.leaders[shard.id] = self._next_replica(shard, address)
+                last = err
+            if time.monotonic() >= deadline:
+                break
+            yield self._backoff(attempt)
+        if ambiguous:
+            raise errors.UnknownOutcome(f"write outcome unknown after {self.settings.timeout}s: {last}")
+        raise last or errors.Unavailable("no attempt made")
+
+    def read(
+        self,
+        keys: list[bytes] | None,
+        shard_id: int | None,
+        method: str,
+        request: Any,
+        consistency: ReadConsistency,
+    ) -> Plan:
+        """Send a read to a replica that can serve it at `consistency`; fall back towards the leader."""
+        if self.router:
+            request.read.CopyFrom(self._read_options(consistency, None))
+            return (yield from self._via_router(method, request, is_write=False))
+        deadline = self._deadline()
+        last: errors.KvError | None = None
+        level = consistency
+        for attempt in itertools.count():
+            yield from self._ensure_map()
+            shard = self._shard_of(keys) if keys is not None else self.cluster_map.shard(shard_id)
+            for address in self._read_targets(shard, self.read_policy):
+                request.read.CopyFrom(self._read_options(level, shard.id))
+                request.epoch = self.cluster_map.epoch
+                started = time.monotonic()
+                try:
+                    response = yield Call(address, "KV", method, request, self._attempt_timeout(deadline))
+                except errors.WrongShard as err:
+                    yield from self.refresh_map(err.epoch)
+                    last = err
+                    break
+                except errors.ReplicaBehind as err:
+                    last = err
+                    if level.level == BOUNDED:
+                        level = Consistency.STRONG  # the leader's barrier is always within any bound
+                    continue
+                except (errors.Unavailable, errors.UnknownOutcome, errors.NotLeader) as err:
+                    last = err
+                    if isinstance(err, errors.NotLeader) and err.leader:
+                        self.leaders[shard.id] = err.leader
+                    continue
+                self.record_latency(address, time.monotonic() - started)
+                self.observe(response.header)
+                return response
+            if time.monotonic() >= deadline:
+                raise last if last is not None else errors.Unavailable("no replica answered")
+            yield self._backoff(attempt)
+        raise AssertionError("unreachable")
+
+    def _read_options(self, consistency: ReadConsistency, shard_id: int | None) -> pb.ReadOptions:
+        options = pb.ReadOptions(
+            consistency=consistency.level, max_staleness_seconds=consistency.max_staleness
+        )
+        if consistency.level == SESSION:
+            tokens = self.session if shard_id is None else {shard_id: self.session.get(shard_id, 0)}
+            options.session.update({k: v for k, v in tokens.items() if v})
+        return options
+
+    def _via_router(self, method: str, request: Any, *, is_write: bool) -> Plan:
+        deadline = self._deadline()
+        ambiguous = False
+        last: errors.KvError | None = None
+        for attempt in itertools.count():
+            try:
+                response = yield Call(self.router, "KV", method, request, self._attempt_timeout(deadline))
+                self.observe(response.header)
+                return response
+            except (errors.Unavailable, errors.UnknownOutcome) as err:
+                ambiguous = ambiguous or isinstance(err, errors.UnknownOutcome) or not err.from_server
+                last = err
+            if time.monotonic() >= deadline:
+                break
+            yield self._backoff(attempt)
+        if is_write and ambiguous:
+            raise errors.UnknownOutcome(f"write outcome unknown: {last}")
+        raise last or errors.Unavailable("router unreachable")
+
+    # ----- operations (raw protobuf results) ---------------------------------------------------
+
+    def put(self, key: bytes, value: bytes) -> Plan:
+        request = pb.PutRequest(key=key, value=value, request_id=new_request_id())
+        return (yield from self.write([key], "Put", request))
+
+    def compare_and_set(self, key: bytes, value: bytes, expected_revision: int) -> Plan:
+        request = pb.CompareAndSetRequest(
+            key=key, value=value, expected_revision=expected_revision, request_id=new_request_id()
+        )
+        return (yield from self.write([key], "CompareAndSet", request))
+
+    def get(self, key: bytes, consistency: ReadConsistency | None = None) -> Plan:
+        request = pb.GetRequest(key=key)
+        return (yield from self.read([key], None, "Get", request, consistency or self.consistency))
+
+    def multi_put(self, items: list[tuple[bytes, bytes]], atomic: bool = True) -> Plan:
+        """Atomic: one shard, one Raft entry (else CrossShardWrite). Non-atomic: one write per shard."""
+        entries = [pb.KeyValue(key=k, value=v) for k, v in items]
+        if self.router:
+            request = pb.MultiPutRequest(entries=entries, request_id=new_request_id(), non_atomic=not atomic)
+            return (yield from self.write([], "MultiPut", request))
+        yield from self._ensure_map()
+        groups = self._group([k for k, _ in items], atomic)
+        by_key = dict(items)
+        plans = [
+            self.write(
+                keys,
+                "MultiPut",
+                pb.MultiPutRequest(
+                    entries=[pb.KeyValue(key=k, value=by_key[k]) for k in keys], request_id=new_request_id()
+                ),
+            )
+            for keys in groups.values()
+        ]
+        responses = yield Parallel(plans)
+        return _combine(pb.MultiPutResponse(), responses)
+
+    def delete(self, keys: list[bytes], atomic: bool = True) -> Plan:
+        if self.router:
+            request = pb.DeleteRequest(keys=keys, request_id=new_request_id())
+            return (yield from self.write([], "Delete", request))
+        yield from self._ensure_map()
+        groups = self._group(keys, atomic)
+        plans = [
+            self.write(group, "Delete", pb.DeleteRequest(keys=group, request_id=new_request_id()))
+            for group in groups.values()
+        ]
+        responses = yield Parallel(plans)
+        combined = _combine(pb.DeleteResponse(), responses)
+        combined.deleted = sum(r.deleted for r in responses)
+        return combined
+
+    def _group(self, keys: list[bytes], atomic: bool) -> dict[int, list[bytes]]:
+        groups = self.cluster_map.ring.shards_for(keys)
+        if atomic and len(groups) > 1:
+            self._shard_of(keys)  # raises CrossShardWrite with the explanation
+        return groups
+
+    def multi_get(self, keys: list[bytes], consistency: ReadConsistency | None = None) -> Plan:
+        level = consistency or self.consistency
+        if self.router:
+            return (yield from self.read(None, None, "MultiGet", pb.MultiGetRequest(keys=keys), level))
+        yield from self._ensure_map()
+        groups = self.cluster_map.ring.shards_for(keys)
+        plans = [
+            self.read(group, None, "MultiGet", pb.MultiGetRequest(keys=group), level)
+            for group in groups.values()
+        ]
+        responses = yield Parallel(plans)
+        found = {kv.key: kv for r in responses for kv in r.kvs}
+        combined = _combine(pb.MultiGetResponse(), responses)
+        combined.kvs.extend(found[k] for k in keys if k in found)
+        return combined
+
+    def scan(
+        self,
+        *,
+        start: bytes = b"",
+        end: bytes = b"",
+        prefix: bytes = b"",
+        limit: int = 1000,
+        continuation: bytes = b"",
+        consistency: ReadConsistency | None = None,
+    ) -> Plan:
+        """Keys in order across every shard. The continuation is the last key returned, so it
+        stays valid when the cluster map changes between pages."""
+        level = consistency or self.consistency
+
+        def request() -> pb.ScanRequest:
+            return pb.ScanRequest(start=start, end=end, prefix=prefix, limit=limit, continuation=continuation)
+
+        if self.router:
+            return (yield from self.read(None, None, "Scan", request(), level))
+        cluster_map = yield from self._ensure_map()
+        plans = [self.read(None, s.id, "Scan", request(), level) for s in cluster_map.shards]
+        responses = yield Parallel(plans)
+        merged = list(heapq.merge(*(r.kvs for r in responses), key=lambda kv: kv.key))
+        more = len(merged) > limit or any(r.continuation for r in responses)
+        page = merged[:limit]
+        combined = _combine(pb.ScanResponse(), responses)
+        combined.kvs.extend(page)
+        combined.continuation = page[-1].key if more and page else b""
+        return combined
+
+
+def _combine(target: Any, responses: list[Any]) -> Any:
+    """One response header for a multi-shard answer: per-shard revisions in `revisions`."""
+    for response in responses:
+        header = response.header
+        target.header.revisions[header.shard] = max(
+            header.revision, target.header.revisions.get(header.shard, 0)
+        )
+        target.header.epoch = max(target.header.epoch, header.epoch)
+        for shard, revision in header.revisions.items():
+            target.header.revisions[shard] = max(revision, target.header.revisions.get(shard, 0))
+    if len(responses) == 1:
+        target.header.CopyFrom(responses[0].header)
+    return target
+
+
+def new_request_id() -> bytes:
+    return os.urandom(16)
+
+
+def encode_session(session: dict[int, int]) -> str:
+    raw = json.dumps({str(k): v for k, v in sorted(session.items())}, separators=(",", ":")).encode()
+    return "kvs1." + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_session(token: str) -> dict[int, int]:
+    if not token.startswith("kvs1."):
+        raise ValueError("not a kvstore session token")
+    body = token[5:]
+    raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    return {int(k): int(v) for k, v in json.loads(raw).items()}
+
+
+Runner = Callable[[Plan], Any]

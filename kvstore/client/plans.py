@@ -1,0 +1,43 @@
+"""The sans-I/O protocol between the client core and its two front doors (sync and async).
+
+The core writes each operation as a generator ("plan") that yields what it needs done and gets the
+outcome sent back:
+- `Call`     one unary RPC; the runner sends back the response, or throws the `KvError` it raised;
+- `Sleep`    a back-off pause;
+- `Parallel` several sub-plans at once (one per shard); the runner sends back their results in
+             order, or throws the first error.
+The plan's return value is the operation's result. Retries, redirects, map refreshes and
+consistency all live in the plans, so `Client` and `AsyncClient` cannot drift apart: they only
+differ in how they perform a `Call`, a `Sleep` and a `Parallel` (see sync.py and aio.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.message import Message
+
+
+@dataclass
+class Call:
+    address: str
+    service: str  # "KV" or "Admin"
+    method: str  # e.g. "Put"
+    request: Message
+    timeout: float
+
+
+@dataclass
+class Sleep:
+    seconds: float
+
+
+@dataclass
+class Parallel:
+    plans: list[Plan]
+
+
+Step = Call | Sleep | Parallel
+Plan = Generator[Step, Any, Any]

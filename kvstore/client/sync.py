@@ -1,0 +1,194 @@
+"""`Client`: the blocking front door. Runs the core's plans with grpc's synchronous channels."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from kvstore import errors
+from kvstore.client import api
+from kvstore.client.core import ClientCore, Consistency, ReadConsistency, ReadPolicy
+from kvstore.client.plans import Call, Parallel, Plan, Sleep
+from kvstore.proto import kvstore_pb2_grpc as pb_grpc
+
+_STUBS = {"KV": pb_grpc.KVStub, "Admin": pb_grpc.AdminStub}
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
+
+class Client:
+    """Blocking kvstore client. Same API and behaviour as `AsyncClient` (both run `ClientCore`).
+
+    Client(["127.0.0.1:7001", ...])        smart client, map fetched from any seed
+    Client.from_cluster(".kvstore/demo")    smart client, map read from a local cluster directory
+    Client(router="127.0.0.1:7400")         thin client through a router
+    """
+
+    def __init__(
+        self,
+        endpoints: list[str] | str | None = None,
+        *,
+        router: str | None = None,
+        consistency: ReadConsistency = Consistency.STRONG,
+        read_policy: ReadPolicy = ReadPolicy.LEADER,
+        session: str | None = None,
+        timeout: float = 10.0,
+        zone: str = "",
+        _core: ClientCore | None = None,
+    ) -> None:
+        self.core = _core or api.make_core(
+            endpoints, router, None, consistency, read_policy, session, timeout, zone
+        )
+        self._channels: dict[str, grpc.Channel] = {}
+        self._stubs: dict[tuple[str, str], Any] = {}
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    @classmethod
+    def from_cluster(cls, directory: str | Path, **kwargs: Any) -> Client:
+        cluster_map = api.load_cluster_map(directory)
+        core = api.make_core(
+            None,
+            None,
+            cluster_map,
+            kwargs.pop("consistency", Consistency.STRONG),
+            kwargs.pop("read_policy", ReadPolicy.LEADER),
+            kwargs.pop("session", None),
+            kwargs.pop("timeout", 10.0),
+            kwargs.pop("zone", ""),
+        )
+        return cls(_core=core, **kwargs)
+
+    # ----- running plans ---------------------------------------------------------------------
+
+    def _run(self, plan: Plan) -> Any:
+        try:
+            step = next(plan)
+            while True:
+                try:
+                    outcome = self._perform(step)
+                except errors.KvError as err:
+                    step = plan.throw(err)
+                else:
+                    step = plan.send(outcome)
+        except StopIteration as done:
+            return done.value
+
+    def _perform(self, step: Any) -> Any:
+        if isinstance(step, Call):
+            stub = self._stub(step.address, step.service)
+            try:
+                return getattr(stub, step.method)(step.request, timeout=step.timeout)
+            except grpc.RpcError as exc:
+                raise errors.from_rpc_error(exc) from None
+        if isinstance(step, Sleep):
+            time.sleep(step.seconds)
+            return None
+        if isinstance(step, Parallel):
+            if len(step.plans) == 1:
+                return [self._run(step.plans[0])]
+            futures = [self._executor().submit(self._run, p) for p in step.plans]
+            return [f.result() for f in futures]
+        raise TypeError(f"unknown plan step {step!r}")
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kvstore-client")
+            return self._pool
+
+    def _stub(self, address: str, service: str) -> Any:
+        key = (address, service)
+        stub = self._stubs.get(key)
+        if stub is None:
+            with self._lock:
+                channel = self._channels.get(address)
+                if channel is None:
+                    channel = self._channels[address] = grpc.insecure_channel(
+                        address, options=_CHANNEL_OPTIONS
+                    )
+                stub = self._stubs[key] = _STUBS[service](channel)
+        return stub
+
+    def close(self) -> None:
+        with self._lock:
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()
+            self._stubs.clear()
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+                self._pool = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----- the API (keep in step with aio.AsyncClient) ------------------------------------------
+
+    def put(self, key: bytes, value: bytes) -> int:
+        """Write `value`; returns the write's revision. Raises UnknownOutcome if it may or may not apply."""
+        return self._run(self.core.put(key, value)).header.revision
+
+    def get(self, key: bytes, *, consistency: ReadConsistency | None = None) -> bytes | None:
+        return api.get_result(self._run(self.core.get(key, consistency)))
+
+    def get_item(self, key: bytes, *, consistency: ReadConsistency | None = None) -> api.Item | None:
+        return api.get_item_result(self._run(self.core.get(key, consistency)))
+
+    def delete(self, key: bytes) -> bool:
+        return self._run(self.core.delete([key])).deleted == 1
+
+    def delete_many(self, keys: list[bytes], *, atomic: bool = True) -> int:
+        return self._run(self.core.delete(list(keys), atomic)).deleted
+
+    def compare_and_set(self, key: bytes, value: bytes, *, expected_revision: int) -> api.CasResult:
+        return api.cas_result(self._run(self.core.compare_and_set(key, value, expected_revision)))
+
+    def multi_put(self, items: Mapping[bytes, bytes] | list[tuple[bytes, bytes]]) -> int:
+        """Atomic write of keys on one shard (use a shared {hash tag}); returns its revision."""
+        return self._run(self.core.multi_put(api.as_items(items), atomic=True)).header.revision
+
+    def put_many(
+        self, items: Mapping[bytes, bytes] | list[tuple[bytes, bytes]], *, atomic: bool = False
+    ) -> dict[int, int]:
+        """Write keys that may span shards: atomic per shard only. Returns {shard: revision}."""
+        return api.revisions(self._run(self.core.multi_put(api.as_items(items), atomic=atomic)))
+
+    def multi_get(
+        self, keys: list[bytes], *, consistency: ReadConsistency | None = None
+    ) -> dict[bytes, bytes]:
+        return api.multi_get_result(self._run(self.core.multi_get(list(keys), consistency)))
+
+    def scan(
+        self,
+        *,
+        start: bytes = b"",
+        end: bytes = b"",
+        prefix: bytes = b"",
+        limit: int = 1000,
+        continuation: bytes = b"",
+        consistency: ReadConsistency | None = None,
+    ) -> api.ScanPage:
+        plan = self.core.scan(
+            start=start,
+            end=end,
+            prefix=prefix,
+            limit=limit,
+            continuation=continuation,
+            consistency=consistency,
+        )
+        return api.scan_result(self._run(plan))
+
+    def session_token(self) -> str:
+        return self.core.session_token()
+
+    def cluster_map(self) -> Any:
+        return self._run(self.core.refresh_map())

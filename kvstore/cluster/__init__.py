@@ -1,0 +1,1 @@
+"""Local multi-process clusters (`kvstore cluster ...`)."""

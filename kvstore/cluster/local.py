@@ -1,0 +1,306 @@
+"""A local multi-process cluster under one directory: what `kvstore cluster ...` drives.
+
+Layout of `<dir>`:
+- `cluster.json`        the cluster map (shards, replicas, addresses, epoch)
+- `nodes/<name>.toml`   each replica's NodeConfig
+- `data/<name>/`        each replica's LMDB and Raft journal/snapshot
+- `logs/<name>.log`     each replica's output
+- `run/<name>.pid`      each running replica's PID (processes are detached: they outlive the CLI)
+
+Every replica is its own process: pysyncobj's tick thread must not share a GIL with a busy neighbour.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from kvstore.config import NodeConfig, RaftSettings
+from kvstore.proto import kvstore_pb2 as pb
+from kvstore.proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.routing.cluster_map import ClusterMap, ReplicaInfo, ShardInfo
+
+ZONES = ("zone-a", "zone-b", "zone-c", "zone-d", "zone-e")
+SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "STOP": signal.SIGSTOP, "CONT": signal.SIGCONT}
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the kernel reports free right now (held open together so they are distinct)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@dataclass
+class ReplicaStatus:
+    node: str
+    shard: int
+    address: str
+    pid: int | None
+    role: str  # leader, follower, candidate, down, paused
+    term: int = 0
+    applied_index: int = 0
+    commit_index: int = 0
+    leader_commit_index: int = 0
+    staleness_seconds: float = -1.0
+    key_count: int = 0
+    leader: str = ""
+    zone: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class LocalCluster:
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory).absolute()
+
+    # ----- paths -----
+
+    @property
+    def map_path(self) -> Path:
+        return self.dir / "cluster.json"
+
+    def _config_path(self, name: str) -> Path:
+        return self.dir / "nodes" / f"{name}.toml"
+
+    def _pid_path(self, name: str) -> Path:
+        return self.dir / "run" / f"{name}.pid"
+
+    def log_path(self, name: str) -> Path:
+        return self.dir / "logs" / f"{name}.log"
+
+    def cluster_map(self) -> ClusterMap:
+        if not self.map_path.exists():
+            raise FileNotFoundError(f"no cluster at {self.dir} (run `kvstore cluster up --dir {self.dir}`)")
+        return ClusterMap.load(self.map_path)
+
+    def node_names(self) -> list[str]:
+        return [r.name for s in self.cluster_map().shards for r in s.replicas]
+
+    def node_config(self, name: str) -> NodeConfig:
+        return NodeConfig.load(self._config_path(name))
+
+    # ----- create -----
+
+    def create(
+        self,
+        shards: int = 1,
+        replicas: int = 3,
+        base_port: int | None = None,
+        vnodes: int = 256,
+        raft: RaftSettings | None = None,
+        proxied_raft: dict[str, str] | None = None,
+    ) -> ClusterMap:
+        """Write the map and node configs. `proxied_raft` maps a replica to the address it advertises."""
+        if self.map_path.exists():
+            raise FileExistsError(f"a cluster already exists at {self.dir}")
+        count = shards * replicas
+        ports = [base_port + i for i in range(2 * count)] if base_port else free_ports(2 * count)
+        shard_infos = []
+        configs = []
+        for shard in range(shards):
+            members = []
+            for r in range(replicas):
+                i = shard * replicas + r
+                name = f"s{shard}r{r}"
+                grpc_addr, raft_addr = f"127.0.0.1:{ports[2 * i]}", f"127.0.0.1:{ports[2 * i + 1]}"
+                advertise = (proxied_raft or {}).get(name, raft_addr)
+                members.append((name, grpc_addr, raft_addr, advertise, ZONES[r % len(ZONES)]))
+            shard_infos.append(ShardInfo(shard, tuple(ReplicaInfo(m[0], m[1], m[3], m[4]) for m in members)))
+            for name, grpc_addr, raft_addr, advertise, zone in members:
+                configs.append(
+                    NodeConfig(
+                        name=name,
+                        shard=shard,
+                        listen=grpc_addr,
+                        raft_bind=raft_addr,
+                        raft_advertise=advertise,
+                        peers=[m[3] for m in members if m[0] != name],
+                        data_dir=str(self.dir / "data" / name),
+                        cluster_map=str(self.map_path),
+                        zone=zone,
+                        raft=raft or RaftSettings(),
+                    )
+                )
+        for sub in ("nodes", "data", "logs", "run"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        for config in configs:
+            self._config_path(config.name).write_text(config.to_toml())
+        cluster_map = ClusterMap(epoch=1, shards=tuple(shard_infos), vnodes_per_shard=vnodes)
+        cluster_map.save(self.map_path)
+        return cluster_map
+
+    # ----- processes -----
+
+    def pid(self, name: str) -> int | None:
+        path = self._pid_path(name)
+        if not path.exists():
+            return None
+        pid = int(path.read_text().strip() or 0)
+        return pid if pid and _alive(pid) else None
+
+    def start(self, name: str) -> int:
+        if self.pid(name):
+            raise RuntimeError(f"{name} is already running (pid {self.pid(name)})")
+        log = open(self.log_path(name), "ab")
+        cmd = [sys.executable, "-m", "kvstore", "node", "--config", str(self._config_path(name))]
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        log.close()
+        self._pid_path(name).write_text(str(proc.pid))
+        return proc.pid
+
+    def start_all(self) -> None:
+        for name in self.node_names():
+            if not self.pid(name):
+                self.start(name)
+
+    def kill(self, name: str, sig: str = "KILL") -> int:
+        pid = self.pid(name)
+        if pid is None:
+            raise RuntimeError(f"{name} is not running")
+        os.kill(pid, SIGNALS[sig.upper()])
+        if sig.upper() in ("KILL", "TERM"):
+            _wait_gone(pid, 10.0)
+            if sig.upper() == "KILL" or not _alive(pid):
+                self._pid_path(name).unlink(missing_ok=True)
+        return pid
+
+    def down(self, timeout: float = 10.0) -> None:
+        """SIGTERM every node (SIGCONT first, in case it is paused), SIGKILL whatever lingers."""
+        pids = {name: self.pid(name) for name in self.node_names()}
+        for pid in filter(None, pids.values()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for name, pid in pids.items():
+            if pid:
+                _wait_gone(pid, max(0.1, deadline - time.monotonic()))
+                if _alive(pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    _wait_gone(pid, 5.0)
+            self._pid_path(name).unlink(missing_ok=True)
+
+    # ----- status -----
+
+    def status(self, timeout: float = 1.0) -> list[dict[str, Any]]:
+        """Per shard: leader name (or None) and each replica's status."""
+        cluster_map = self.cluster_map()
+        shards = []
+        for shard in cluster_map.shards:
+            replicas = [self._replica_status(shard.id, r, timeout) for r in shard.replicas]
+            leaders = [r for r in replicas if r.role == "leader"]
+            # Two self-declared leaders can coexist briefly (a cut-off old one): trust the higher term.
+            leader = max(leaders, key=lambda r: r.term).node if leaders else None
+            shards.append(
+                {
+                    "shard": shard.id,
+                    "leader": leader,
+                    "vnodes": cluster_map.vnodes_per_shard,
+                    "key_count": max((r.key_count for r in replicas), default=0),
+                    "replicas": [r.as_dict() for r in replicas],
+                }
+            )
+        return shards
+
+    def _replica_status(self, shard: int, replica: ReplicaInfo, timeout: float) -> ReplicaStatus:
+        pid = self.pid(replica.name)
+        base = ReplicaStatus(replica.name, shard, replica.address, pid, "down", zone=replica.zone)
+        if pid is None:
+            return base
+        if _is_stopped(pid):
+            base.role = "paused"
+            return base
+        try:
+            with grpc.insecure_channel(replica.address) as channel:
+                s = pb_grpc.AdminStub(channel).Status(pb.StatusRequest(), timeout=timeout)
+        except grpc.RpcError:
+            base.role = "unreachable"
+            return base
+        return ReplicaStatus(
+            replica.name,
+            shard,
+            replica.address,
+            pid,
+            s.role,
+            s.term,
+            s.applied_index,
+            s.commit_index,
+            s.leader_commit_index,
+            s.staleness_seconds,
+            s.key_count,
+            s.leader,
+            replica.zone,
+        )
+
+    def wait_for_leaders(self, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Block until every shard has a leader whose no-op is applied everywhere reachable."""
+        deadline = time.monotonic() + timeout
+        while True:
+            shards = self.status(timeout=0.5)
+            if all(s["leader"] for s in shards):
+                return shards
+            if time.monotonic() > deadline:
+                missing = [s["shard"] for s in shards if not s["leader"]]
+                raise TimeoutError(
+                    f"shards without a leader after {timeout}s: {missing} (logs: {self.dir}/logs)"
+                )
+            time.sleep(0.2)
+
+    def leader_of(self, shard: int) -> str | None:
+        for s in self.status(timeout=0.5):
+            if s["shard"] == shard:
+                return s["leader"]
+        raise KeyError(shard)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _is_stopped(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "T"
+    except OSError:
+        return False
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reap if it is our child
+        time.sleep(0.02)

@@ -1,0 +1,168 @@
+"""Typed errors, and their mapping to gRPC status codes: the one place that mapping lives.
+
+Servers raise these; `kvstore.server` turns them into a status with `to_grpc_status`. Clients turn
+an `grpc.RpcError` back into the same class with `from_rpc_error`. Extra fields (the leader's
+address, the map epoch) travel as trailing metadata, so any gRPC client can read them.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+# Trailing metadata keys (gRPC requires lower case).
+KIND_KEY = "kvstore-error"
+LEADER_KEY = "kvstore-leader"
+EPOCH_KEY = "kvstore-epoch"
+
+
+class KvError(Exception):
+    """Base of every kvstore error."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    kind: str = "internal"
+    #: True when the client may retry the same request elsewhere or later without risk.
+    retryable: bool = False
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or self.__class__.__doc__ or self.kind)
+        self.message = message or (self.__class__.__doc__ or self.kind).strip()
+        #: False when the error came from the transport (no kvstore server said it): for a write,
+        #: the request may have reached a server and been applied.
+        self.from_server = True
+
+    def metadata(self) -> list[tuple[str, str]]:
+        return [(KIND_KEY, self.kind)]
+
+
+class InvalidArgument(KvError):
+    """The request is malformed or exceeds a limit; nothing was changed."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    kind = "invalid_argument"
+
+
+class CrossShardWrite(InvalidArgument):
+    """An atomic multi-key write spans several shards."""
+
+    kind = "cross_shard"
+
+
+class NotLeader(KvError):
+    """This replica is not its shard's leader; `leader` is the leader's gRPC address if known."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    kind = "not_leader"
+    retryable = True
+
+    def __init__(self, message: str = "", leader: str = "") -> None:
+        super().__init__(message or f"not the leader (leader: {leader or 'unknown'})")
+        self.leader = leader
+
+    def metadata(self) -> list[tuple[str, str]]:
+        return [*super().metadata(), (LEADER_KEY, self.leader)]
+
+
+class WrongShard(KvError):
+    """The key belongs to another shard under the cluster map at `epoch`: refresh the map and retry."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    kind = "wrong_shard"
+    retryable = True
+
+    def __init__(self, message: str = "", epoch: int = 0) -> None:
+        super().__init__(message or f"key not owned by this shard (map epoch {epoch})")
+        self.epoch = epoch
+
+    def metadata(self) -> list[tuple[str, str]]:
+        return [*super().metadata(), (EPOCH_KEY, str(self.epoch))]
+
+
+class UnknownShard(KvError):
+    """The request names a shard that is not in the cluster map."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    kind = "unknown_shard"
+
+
+class ReplicaBehind(KvError):
+    """This replica has not caught up to the requested session token or staleness bound in time."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    kind = "replica_behind"
+    retryable = True
+
+
+class Unavailable(KvError):
+    """No leader, no quorum, or the node is shutting down; the request was not applied."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    kind = "unavailable"
+    retryable = True
+
+
+class UnknownOutcome(KvError):
+    """A write was proposed but its outcome is unknown (timeout, leader change): it may or may not apply.
+
+    Not the same as a failure. Retrying with the same request id is safe: it applies at most once.
+    """
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    kind = "unknown_outcome"
+    retryable = True
+
+
+class Timeout(KvError):
+    """The client's deadline passed before any replica gave an answer."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    kind = "timeout"
+
+
+_BY_KIND: dict[str, type[KvError]] = {
+    cls.kind: cls
+    for cls in (
+        KvError,
+        InvalidArgument,
+        CrossShardWrite,
+        NotLeader,
+        WrongShard,
+        UnknownShard,
+        ReplicaBehind,
+        Unavailable,
+        UnknownOutcome,
+        Timeout,
+    )
+}
+
+# Status codes that carry no kvstore metadata (raised by gRPC itself, or by a peer that is not a
+# kvstore server) and what they mean to a kvstore client.
+_BY_CODE: dict[grpc.StatusCode, type[KvError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: InvalidArgument,  # message larger than the server accepts
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: UnknownOutcome,
+    grpc.StatusCode.CANCELLED: Unavailable,
+    grpc.StatusCode.NOT_FOUND: UnknownShard,
+}
+
+
+def to_grpc_status(err: KvError) -> tuple[grpc.StatusCode, str, list[tuple[str, str]]]:
+    """(code, details, trailing metadata) for a servicer to abort with."""
+    return err.code, err.message, err.metadata()
+
+
+def from_rpc_error(exc: grpc.RpcError) -> KvError:
+    """Rebuild the typed error a server raised (or the nearest meaning of a bare gRPC status)."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if hasattr(exc, "details") else "") or str(code)
+    trailing = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
+    kind = trailing.get(KIND_KEY)
+    if kind == NotLeader.kind:
+        return NotLeader(details, leader=str(trailing.get(LEADER_KEY, "")))
+    if kind == WrongShard.kind:
+        return WrongShard(details, epoch=int(trailing.get(EPOCH_KEY, "0") or 0))
+    if kind in _BY_KIND:
+        return _BY_KIND[kind](details)
+    err = _BY_CODE.get(code, KvError)(f"{code.name}: {details}")
+    err.from_server = False
+    return err

@@ -1,0 +1,284 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Consistency(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STRONG: _ClassVar[Consistency]
+    SESSION: _ClassVar[Consistency]
+    BOUNDED: _ClassVar[Consistency]
+    EVENTUAL: _ClassVar[Consistency]
+STRONG: Consistency
+SESSION: Consistency
+BOUNDED: Consistency
+EVENTUAL: Consistency
+
+class ReadOptions(_message.Message):
+    __slots__ = ("consistency", "session", "max_staleness_seconds")
+    class SessionEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_STALENESS_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    consistency: Consistency
+    session: _containers.ScalarMap[int, int]
+    max_staleness_seconds: float
+    def __init__(self, consistency: _Optional[_Union[Consistency, str]] = ..., session: _Optional[_Mapping[int, int]] = ..., max_staleness_seconds: _Optional[float] = ...) -> None: ...
+
+class ResponseHeader(_message.Message):
+    __slots__ = ("shard", "revision", "term", "epoch", "served_by", "revisions")
+    class RevisionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SERVED_BY_FIELD_NUMBER: _ClassVar[int]
+    REVISIONS_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    revision: int
+    term: int
+    epoch: int
+    served_by: str
+    revisions: _containers.ScalarMap[int, int]
+    def __init__(self, shard: _Optional[int] = ..., revision: _Optional[int] = ..., term: _Optional[int] = ..., epoch: _Optional[int] = ..., served_by: _Optional[str] = ..., revisions: _Optional[_Mapping[int, int]] = ...) -> None: ...
+
+class KeyValue(_message.Message):
+    __slots__ = ("key", "value", "revision")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    key: bytes
+    value: bytes
+    revision: int
+    def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class PutRequest(_message.Message):
+    __slots__ = ("key", "value", "request_id", "epoch")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    key: bytes
+    value: bytes
+    request_id: bytes
+    epoch: int
+    def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., request_id: _Optional[bytes] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class PutResponse(_message.Message):
+    __slots__ = ("header",)
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    header: ResponseHeader
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ...) -> None: ...
+
+class GetRequest(_message.Message):
+    __slots__ = ("key", "read", "epoch")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    READ_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    key: bytes
+    read: ReadOptions
+    epoch: int
+    def __init__(self, key: _Optional[bytes] = ..., read: _Optional[_Union[ReadOptions, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class GetResponse(_message.Message):
+    __slots__ = ("header", "found", "kv")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    KV_FIELD_NUMBER: _ClassVar[int]
+    header: ResponseHeader
+    found: bool
+    kv: KeyValue
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., found: bool = ..., kv: _Optional[_Union[KeyValue, _Mapping]] = ...) -> None: ...
+
+class DeleteRequest(_message.Message):
+    __slots__ = ("keys", "request_id", "epoch")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    request_id: bytes
+    epoch: int
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., request_id: _Optional[bytes] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class DeleteResponse(_message.Message):
+    __slots__ = ("header", "deleted")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    header: ResponseHeader
+    deleted: int
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., deleted: _Optional[int] = ...) -> None: ...
+
+class MultiPutRequest(_message.Message):
+    __slots__ = ("entries", "request_id", "epoch", "non_atomic")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    NON_ATOMIC_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[KeyValue]
+    request_id: bytes
+    epoch: int
+    non_atomic: bool
+    def __init__(self, entries: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ..., request_id: _Optional[bytes] = ..., epoch: _Optional[int] = ..., non_atomic: bool = ...) -> None: ...
+
+class MultiPutResponse(_message.Message):
+    __slots__ = ("header",)
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    header: ResponseHeader
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ...) -> None: ...
+
+class MultiGetRequest(_message.Message):
+    __slots__ = ("keys", "read", "epoch")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    READ_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    read: ReadOptions
+    epoch: int
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., read: _Optional[_Union[ReadOptions, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class MultiGetResponse(_message.Message):
+    __slots__ = ("header", "kvs")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    KVS_FIELD_NUMBER: _ClassVar[int]
+    header: ResponseHeader
+    kvs: _containers.RepeatedCompositeFieldContainer[KeyValue]
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., kvs: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ...) -> None: ...
+
+class ScanRequest(_message.Message):
+    __slots__ = ("start", "end", "prefix", "limit", "continuation", "read", "epoch")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    CONTINUATION_FIELD_NUMBER: _ClassVar[int]
+    READ_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    start: bytes
+    end: bytes
+    prefix: bytes
+    limit: int
+    continuation: bytes
+    read: ReadOptions
+    epoch: int
+    def __init__(self, start: _Optional[bytes] = ..., end: _Optional[bytes] = ..., prefix: _Optional[bytes] = ..., limit: _Optional[int] = ..., continuation: _Optional[bytes] = ..., read: _Optional[_Union[ReadOptions, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class ScanResponse(_message.Message):
+    __slots__ = ("header", "kvs", "continuation")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    KVS_FIELD_NUMBER: _ClassVar[int]
+    CONTINUATION_FIELD_NUMBER: _ClassVar[int]
+    header: ResponseHeader
+    kvs: _containers.RepeatedCompositeFieldContainer[KeyValue]
+    continuation: bytes
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., kvs: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ..., continuation: _Optional[bytes] = ...) -> None: ...
+
+class CompareAndSetRequest(_message.Message):
+    __slots__ = ("key", "value", "expected_revision", "request_id", "epoch")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    key: bytes
+    value: bytes
+    expected_revision: int
+    request_id: bytes
+    epoch: int
+    def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., expected_revision: _Optional[int] = ..., request_id: _Optional[bytes] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class CompareAndSetResponse(_message.Message):
+    __slots__ = ("header", "succeeded", "current")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    SUCCEEDED_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
+    header: ResponseHeader
+    succeeded: bool
+    current: KeyValue
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., succeeded: bool = ..., current: _Optional[_Union[KeyValue, _Mapping]] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("node", "shard", "role", "term", "leader", "leader_address", "commit_index", "applied_index", "leader_commit_index", "staleness_seconds", "epoch", "key_count", "address", "zone", "raft_log_size")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LEADER_COMMIT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    KEY_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ZONE_FIELD_NUMBER: _ClassVar[int]
+    RAFT_LOG_SIZE_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    shard: int
+    role: str
+    term: int
+    leader: str
+    leader_address: str
+    commit_index: int
+    applied_index: int
+    leader_commit_index: int
+    staleness_seconds: float
+    epoch: int
+    key_count: int
+    address: str
+    zone: str
+    raft_log_size: int
+    def __init__(self, node: _Optional[str] = ..., shard: _Optional[int] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader: _Optional[str] = ..., leader_address: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., leader_commit_index: _Optional[int] = ..., staleness_seconds: _Optional[float] = ..., epoch: _Optional[int] = ..., key_count: _Optional[int] = ..., address: _Optional[str] = ..., zone: _Optional[str] = ..., raft_log_size: _Optional[int] = ...) -> None: ...
+
+class Replica(_message.Message):
+    __slots__ = ("name", "address", "raft_address", "zone")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    RAFT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ZONE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    raft_address: str
+    zone: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., raft_address: _Optional[str] = ..., zone: _Optional[str] = ...) -> None: ...
+
+class Shard(_message.Message):
+    __slots__ = ("id", "replicas")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    replicas: _containers.RepeatedCompositeFieldContainer[Replica]
+    def __init__(self, id: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ...) -> None: ...
+
+class ClusterMapRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ClusterMapResponse(_message.Message):
+    __slots__ = ("epoch", "vnodes_per_shard", "shards")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    VNODES_PER_SHARD_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    vnodes_per_shard: int
+    shards: _containers.RepeatedCompositeFieldContainer[Shard]
+    def __init__(self, epoch: _Optional[int] = ..., vnodes_per_shard: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ...) -> None: ...

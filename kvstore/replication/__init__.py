@@ -1,0 +1,1 @@
+"""Raft replication of shard state on top of pysyncobj."""

@@ -1,0 +1,307 @@
+"""One shard replica as the asyncio side sees it: propose writes, make reads as fresh as asked.
+
+Owns the `ShardStateMachine` (tick thread) and bridges its results back onto the event loop.
+- Writes: proposals made in the same loop iteration are coalesced into one Raft entry (group
+  proposals), never two proposals touching one key in the same entry (revisions stay unique).
+- Strong reads: a coalesced barrier. A read waits for a no-op entry proposed *after* it arrived
+  to be applied locally; then a local read is linearizable, on the leader or on a follower. A
+  partitioned old leader cannot commit the barrier, so it answers "unavailable", never stale data.
+- Session reads: served once the locally committed index reaches the client's token.
+- Bounded reads: served while the replica's proven staleness is within the bound.
+
+Knows nothing of gRPC: failures are `kvstore.errors` exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pysyncobj.config import FAIL_REASON
+
+from kvstore import errors
+from kvstore.config import ServerSettings
+from kvstore.replication import commands
+from kvstore.replication.state_machine import Completion, ReplicaSettings, ShardStateMachine
+from kvstore.storage.engine import Storage
+
+log = logging.getLogger(__name__)
+
+# pysyncobj failures after which the entry is known NOT to have been applied.
+_CLEAN_FAILURES = {
+    FAIL_REASON.QUEUE_FULL,
+    FAIL_REASON.MISSING_LEADER,
+    FAIL_REASON.DISCARDED,
+    FAIL_REASON.NOT_LEADER,
+    FAIL_REASON.REQUEST_DENIED,
+}
+
+
+class Consistency:
+    STRONG = 0
+    SESSION = 1
+    BOUNDED = 2
+    EVENTUAL = 3
+
+
+@dataclass
+class _Pending:
+    request_id: bytes
+    op: commands.Op
+    future: asyncio.Future[commands.Result]
+
+
+class AppliedIndexWatcher:
+    """Futures waiting for the locally committed index to reach a value (no polling)."""
+
+    def __init__(self) -> None:
+        self.index = 0
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    def advance(self, index: int) -> None:
+        self.index = max(self.index, index)
+        while self._waiters and self._waiters[0][0] <= self.index:
+            _, _, fut = heapq.heappop(self._waiters)
+            if not fut.done():
+                fut.set_result(None)
+
+    async def wait_for(self, index: int, timeout: float) -> bool:
+        if self.index >= index:
+            return True
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (index, next(self._seq), fut))
+        try:
+            await asyncio.wait_for(fut, timeout)
+            return True
+        except TimeoutError:
+            return False
+
+
+class Shard:
+    def __init__(
+        self,
+        shard_id: int,
+        storage: Storage,
+        replica: ReplicaSettings,
+        server: ServerSettings,
+        client_address_of: Callable[[str], str],
+    ) -> None:
+        self.shard_id = shard_id
+        self.storage = storage
+        self._server = server
+        self._client_address_of = client_address_of  # Raft address -> gRPC address
+        self._loop = asyncio.get_running_loop()
+        self.applied = AppliedIndexWatcher()
+        self._queue: list[_Pending] = []
+        self._flush_scheduled = False
+        self._barrier_in_flight: asyncio.Future[int] | None = None
+        self._barrier_next: asyncio.Future[int] | None = None
+        self.machine = ShardStateMachine(storage, replica, self._on_applied_threadsafe)
+
+    def close(self) -> None:
+        """Stop the tick thread (blocking), then let a running snapshot finish."""
+        self.machine.destroy_synchronous()
+        self.machine.snapshots.wait_idle(5.0)
+
+    # ----- tick thread -> loop ---------------------------------------------------------------
+
+    def _on_applied_threadsafe(self, completions: list[Completion], index: int) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, completions, index)
+        except RuntimeError:
+            pass  # loop closed during shutdown
+
+    def _deliver(self, completions: list[Completion], index: int) -> None:
+        self.applied.advance(index)
+        for callback, result, error in completions:
+            callback(result, error)
+
+    # ----- writes ----------------------------------------------------------------------------
+
+    def leader_client_address(self) -> str:
+        raft_address = self.machine.leader_address()
+        return self._client_address_of(raft_address) if raft_address else ""
+
+    def ensure_leader(self) -> None:
+        if not self.machine._isLeader():
+            raise errors.NotLeader(leader=self.leader_client_address())
+
+    async def write(self, op: commands.Op, request_id: bytes = b"") -> commands.Result:
+        """Propose `op` through Raft; returns (revision, payload) once applied and committed here."""
+        self.ensure_leader()
+        future = self._enqueue(request_id, op)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self._server.write_timeout)
+        except TimeoutError:
+            raise errors.UnknownOutcome(
+                f"write not applied within {self._server.write_timeout}s; it may still apply"
+            ) from None
+
+    def _enqueue(self, request_id: bytes, op: commands.Op) -> asyncio.Future[commands.Result]:
+        future: asyncio.Future[commands.Result] = self._loop.create_future()
+        self._queue.append(_Pending(request_id, op, future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        queue, self._queue = self._queue, []
+        limits = (self._server.max_entry_proposals, self._server.max_entry_bytes)
+        for entry in _group_into_entries(queue, *limits):
+            self.machine.propose([(p.request_id, p.op) for p in entry], self._completion_for(entry))
+
+    def _completion_for(self, entry: list[_Pending]) -> Callable[[Any, int], None]:
+        def complete(results: Any, error: int) -> None:
+            for i, pending in enumerate(entry):
+                if pending.future.done():
+                    continue
+                if error == FAIL_REASON.SUCCESS and results is not None:
+                    pending.future.set_result(results[i])
+                elif error in _CLEAN_FAILURES:
+                    pending.future.set_exception(
+                        errors.Unavailable(f"not applied: leadership changed (pysyncobj reason {error})")
+                    )
+                else:
+                    pending.future.set_exception(
+                        errors.UnknownOutcome(f"outcome unknown (pysyncobj reason {error})")
+                    )
+
+        return complete
+
+    # ----- reads -----------------------------------------------------------------------------
+
+    async def ensure_fresh(
+        self, consistency: int, session_index: int = 0, max_staleness: float = 0.0
+    ) -> None:
+        """Wait until a local read satisfies `consistency`, or raise."""
+        if consistency == Consistency.STRONG:
+            await self.barrier()
+        elif consistency == Consistency.SESSION:
+            if not await self.applied.wait_for(session_index, self._server.session_wait):
+                raise errors.ReplicaBehind(
+                    f"replica at index {self.applied.index} has not reached session index {session_index}"
+                )
+        elif consistency == Consistency.BOUNDED:
+            staleness = self.machine.staleness()
+            if staleness > max_staleness:
+                raise errors.ReplicaBehind(
+                    f"replica staleness {staleness:.3f}s exceeds the bound {max_staleness:.3f}s"
+                )
+        elif consistency != Consistency.EVENTUAL:
+            raise errors.InvalidArgument(f"unknown consistency level {consistency}")
+
+    async def barrier(self) -> int:
+        """Linearizable read point: index of a no-op entry proposed after this call, applied here.
+
+        Coalesced: while one barrier is in flight, every new reader waits for the *next* one
+        (the in-flight one may have been proposed before they arrived), so one Raft round serves
+        all the reads that arrive during the previous round."""
+        if self._barrier_in_flight is None:
+            self._barrier_in_flight = self._start_barrier()
+            future = self._barrier_in_flight
+        else:
+            if self._barrier_next is None:
+                self._barrier_next = self._loop.create_future()
+            future = self._barrier_next
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self._server.read_barrier_timeout)
+        except TimeoutError:
+            raise errors.Unavailable("no quorum confirmed a read barrier in time") from None
+
+    def _start_barrier(self) -> asyncio.Future[int]:
+        result: asyncio.Future[int] = self._loop.create_future()
+        proposal = self._enqueue(b"", commands.barrier())
+
+        def done(f: asyncio.Future[commands.Result]) -> None:
+            if result.done():
+                return  # expired first; _expire_barrier already moved on
+            if f.exception() is not None:
+                result.set_exception(f.exception())  # type: ignore[arg-type]
+            else:
+                result.set_result(f.result()[0])
+            if self._barrier_in_flight is result:
+                self._barrier_finished()
+
+        proposal.add_done_callback(done)
+        # A barrier that never completes (lost leader) must not block later readers forever.
+        self._loop.call_later(self._server.read_barrier_timeout, self._expire_barrier, result)
+        return result
+
+    def _expire_barrier(self, barrier: asyncio.Future[int]) -> None:
+        if not barrier.done():
+            barrier.set_exception(errors.Unavailable("read barrier timed out"))
+            if self._barrier_in_flight is barrier:
+                self._barrier_finished()
+
+    def _barrier_finished(self) -> None:
+        waiting, self._barrier_next = self._barrier_next, None
+        self._barrier_in_flight = None
+        if waiting is not None:
+            self._barrier_in_flight = self._start_barrier()
+            self._barrier_in_flight.add_done_callback(lambda f: _copy_outcome(f, waiting))
+
+    # ----- status ----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        machine = self.machine
+        staleness = machine.staleness()
+        return {
+            "role": machine.role(),
+            "term": machine.raftCurrentTerm,
+            "leader_raft_address": machine.leader_address() or "",
+            "leader_address": self.leader_client_address(),
+            "commit_index": machine.raftCommitIndex,
+            "applied_index": self.storage.applied_index(),
+            "visible_index": self.applied.index,
+            "leader_commit_index": machine.leader_commit_index(),
+            "staleness_seconds": -1.0 if staleness == float("inf") else staleness,
+            "key_count": self.storage.key_count(),
+            "raft_log_size": machine._getRaftLogSize(),
+        }
+
+
+def _copy_outcome(source: asyncio.Future[int], target: asyncio.Future[int]) -> None:
+    if target.done():
+        return
+    if source.exception() is not None:
+        target.set_exception(source.exception())  # type: ignore[arg-type]
+    else:
+        target.set_result(source.result())
+
+
+def _group_into_entries(queue: list[_Pending], max_proposals: int, max_bytes: int) -> list[list[_Pending]]:
+    """Split proposals into Raft entries: bounded size, and no key written twice in one entry."""
+    entries: list[list[_Pending]] = []
+    current: list[_Pending] = []
+    keys: set[bytes] = set()
+    size = 0
+    for pending in queue:
+        touched = commands.touched_keys(pending.op)
+        op_size = sum(len(k) for k in touched) + _value_bytes(pending.op)
+        if current and (
+            len(current) >= max_proposals or size + op_size > max_bytes or not keys.isdisjoint(touched)
+        ):
+            entries.append(current)
+            current, keys, size = [], set(), 0
+        current.append(pending)
+        keys.update(touched)
+        size += op_size
+    if current:
+        entries.append(current)
+    return entries
+
+
+def _value_bytes(op: commands.Op) -> int:
+    if op[0] == commands.PUT or op[0] == commands.CAS:
+        return len(op[2])
+    if op[0] == commands.MULTI_PUT:
+        return sum(len(v) for _, v in op[1])
+    return 0

@@ -1,0 +1,135 @@
+"""Raft snapshots as LMDB copies, written in a background thread (pysyncobj's fork is off).
+
+pysyncobj compacts its log by calling our `serialize(tmp_path, raft_meta)` on its tick thread and
+then renaming `tmp_path` over the dump file. Copying a large LMDB there would stall the tick thread
+into elections, so we:
+1. pin the state with an LMDB read transaction (cheap, on the tick thread),
+2. hard-link the current dump to `tmp_path` so pysyncobj's rename changes nothing yet,
+3. copy the pinned state to a side file in a background thread, then rename it over the dump,
+4. report SUCCESS through `check()` (pysyncobj's serializeChecker): only then does it drop the log
+   entries the snapshot covers.
+The very first snapshot (no dump yet to link) is written synchronously: the store is small then.
+
+Snapshot file: MAGIC, storage applied index, pickled raft meta, then the compacted LMDB file.
+The same file is streamed to lagging followers, whose `deserialize` installs it. `deserialize` also
+runs on every restart (pysyncobj loads the dump first): it replaces the local LMDB only when the
+snapshot is ahead of it, so a restart never rolls the store back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pysyncobj.config import SERIALIZER_STATE
+
+from kvstore.storage.engine import Storage
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"KVSNAP01"
+_HEADER = struct.Struct(">8sQQ")  # magic, storage applied index, meta length
+
+
+class SnapshotManager:
+    def __init__(self, storage: Storage, dump_path: Path, on_installed: Callable[[int], None]) -> None:
+        self._storage = storage
+        self._dump_path = dump_path
+        self._on_installed = on_installed
+        self._state = SERIALIZER_STATE.NOT_SERIALIZING
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.snapshots_written = 0
+        self.snapshots_installed = 0
+
+    # pysyncobj hooks ------------------------------------------------------------------------
+
+    def serialize(self, tmp_path: str, raft_meta: Any) -> None:
+        txn = self._storage.begin_snapshot()
+        applied = self._storage_applied(txn)
+        side_path = Path(str(self._dump_path) + ".writing")
+        if not self._dump_path.exists():
+            self._write(txn, applied, raft_meta, Path(tmp_path))
+            self._finish(SERIALIZER_STATE.SUCCESS)
+            return
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+        os.link(self._dump_path, tmp_path)  # pysyncobj's rename of tmp over the dump is a no-op
+        self._set_state(SERIALIZER_STATE.SERIALIZING)
+        self._thread = threading.Thread(
+            target=self._write_in_background,
+            args=(txn, applied, raft_meta, side_path),
+            name="kvstore-snapshot",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def check(self) -> int:
+        """pysyncobj polls this every tick; SUCCESS/FAILED are reported exactly once."""
+        with self._lock:
+            state = self._state
+            if state in (SERIALIZER_STATE.SUCCESS, SERIALIZER_STATE.FAILED):
+                self._state = SERIALIZER_STATE.NOT_SERIALIZING
+            return state
+
+    def deserialize(self, path: str) -> Any:
+        with open(path, "rb") as f:
+            magic, applied, meta_len = _HEADER.unpack(f.read(_HEADER.size))
+            if magic != MAGIC:
+                raise ValueError(f"{path} is not a kvstore snapshot")
+            raft_meta = pickle.loads(f.read(meta_len))
+            lmdb_len = struct.unpack(">Q", f.read(8))[0]
+            if applied > self._storage.applied_index():
+                log.info("installing snapshot at applied index %d from %s", applied, path)
+                self._storage.install_snapshot(f, lmdb_len)
+                self.snapshots_installed += 1
+                self._on_installed(applied)
+        return raft_meta
+
+    # internals -------------------------------------------------------------------------------
+
+    def _write_in_background(self, txn: Any, applied: int, raft_meta: Any, side_path: Path) -> None:
+        try:
+            self._write(txn, applied, raft_meta, side_path)
+            os.replace(side_path, self._dump_path)
+            self._finish(SERIALIZER_STATE.SUCCESS)
+        except Exception:
+            log.exception("snapshot failed")
+            self._finish(SERIALIZER_STATE.FAILED)
+
+    def _write(self, txn: Any, applied: int, raft_meta: Any, path: Path) -> None:
+        meta = pickle.dumps(raft_meta)
+        with open(path, "wb") as f:
+            f.write(_HEADER.pack(MAGIC, applied, len(meta)))
+            f.write(meta)
+            length_at = f.tell()
+            f.write(b"\0" * 8)
+            start = f.tell()
+            self._storage.write_snapshot(txn, f)
+            f.seek(0, os.SEEK_END)
+            end = f.tell()
+            f.seek(length_at)
+            f.write(struct.pack(">Q", end - start))
+            f.flush()
+            os.fsync(f.fileno())
+        self.snapshots_written += 1
+
+    def _storage_applied(self, txn: Any) -> int:
+        return self._storage.applied_index_in(txn)
+
+    def _set_state(self, state: int) -> None:
+        with self._lock:
+            self._state = state
+
+    def _finish(self, state: int) -> None:
+        self._set_state(state)
+
+    def wait_idle(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)

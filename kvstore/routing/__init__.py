@@ -1,0 +1,1 @@
+"""Key routing: consistent hashing from keys to shard ids."""

@@ -1,0 +1,251 @@
+"""Consistent-hash ring mapping keys (bytes) to shard ids (int). Pure: no I/O, no global state.
+
+Placement
+    Each shard owns ``vnodes_per_shard`` points on a 64-bit ring. The point of vnode ``i`` of shard ``s``
+    is ``key_hash(b"kvstore.ring.vnode" + s (8 bytes BE) + i (4 bytes BE))``: it depends only on
+    ``(s, i)``, so adding or removing a shard never moves any other shard's points, and only the keys
+    that the new shard's points capture change owner (minimal movement).
+
+Lookup: multi-probe consistent hashing (Appleton & O'Reilly, 2015, arXiv:1505.00062)
+    With plain "successor of the key's hash" lookup, a shard's load is the sum of the arcs in front of
+    its points. Arcs between independently placed points are roughly exponential, so with 256 vnodes
+    the relative std of a shard's load is about 1/sqrt(256) = 6%. Measured exactly (``ownership``)
+    over 50 independent placements (vnode prefix varied): 8 shards give max/mean median 1.09, and
+    40% of placements exceed 1.10 (16 shards: median 1.11, 12% exceed 1.15). Tuning a salt until one
+    placement passes would only hide that, so instead each key is hashed to ``probes`` points
+    (probe 0 is ``key_hash(routing_key(key))``, the others a splitmix64 mix of it), each probe finds
+    its successor vnode, and the key goes to the vnode closest to its probe. Long arcs then no
+    longer win proportionally more keys, which shrinks the spread. Same 50 placements, 3 probes:
+    8 shards median 1.04, worst 1.08; 3..32 shards worst 1.09. Cost: ~3 bisects per lookup
+    (~2.5 us per ``shard_for`` vs ~1.1 us with one probe, CPython 3.11).
+    This is a lookup rule, not a placement rule: points still depend only on ``(s, i)``, and
+    movement stays minimal -- adding a shard only adds points, which can only shorten probe
+    distances, so a key that changes owner always moves to the new shard. ``probes=1`` gives the
+    classic ring.
+
+Hash tags
+    As in Redis Cluster, if a key contains ``{`` and a later ``}`` with at least one byte between the
+    first ``{`` and the first ``}`` after it, only those bytes are hashed, so ``b"{user:42}:name"`` and
+    ``b"{user:42}:email"`` always share a shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from bisect import bisect_left
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["DEFAULT_PROBES", "DEFAULT_VNODES", "Ring", "key_hash", "probe_hashes", "routing_key"]
+
+DEFAULT_VNODES = 256
+DEFAULT_PROBES = 3
+RING_SIZE = 1 << 64
+_MASK = RING_SIZE - 1
+_MAX_SHARD_ID = (1 << 63) - 1
+_MAX_VNODES = 1 << 32  # vnode index is packed in 4 bytes
+_VNODE_PREFIX = b"kvstore.ring.vnode"
+_VNODE_STRUCT = struct.Struct(">QI")
+# splitmix64 constants (Steele, Lea & Flood 2014): a bijective 64-bit mixer with full avalanche.
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+
+
+def key_hash(data: bytes) -> int:
+    """Stable 64-bit hash (blake2b, 8-byte digest, big-endian); identical across processes and runs."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def routing_key(key: bytes) -> bytes:
+    """The bytes that decide placement: the Redis-style ``{tag}`` if present and non-empty, else the key."""
+    start = key.find(b"{")
+    if start < 0:
+        return key
+    end = key.find(b"}", start + 1)
+    if end <= start + 1:  # no closing brace (-1) or empty tag "{}": Redis hashes the whole key
+        return key
+    return key[start + 1 : end]
+
+
+def probe_hashes(h: int, probes: int) -> list[int]:
+    """The ring positions a key hash probes: ``h`` itself, then splitmix64(h + j * golden) for j >= 1."""
+    out = [h]
+    for j in range(1, probes):
+        z = (h + j * _GOLDEN) & _MASK
+        z = ((z ^ (z >> 30)) * _MIX1) & _MASK
+        z = ((z ^ (z >> 27)) * _MIX2) & _MASK
+        out.append(z ^ (z >> 31))
+    return out
+
+
+def _vnode_point(shard_id: int, index: int) -> int:
+    return key_hash(_VNODE_PREFIX + _VNODE_STRUCT.pack(shard_id, index))
+
+
+def _check_shard_id(shard_id: Any) -> int:
+    # bool is an int subclass; True as a shard id is almost certainly a bug upstream.
+    if not isinstance(shard_id, int) or isinstance(shard_id, bool):
+        raise ValueError(f"shard id must be an int, got {shard_id!r}")
+    if not 0 <= shard_id <= _MAX_SHARD_ID:
+        raise ValueError(f"shard id must be in [0, 2**63), got {shard_id}")
+    return shard_id
+
+
+def _check_positive(name: str, value: Any, upper: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value < upper:
+        raise ValueError(f"{name} must be an int in [1, {upper}), got {value!r}")
+    return value
+
+
+class Ring:
+    """Immutable consistent-hash ring; build a new one (e.g. ``with_shard``) to change membership."""
+
+    __slots__ = ("shard_ids", "vnodes_per_shard", "probes", "_points", "_owners", "_indexes")
+
+    def __init__(
+        self,
+        shard_ids: Iterable[int],
+        vnodes_per_shard: int = DEFAULT_VNODES,
+        probes: int = DEFAULT_PROBES,
+    ) -> None:
+        ids = [_check_shard_id(s) for s in shard_ids]
+        if not ids:
+            raise ValueError("a ring needs at least one shard id, got none")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"duplicate shard ids: {sorted(ids)}")
+        self.shard_ids: tuple[int, ...] = tuple(sorted(ids))
+        self.vnodes_per_shard: int = _check_positive("vnodes_per_shard", vnodes_per_shard, _MAX_VNODES)
+        self.probes: int = _check_positive("probes", probes, 65)
+        # Ties (two vnodes on the same point, ~2**-44 odds per ring) break by shard id, then vnode
+        # index, so the mapping never depends on the order shard ids were given in.
+        table = sorted(
+            (_vnode_point(s, i), s, i) for s in self.shard_ids for i in range(self.vnodes_per_shard)
+        )
+        # Parallel flat lists: bisect on a list of ints is much faster than on a list of tuples.
+        self._points: list[int] = [p for p, _, _ in table]
+        self._owners: list[int] = [s for _, s, _ in table]
+        self._indexes: list[int] = [i for _, _, i in table]
+
+    # -- lookup -------------------------------------------------------------------------------------
+
+    def _slot_for_hash(self, h: int) -> tuple[int, int]:
+        """(position in the sorted point list, index of the winning probe) for key hash ``h``.
+
+        Hot path, so the probe sequence of ``probe_hashes`` is inlined (tests check they agree).
+        """
+        points = self._points
+        n = len(points)
+        best_slot = bisect_left(points, h)
+        if best_slot == n:  # past the last point: wrap to the first
+            best_slot = 0
+        best_dist = (points[best_slot] - h) & _MASK
+        best_probe = 0
+        for j in range(1, self.probes):
+            z = (h + j * _GOLDEN) & _MASK
+            z = ((z ^ (z >> 30)) * _MIX1) & _MASK
+            z = ((z ^ (z >> 27)) * _MIX2) & _MASK
+            p = z ^ (z >> 31)
+            slot = bisect_left(points, p)
+            if slot == n:
+                slot = 0
+            dist = (points[slot] - p) & _MASK
+            if dist < best_dist:  # strict: ties keep the lower probe, so the choice is deterministic
+                best_slot, best_probe, best_dist = slot, j, dist
+        return best_slot, best_probe
+
+    def shard_for_hash(self, h: int) -> int:
+        """Shard for a precomputed ``key_hash(routing_key(key))``; lets callers hash once, route often."""
+        return self._owners[self._slot_for_hash(h)[0]]
+
+    def shard_for(self, key: bytes) -> int:
+        return self._owners[self._slot_for_hash(key_hash(routing_key(key)))[0]]
+
+    def shards_for(self, keys: Iterable[bytes]) -> dict[int, list[bytes]]:
+        """Group keys by shard; order within each group is the input order (duplicates kept)."""
+        groups: dict[int, list[bytes]] = {}
+        for key in keys:
+            groups.setdefault(self.shard_for(key), []).append(key)
+        return groups
+
+    def explain(self, key: bytes) -> dict[str, Any]:
+        """Why ``key`` lives where it does, for the CLI.
+
+        ``vnode_owner_index`` is the index ``i`` of the winning vnode within its shard (0-based), so
+        ``vnode_point == ring.vnode_points(shard)[vnode_owner_index]``.
+        """
+        rk = routing_key(key)
+        h = key_hash(rk)
+        slot, probe = self._slot_for_hash(h)
+        return {
+            "key": key,
+            "routing_key": rk,
+            "hash": h,
+            "probes": probe_hashes(h, self.probes),
+            "winning_probe": probe,
+            "vnode_point": self._points[slot],
+            "vnode_owner_index": self._indexes[slot],
+            "shard": self._owners[slot],
+        }
+
+    # -- membership & inspection --------------------------------------------------------------------
+
+    def with_shard(self, shard_id: int) -> Ring:
+        """A new ring with ``shard_id`` added; every existing vnode point stays where it was."""
+        if _check_shard_id(shard_id) in self.shard_ids:
+            raise ValueError(f"shard {shard_id} is already in the ring")
+        return Ring((*self.shard_ids, shard_id), self.vnodes_per_shard, self.probes)
+
+    def vnode_points(self, shard_id: int) -> list[int]:
+        """The ring points of ``shard_id``'s vnodes, by vnode index."""
+        if shard_id not in self.shard_ids:
+            raise ValueError(f"shard {shard_id} is not in the ring {self.shard_ids}")
+        return [_vnode_point(shard_id, i) for i in range(self.vnodes_per_shard)]
+
+    def ownership(self) -> dict[int, float]:
+        """Exact fraction of the (uniform) key-hash space each shard owns; sums to 1.
+
+        A vnode with arc g in front of it wins a key iff one of the k probes lands in its arc at
+        distance d from it and every other probe is farther than d from its own successor. With
+        F(d) = sum(min(g_v, d)) over all arcs (the chance a single probe is within d), that is
+        k * integral_0^g (1 - F(d))**(k - 1) dd; F is piecewise linear between sorted arc lengths,
+        so the integral is a sum of closed-form pieces.
+        """
+        arcs = self._arcs()
+        k = self.probes
+        share = dict.fromkeys(self.shard_ids, 0.0)
+        remaining = len(arcs)
+        survive = 1.0  # 1 - F(d) at d = prev
+        acc = prev = 0.0
+        for g, owner in sorted(arcs):
+            nxt = max(0.0, survive - remaining * (g - prev))
+            acc += (survive**k - nxt**k) / remaining
+            share[owner] += acc
+            survive, prev, remaining = nxt, g, remaining - 1
+        return share
+
+    def _arcs(self) -> list[tuple[float, int]]:
+        """(arc length in front of each point as a ring fraction, owning shard)."""
+        points = self._points
+        prevs = [points[-1] - RING_SIZE, *points[:-1]]
+        return [((p - q) / RING_SIZE, s) for p, q, s in zip(points, prevs, self._owners, strict=True)]
+
+    # -- value semantics ----------------------------------------------------------------------------
+
+    def _identity(self) -> tuple[tuple[int, ...], int, int]:
+        return self.shard_ids, self.vnodes_per_shard, self.probes
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Ring):
+            return NotImplemented
+        return self._identity() == other._identity()
+
+    def __hash__(self) -> int:
+        return hash(self._identity())
+
+    def __repr__(self) -> str:
+        return (
+            f"Ring(shard_ids={self.shard_ids!r}, vnodes_per_shard={self.vnodes_per_shard}, "
+            f"probes={self.probes})"
+        )

@@ -1,0 +1,1 @@
+"""gRPC servers: the node (KV + Admin servicers over one shard replica) and the router."""

@@ -1,0 +1,240 @@
+"""A kvstore node: one replica of one shard, serving the KV and Admin gRPC services.
+
+The servicers only translate: check the request, make sure this shard owns the keys, ask the
+`Shard` for a write or a fresh-enough view, and build the response. Consistency, batching and
+Raft live in `kvstore.replication`; errors map to statuses in `kvstore.errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import grpc
+
+from kvstore import errors
+from kvstore.config import NodeConfig
+from kvstore.proto import kvstore_pb2 as pb
+from kvstore.proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.replication import commands
+from kvstore.replication.shard import Shard
+from kvstore.replication.state_machine import ReplicaSettings
+from kvstore.routing.cluster_map import ClusterMap
+from kvstore.server import validation as check
+from kvstore.server.status import rpc_errors
+from kvstore.storage.engine import Record, Storage
+
+log = logging.getLogger(__name__)
+
+
+def _kv(record: Record) -> pb.KeyValue:
+    return pb.KeyValue(key=record.key, value=record.value, revision=record.revision)
+
+
+class NodeContext:
+    """What both servicers share: this node's config, its shard, and the cluster map."""
+
+    def __init__(self, config: NodeConfig, shard: Shard, cluster_map: ClusterMap) -> None:
+        self.config = config
+        self.shard = shard
+        self.cluster_map = cluster_map
+
+    def header(self, revision: int) -> pb.ResponseHeader:
+        return pb.ResponseHeader(
+            shard=self.config.shard,
+            revision=revision,
+            term=self.shard.machine.raftCurrentTerm,
+            epoch=self.cluster_map.epoch,
+            served_by=self.config.name,
+        )
+
+    def check_owned(self, keys: list[bytes]) -> None:
+        ring = self.cluster_map.ring
+        for key in keys:
+            if ring.shard_for(key) != self.config.shard:
+                raise errors.WrongShard(epoch=self.cluster_map.epoch)
+
+
+class KVServicer(pb_grpc.KVServicer):
+    def __init__(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
+        self.limits = ctx.config.limits
+        self.shard = ctx.shard
+
+    async def _write(self, keys: list[bytes], op: commands.Op, request_id: bytes) -> commands.Result:
+        check.check_request_id(request_id, self.limits)
+        self.ctx.check_owned(keys)
+        revision, payload = await self.shard.write(op, request_id)
+        if isinstance(payload, tuple) and payload[:1] == ("error",):
+            raise errors.KvError(f"write failed while applying: {payload[1]}")
+        return revision, payload
+
+    async def _fresh(self, read: pb.ReadOptions) -> None:
+        check.check_read(read.consistency, read.max_staleness_seconds)
+        session_index = read.session.get(self.ctx.config.shard, 0)
+        await self.shard.ensure_fresh(read.consistency, session_index, read.max_staleness_seconds)
+
+    @rpc_errors
+    async def Put(self, request: pb.PutRequest, context: grpc.aio.ServicerContext) -> pb.PutResponse:
+        check.check_key(request.key, self.limits)
+        check.check_value(request.value, self.limits)
+        op = commands.put(request.key, request.value)
+        revision, _ = await self._write([request.key], op, request.request_id)
+        return pb.PutResponse(header=self.ctx.header(revision))
+
+    @rpc_errors
+    async def MultiPut(
+        self, request: pb.MultiPutRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MultiPutResponse:
+        keys = check.check_keys((e.key for e in request.entries), self.limits)
+        check.check_unique(keys)
+        for entry in request.entries:
+            check.check_value(entry.value, self.limits)
+        op = commands.multi_put((e.key, e.value) for e in request.entries)
+        revision, _ = await self._write(keys, op, request.request_id)
+        return pb.MultiPutResponse(header=self.ctx.header(revision))
+
+    @rpc_errors
+    async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
+        keys = check.check_keys(request.keys, self.limits)
+        check.check_unique(keys)
+        revision, deleted = await self._write(keys, commands.delete(keys), request.request_id)
+        return pb.DeleteResponse(header=self.ctx.header(revision), deleted=deleted)
+
+    @rpc_errors
+    async def CompareAndSet(
+        self, request: pb.CompareAndSetRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CompareAndSetResponse:
+        check.check_key(request.key, self.limits)
+        check.check_value(request.value, self.limits)
+        op = commands.compare_and_set(request.key, request.value, request.expected_revision)
+        revision, (succeeded, current) = await self._write([request.key], op, request.request_id)
+        response = pb.CompareAndSetResponse(header=self.ctx.header(revision), succeeded=succeeded)
+        if current is not None:
+            response.current.CopyFrom(_kv(current))
+        return response
+
+    @rpc_errors
+    async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext) -> pb.GetResponse:
+        check.check_key(request.key, self.limits)
+        self.ctx.check_owned([request.key])
+        await self._fresh(request.read)
+        record, applied = self.shard.storage.read(request.key)
+        response = pb.GetResponse(header=self.ctx.header(applied), found=record is not None)
+        if record is not None:
+            response.kv.CopyFrom(_kv(record))
+        return response
+
+    @rpc_errors
+    async def MultiGet(
+        self, request: pb.MultiGetRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MultiGetResponse:
+        keys = check.check_keys(request.keys, self.limits)
+        self.ctx.check_owned(keys)
+        await self._fresh(request.read)
+        records, applied = self.shard.storage.get_many(keys)
+        return pb.MultiGetResponse(
+            header=self.ctx.header(applied), kvs=[_kv(r) for r in records if r is not None]
+        )
+
+    @rpc_errors
+    async def Scan(self, request: pb.ScanRequest, context: grpc.aio.ServicerContext) -> pb.ScanResponse:
+        limit = check.check_scan_limit(request.limit, self.limits)
+        await self._fresh(request.read)
+        records, more, applied = self.shard.storage.scan(
+            request.start, request.end, request.prefix, limit, after=request.continuation
+        )
+        continuation = records[-1].key if more and records else b""
+        return pb.ScanResponse(
+            header=self.ctx.header(applied), kvs=[_kv(r) for r in records], continuation=continuation
+        )
+
+
+class AdminServicer(pb_grpc.AdminServicer):
+    def __init__(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
+
+    @rpc_errors
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+        status = self.ctx.shard.status()
+        config = self.ctx.config
+        leader_name = ""
+        for replica in self.ctx.cluster_map.shard(config.shard).replicas:
+            if replica.raft_address == status["leader_raft_address"]:
+                leader_name = replica.name
+        return pb.StatusResponse(
+            node=config.name,
+            shard=config.shard,
+            role=status["role"],
+            term=status["term"],
+            leader=leader_name,
+            leader_address=status["leader_address"],
+            commit_index=status["commit_index"],
+            applied_index=status["applied_index"],
+            leader_commit_index=status["leader_commit_index"],
+            staleness_seconds=status["staleness_seconds"],
+            epoch=self.ctx.cluster_map.epoch,
+            key_count=status["key_count"],
+            address=config.listen,
+            zone=config.zone,
+            raft_log_size=status["raft_log_size"],
+        )
+
+    @rpc_errors
+    async def ClusterMap(
+        self, request: pb.ClusterMapRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClusterMapResponse:
+        return self.ctx.cluster_map.to_proto()
+
+
+def grpc_options(config: NodeConfig) -> list[tuple[str, int]]:
+    size = config.limits.max_message_bytes
+    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+
+
+async def serve(config: NodeConfig) -> None:
+    """Run the node until SIGTERM or SIGINT, then shut down gracefully."""
+    cluster_map = ClusterMap.load(config.cluster_map)
+    data_dir = Path(config.data_dir)
+    storage = Storage(data_dir, map_size=config.storage.map_size_bytes, fsync=config.storage.fsync)
+    replica = ReplicaSettings(
+        advertise=config.raft_advertise,
+        bind=config.raft_bind,
+        peers=config.peers,
+        data_dir=data_dir,
+        raft=config.raft,
+        dedup_window=config.storage.dedup_window_entries,
+    )
+    shard = Shard(config.shard, storage, replica, config.server, cluster_map.client_address_of_raft)
+    ctx = NodeContext(config, shard, cluster_map)
+    server = grpc.aio.server(options=grpc_options(config))
+    pb_grpc.add_KVServicer_to_server(KVServicer(ctx), server)
+    pb_grpc.add_AdminServicer_to_server(AdminServicer(ctx), server)
+    server.add_insecure_port(config.listen)
+    await server.start()
+    log.info(
+        "node %s (shard %d) serving on %s, raft %s",
+        config.name,
+        config.shard,
+        config.listen,
+        config.raft_advertise,
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop(grace=2.0)
+    await loop.run_in_executor(None, shard.close)
+    storage.close()
+
+
+def run(config: NodeConfig) -> None:
+    import uvloop
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvloop.run(serve(config))

@@ -1,0 +1,60 @@
+"""Request checks done before anything is proposed: a rejected request changes nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from kvstore.config import Limits
+from kvstore.errors import InvalidArgument
+
+MAX_STALENESS_SECONDS = 3600.0
+
+
+def check_key(key: bytes, limits: Limits) -> None:
+    if not key:
+        raise InvalidArgument("key must not be empty")
+    if len(key) > limits.max_key_bytes:
+        raise InvalidArgument(f"key is {len(key)} bytes; the limit is {limits.max_key_bytes}")
+
+
+def check_value(value: bytes, limits: Limits) -> None:
+    if len(value) > limits.max_value_bytes:
+        raise InvalidArgument(f"value is {len(value)} bytes; the limit is {limits.max_value_bytes}")
+
+
+def check_keys(keys: Iterable[bytes], limits: Limits) -> list[bytes]:
+    keys = list(keys)
+    if not keys:
+        raise InvalidArgument("at least one key is required")
+    if len(keys) > limits.max_batch_keys:
+        raise InvalidArgument(f"{len(keys)} keys in one request; the limit is {limits.max_batch_keys}")
+    for key in keys:
+        check_key(key, limits)
+    return keys
+
+
+def check_unique(keys: list[bytes]) -> None:
+    if len(set(keys)) != len(keys):
+        raise InvalidArgument("the same key appears twice in one write")
+
+
+def check_request_id(request_id: bytes, limits: Limits) -> None:
+    if len(request_id) > limits.max_request_id_bytes:
+        raise InvalidArgument(f"request_id is longer than {limits.max_request_id_bytes} bytes")
+
+
+def check_read(consistency: int, max_staleness: float) -> None:
+    if consistency not in (0, 1, 2, 3):
+        raise InvalidArgument(f"unknown consistency level {consistency}")
+    if consistency == 2 and not (0 < max_staleness <= MAX_STALENESS_SECONDS):
+        raise InvalidArgument(
+            f"bounded reads need 0 < max_staleness_seconds <= {MAX_STALENESS_SECONDS} (got {max_staleness})"
+        )
+
+
+def check_scan_limit(limit: int, limits: Limits) -> int:
+    if limit == 0:
+        return limits.default_scan_limit
+    if limit > limits.max_scan_limit:
+        raise InvalidArgument(f"scan limit {limit} exceeds {limits.max_scan_limit}")
+    return limit

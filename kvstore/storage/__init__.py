@@ -1,0 +1,1 @@
+"""LMDB storage engine: values, revisions and the applied index (knows nothing of Raft)."""

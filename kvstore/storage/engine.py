@@ -1,0 +1,303 @@
+"""LMDB storage for one shard replica: values with revisions, the applied index, request ids.
+
+Knows nothing of Raft. The replication layer calls it in two ways:
+- reads, from any thread, each in its own short read transaction;
+- writes, from the single apply thread only, through `batch()`: every write of one apply batch
+  goes into one LMDB write transaction, committed by `commit()` (group commit). The applied index
+  is written in that same transaction, so the data and the index that produced it never disagree
+  after a crash.
+
+Layout (named databases in one environment):
+- `data`:     key -> revision (8 bytes, big-endian) + value
+- `meta`:     b"applied" -> applied index (8 bytes)
+- `requests`: request id -> revision (8 bytes) + pickled result, for de-duplicating retried writes
+- `req_by_index`: revision (8 bytes) + request id -> b"", to expire old request ids in order
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import shutil
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import lmdb
+
+log = logging.getLogger(__name__)
+
+_U64 = struct.Struct(">Q")
+_APPLIED = b"applied"
+# Grow the map when a write transaction could find it more than half full.
+_GROW_AT_FRACTION = 0.5
+# Commit early inside a large apply batch so one batch can never outgrow the map.
+_MAX_TXN_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class Record:
+    key: bytes
+    value: bytes
+    revision: int
+
+
+def _pack(revision: int, value: bytes) -> bytes:
+    return _U64.pack(revision) + value
+
+
+def _unpack(key: bytes, raw: bytes) -> Record:
+    return Record(key, bytes(raw[8:]), _U64.unpack_from(raw)[0])
+
+
+class Storage:
+    """One LMDB environment under `path/lmdb`."""
+
+    def __init__(self, path: str | Path, map_size: int = 256 << 20, fsync: bool = True) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._map_size = map_size
+        self._fsync = fsync
+        # Held by readers for the length of one read, and by the apply thread while it resizes
+        # or swaps the environment: LMDB forbids both while any transaction is open.
+        self._env_lock = threading.Lock()
+        self._txn: lmdb.Transaction | None = None
+        self._txn_bytes = 0
+        self._snapshots_running = 0
+        self._open(self.path / "lmdb")
+
+    # ----- lifecycle -----
+
+    def _open(self, env_path: Path) -> None:
+        self._env = lmdb.open(
+            str(env_path),
+            map_size=max(self._map_size, _existing_size(env_path)),
+            max_dbs=4,
+            sync=self._fsync,
+            metasync=self._fsync,
+            writemap=False,
+            max_readers=256,
+        )
+        self._data = self._env.open_db(b"data")
+        self._meta = self._env.open_db(b"meta")
+        self._requests = self._env.open_db(b"requests")
+        self._req_by_index = self._env.open_db(b"req_by_index")
+
+    def close(self) -> None:
+        with self._env_lock:
+            if self._txn is not None:
+                self._txn.abort()
+                self._txn = None
+            self._env.close()
+
+    # ----- reads (any thread) -----
+
+    def applied_index(self) -> int:
+        with self._env_lock, self._env.begin(db=self._meta) as txn:
+            raw = txn.get(_APPLIED)
+        return _U64.unpack(raw)[0] if raw else 0
+
+    def get(self, key: bytes) -> Record | None:
+        with self._env_lock, self._env.begin(db=self._data) as txn:
+            raw = txn.get(key)
+            return _unpack(key, raw) if raw is not None else None
+
+    def get_many(self, keys: list[bytes]) -> tuple[list[Record | None], int]:
+        """Records for keys (None where absent) and the applied index of that same snapshot."""
+        with self._env_lock, self._env.begin() as txn:
+            applied = txn.get(_APPLIED, db=self._meta)
+            out = []
+            for key in keys:
+                raw = txn.get(key, db=self._data)
+                out.append(_unpack(key, raw) if raw is not None else None)
+        return out, (_U64.unpack(applied)[0] if applied else 0)
+
+    def read(self, key: bytes) -> tuple[Record | None, int]:
+        records, applied = self.get_many([key])
+        return records[0], applied
+
+    def scan(
+        self, start: bytes, end: bytes, prefix: bytes, limit: int, after: bytes = b""
+    ) -> tuple[list[Record], bool, int]:
+        """Keys in [start, end) with `prefix`, strictly after `after`, at most `limit`.
+
+        Returns (records, more, applied index of the snapshot read).
+        """
+        lower = max(start, prefix, after)
+        out: list[Record] = []
+        more = False
+        with self._env_lock, self._env.begin() as txn:
+            applied_raw = txn.get(_APPLIED, db=self._meta)
+            cursor = txn.cursor(db=self._data)
+            positioned = cursor.set_range(lower) if lower else cursor.first()
+            for key, raw in _iterate(cursor, positioned):
+                if key == after:
+                    continue  # the continuation key itself was returned by the previous page
+                # lower >= prefix, so the first key without the prefix is past every prefixed key.
+                if (prefix and not key.startswith(prefix)) or (end and key >= end):
+                    break
+                if len(out) == limit:
+                    more = True
+                    break
+                out.append(_unpack(key, raw))
+        return out, more, (_U64.unpack(applied_raw)[0] if applied_raw else 0)
+
+    def key_count(self) -> int:
+        with self._env_lock, self._env.begin(db=self._data) as txn:
+            return txn.stat(self._data)["entries"]
+
+    def checksum(self) -> str:
+        """A digest of every key, value and revision: equal on converged replicas."""
+        import hashlib
+
+        digest = hashlib.blake2b(digest_size=16)
+        with self._env_lock, self._env.begin(db=self._data) as txn:
+            for key, raw in txn.cursor():
+                digest.update(_U64.pack(len(key)) + key + _U64.pack(len(raw)) + raw)
+        return digest.hexdigest()
+
+    # ----- writes (apply thread only) -----
+
+    def _write_txn(self) -> lmdb.Transaction:
+        if self._txn is None:
+            self._grow_if_needed()
+            self._txn = self._env.begin(write=True)
+            self._txn_bytes = 0
+        return self._txn
+
+    def put(self, key: bytes, value: bytes, revision: int) -> None:
+        self._write_txn().put(key, _pack(revision, value), db=self._data)
+        self._txn_bytes += len(key) + len(value) + 64
+
+    def delete(self, key: bytes) -> bool:
+        return self._write_txn().delete(key, db=self._data)
+
+    def get_for_update(self, key: bytes) -> Record | None:
+        """Read inside the open write transaction: sees this batch's own earlier writes."""
+        raw = self._write_txn().get(key, db=self._data)
+        return _unpack(key, raw) if raw is not None else None
+
+    def set_applied(self, index: int) -> None:
+        self._write_txn().put(_APPLIED, _U64.pack(index), db=self._meta)
+        if self._txn_bytes > _MAX_TXN_BYTES:
+            self.commit()
+
+    def remember_request(self, request_id: bytes, revision: int, result: Any, window: int) -> None:
+        txn = self._write_txn()
+        txn.put(request_id, _U64.pack(revision) + pickle.dumps(result), db=self._requests)
+        txn.put(_U64.pack(revision) + request_id, b"", db=self._req_by_index)
+        self._expire_requests(txn, revision - window)
+
+    def recall_request(self, request_id: bytes) -> tuple[int, Any] | None:
+        raw = self._write_txn().get(request_id, db=self._requests)
+        if raw is None:
+            return None
+        return _U64.unpack_from(raw)[0], pickle.loads(raw[8:])
+
+    def _expire_requests(self, txn: lmdb.Transaction, below: int) -> None:
+        # Bounded work per call: a few expired ids per new one keeps the table at `window` entries.
+        cursor = txn.cursor(db=self._req_by_index)
+        for _ in range(4):
+            if not cursor.first():
+                return
+            index_key = cursor.key()
+            if _U64.unpack_from(index_key)[0] >= below:
+                return
+            txn.delete(index_key[8:], db=self._requests)
+            cursor.delete()
+
+    def commit(self) -> bool:
+        """Commit the open write transaction, if any. Returns whether there was one."""
+        if self._txn is None:
+            return False
+        txn, self._txn = self._txn, None
+        txn.commit()
+        return True
+
+    def abort(self) -> None:
+        if self._txn is not None:
+            self._txn.abort()
+            self._txn = None
+
+    def _grow_if_needed(self) -> None:
+        info = self._env.info()
+        used = (info["last_pgno"] + 1) * self._env.stat()["psize"]
+        if used < info["map_size"] * _GROW_AT_FRACTION:
+            return
+        if self._snapshots_running:
+            return  # set_mapsize needs every transaction closed; grow after the snapshot
+        new_size = info["map_size"] * 2
+        log.info("growing LMDB map from %d to %d bytes", info["map_size"], new_size)
+        with self._env_lock:
+            self._env.set_mapsize(new_size)
+
+    def grow(self) -> None:
+        """Double the map now (after a MapFullError)."""
+        with self._env_lock:
+            self._env.set_mapsize(self._env.info()["map_size"] * 2)
+
+    # ----- snapshots -----
+
+    def begin_snapshot(self) -> lmdb.Transaction:
+        """A read transaction pinning the current state, for `write_snapshot` in another thread."""
+        self.commit()
+        self._snapshots_running += 1
+        return self._env.begin()
+
+    def applied_index_in(self, txn: lmdb.Transaction) -> int:
+        raw = txn.get(_APPLIED, db=self._meta)
+        return _U64.unpack(raw)[0] if raw else 0
+
+    def write_snapshot(self, txn: lmdb.Transaction, out: BinaryIO) -> None:
+        """Copy the state `txn` sees into `out` (a compacted LMDB file), then end `txn`."""
+        try:
+            out.flush()
+            self._env.copyfd(out.fileno(), compact=True, txn=txn)
+        finally:
+            txn.abort()
+            self._snapshots_running -= 1
+
+    def install_snapshot(self, source: BinaryIO, length: int) -> None:
+        """Replace the whole environment by the LMDB file read from `source` (apply thread)."""
+        self.abort()
+        staging = self.path / "lmdb.incoming"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        with open(staging / "data.mdb", "wb") as f:
+            _copy_exact(source, f, length)
+            f.flush()
+            os.fsync(f.fileno())
+        with self._env_lock:
+            self._env.close()
+            live = self.path / "lmdb"
+            shutil.rmtree(live, ignore_errors=True)
+            os.replace(staging, live)
+            self._open(live)
+
+
+def _iterate(cursor: lmdb.Cursor, positioned: bool) -> Iterator[tuple[bytes, bytes]]:
+    if not positioned:
+        return
+    while True:
+        yield cursor.key(), cursor.value()
+        if not cursor.next():
+            return
+
+
+def _existing_size(env_path: Path) -> int:
+    data_file = env_path / "data.mdb"
+    return data_file.stat().st_size if data_file.exists() else 0
+
+
+def _copy_exact(source: BinaryIO, dest: BinaryIO, length: int) -> None:
+    remaining = length
+    while remaining > 0:
+        chunk = source.read(min(remaining, 1 << 20))
+        if not chunk:
+            raise ValueError(f"snapshot truncated: {remaining} bytes missing")
+        dest.write(chunk)
+        remaining -= len(chunk)
