@@ -1,22 +1,295 @@
-"""The `kvstore` command line (minimal bootstrap; extended below)."""
+"""The `kvstore` command line.
+
+kvstore cluster up|status|kill|start|down --dir DIR ...   a local multi-process cluster
+kvstore node --config FILE                                 one replica (what `cluster up` starts)
+kvstore router --cluster DIR --listen ADDR                 a stateless router
+kvstore [--cluster DIR | --router ADDR | --endpoints A,B] put|get|delete|scan|cas ...
+kvstore --cluster DIR ring --key KEY                       which shard owns a key, and why
+kvstore demo | bench | chaos                               the scenario, the benchmark, the fault suite
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from typing import Any
+
+from kvstore import errors
+
+
+def _add_cluster_commands(sub: Any) -> None:
+    cluster = sub.add_parser("cluster", help="run a local multi-process cluster").add_subparsers(
+        dest="action", required=True
+    )
+    up = cluster.add_parser(
+        "up", help="create (if needed) and start a cluster; waits for every shard's leader"
+    )
+    up.add_argument("--dir", required=True)
+    up.add_argument("--shards", type=int, default=1)
+    up.add_argument("--replicas", type=int, default=3)
+    up.add_argument("--base-port", type=int, default=None, help="first port (default: free ports)")
+    up.add_argument("--vnodes", type=int, default=256)
+    up.add_argument("--timeout", type=float, default=60.0)
+    status = cluster.add_parser("status", help="per shard: leader, replicas, indexes, key counts")
+    status.add_argument("--dir", required=True)
+    status.add_argument("--json", action="store_true")
+    kill = cluster.add_parser("kill", help="send a signal to one node")
+    kill.add_argument("--dir", required=True)
+    kill.add_argument("node")
+    kill.add_argument("--signal", default="KILL", choices=["KILL", "TERM", "STOP", "CONT"])
+    start = cluster.add_parser("start", help="start one stopped node")
+    start.add_argument("--dir", required=True)
+    start.add_argument("node")
+    down = cluster.add_parser("down", help="stop every node (data is kept)")
+    down.add_argument("--dir", required=True)
+
+
+def _add_kv_commands(sub: Any, target: argparse.ArgumentParser) -> None:
+    put = sub.add_parser("put", help="write a key", parents=[target])
+    put.add_argument("key")
+    put.add_argument("value")
+    get = sub.add_parser("get", parents=[target], help="read a key")
+    get.add_argument("key")
+    get.add_argument("--consistency", default="strong", help="strong|session|eventual|bounded:0.5s")
+    delete = sub.add_parser("delete", parents=[target], help="delete a key")
+    delete.add_argument("key")
+    scan = sub.add_parser("scan", parents=[target], help="list keys in order")
+    scan.add_argument("--prefix", default="")
+    scan.add_argument("--start", default="")
+    scan.add_argument("--end", default="")
+    scan.add_argument("--limit", type=int, default=100)
+    scan.add_argument("--consistency", default="strong")
+    cas = sub.add_parser("cas", parents=[target], help="compare-and-set on a revision (0 = must not exist)")
+    cas.add_argument("key")
+    cas.add_argument("value")
+    cas.add_argument("--expected-revision", type=int, required=True)
+    ring = sub.add_parser("ring", parents=[target], help="which shard and replicas own a key, and why")
+    ring.add_argument("--key", required=True)
+
+
+def _add_target_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--cluster", default=default, help="local cluster directory (smart client)")
+    target.add_argument("--router", default=default, help="router address (thin client)")
+    target.add_argument("--endpoints", default=default, help="comma-separated node addresses (smart client)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvstore", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    # Accepted before the command (`kvstore --cluster D get k`) or after it (`kvstore get k --cluster D`).
+    _add_target_options(parser, None)
+    target_after = argparse.ArgumentParser(add_help=False)
+    _add_target_options(target_after, argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_cluster_commands(sub)
+    _add_kv_commands(sub, target_after)
+    node = sub.add_parser("node", help="run one replica")
+    node.add_argument("--config", required=True)
+    node.add_argument("--listen", default=None, help="override the gRPC listen address")
+    router = sub.add_parser("router", parents=[target_after], help="run a stateless router with the KV API")
+    router.add_argument("--listen", default="127.0.0.1:7400")
+    demo = sub.add_parser("demo", help="start a 3x3 cluster, run the Locust phases, print a summary")
+    demo.add_argument("--phase-seconds", type=float, default=25.0)
+    demo.add_argument("--users", type=int, default=24)
+    demo.add_argument("--dir", default=".kvstore/demo")
+    demo.add_argument("--results", default="results/demo")
+    bench = sub.add_parser("bench", help="benchmark against ceilings measured in the same run")
+    bench.add_argument("--quick", action="store_true")
+    bench.add_argument("--etcd", action="store_true")
+    bench.add_argument("--out", default="results/bench.json")
+    chaos = sub.add_parser("chaos", help="faults + recorded history + linearizability checking")
+    chaos.add_argument("--shards", type=int, default=2)
+    chaos.add_argument("--duration", type=float, default=60.0)
+    chaos.add_argument("--nemesis", default="kill,pause,partition,delay")
+    chaos.add_argument("--seed", type=int, default=1)
+    chaos.add_argument("--out", default="results/chaos")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvstore")
-    sub = parser.add_subparsers(dest="command", required=True)
-    node = sub.add_parser("node")
-    node.add_argument("--config", required=True)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except errors.KvError as err:
+        print(f"error ({err.kind}): {err.message}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError, TimeoutError, RuntimeError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "node":
         from kvstore.config import NodeConfig
         from kvstore.server.node import run
 
-        run(NodeConfig.load(args.config))
+        run(NodeConfig.load(args.config, {"listen": args.listen}))
+        return 0
+    if args.command == "cluster":
+        return _cluster(args)
+    if args.command == "router":
+        return _router(args)
+    if args.command == "demo":
+        from kvstore.demo import run_demo
+
+        return run_demo(args)
+    if args.command == "bench":
+        return _run_repo_script("loadtests/bench.py", args)
+    if args.command == "chaos":
+        from kvstore.chaos.runner import run_chaos_cli
+
+        return run_chaos_cli(args)
+    if args.command == "ring":
+        return _ring(args)
+    return _kv(args)
+
+
+def _run_repo_script(relative: str, args: argparse.Namespace) -> int:
+    """Benchmarks live in the repository's loadtests/ (not in the installed package)."""
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / relative
+    if not script.exists():
+        raise FileNotFoundError(f"{relative} not found: run this from a kvstore source checkout")
+    namespace = runpy.run_path(str(script))
+    return int(namespace["main"](args))
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    from kvstore.cluster.local import LocalCluster
+
+    cluster = LocalCluster(args.dir)
+    if args.action == "up":
+        if not cluster.map_path.exists():
+            cluster.create(args.shards, args.replicas, args.base_port, args.vnodes)
+        cluster.start_all()
+        try:
+            shards = cluster.wait_for_leaders(args.timeout)
+        except TimeoutError:
+            cluster.down()
+            raise
+        _print_status(shards)
+        print(f"cluster up: {args.dir} ({len(shards)} shard(s))")
+        print(f"stop it with: kvstore cluster down --dir {args.dir}")
+    elif args.action == "status":
+        shards = cluster.status()
+        if args.json:
+            print(json.dumps({"dir": str(cluster.dir), "shards": shards}, indent=2))
+        else:
+            _print_status(shards)
+    elif args.action == "kill":
+        pid = cluster.kill(args.node, args.signal)
+        print(f"sent SIG{args.signal} to {args.node} (pid {pid})")
+    elif args.action == "start":
+        pid = cluster.start(args.node)
+        print(f"started {args.node} (pid {pid})")
+    elif args.action == "down":
+        cluster.down()
+        print(f"cluster at {args.dir} stopped (data kept under {cluster.dir / 'data'})")
+    return 0
+
+
+def _print_status(shards: list[dict[str, Any]]) -> None:
+    for shard in shards:
+        print(
+            f"shard {shard['shard']}: leader={shard['leader'] or '-'} vnodes={shard['vnodes']} "
+            f"keys={shard['key_count']}"
+        )
+        for r in shard["replicas"]:
+            staleness = f"{r['staleness_seconds']:.2f}s" if r["staleness_seconds"] >= 0 else "-"
+            print(
+                f"  {r['node']:<8} {r['role']:<11} {r['address']:<21} pid={r['pid'] or '-':<7} "
+                f"term={r['term']:<4} applied={r['applied_index']:<8} commit={r['commit_index']:<8} "
+                f"leader_commit={r['leader_commit_index']:<8} staleness={staleness:<7} zone={r['zone']}"
+            )
+
+
+def _router(args: argparse.Namespace) -> int:
+    from kvstore.client.api import load_cluster_map
+    from kvstore.server.router import run_router
+
+    cluster_map = load_cluster_map(args.cluster) if args.cluster else None
+    seeds = args.endpoints.split(",") if args.endpoints else []
+    if cluster_map is None and not seeds:
+        raise ValueError("the router needs --cluster DIR or --endpoints A,B")
+    run_router(args.listen, cluster_map, seeds)
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from kvstore import Client
+
+    if args.cluster:
+        return Client.from_cluster(args.cluster)
+    if args.router:
+        return Client(router=args.router)
+    if args.endpoints:
+        return Client(args.endpoints.split(","))
+    raise ValueError("say where the cluster is: --cluster DIR, --router ADDR or --endpoints A,B")
+
+
+def _kv(args: argparse.Namespace) -> int:
+    from kvstore import Consistency
+
+    with _client(args) as kv:
+        if args.command == "put":
+            print(f"OK revision={kv.put(args.key.encode(), args.value.encode())}")
+        elif args.command == "get":
+            got = kv.get_item(args.key.encode(), consistency=Consistency.parse(args.consistency))
+            if got is None:
+                print("(not found)")
+                return 1
+            print(got.value.decode(errors="replace"))
+        elif args.command == "delete":
+            print("deleted" if kv.delete(args.key.encode()) else "(not found)")
+        elif args.command == "scan":
+            page = kv.scan(
+                prefix=args.prefix.encode(),
+                start=args.start.encode(),
+                end=args.end.encode(),
+                limit=args.limit,
+                consistency=Consistency.parse(args.consistency),
+            )
+            for item in page:
+                print(f"{item.key.decode(errors='replace')}\t{item.value.decode(errors='replace')}")
+            if page.continuation:
+                print(f"(more after {page.continuation.decode(errors='replace')})")
+        elif args.command == "cas":
+            result = kv.compare_and_set(
+                args.key.encode(), args.value.encode(), expected_revision=args.expected_revision
+            )
+            if result.succeeded:
+                print(f"OK revision={result.revision}")
+            else:
+                current = f"revision {result.current.revision}" if result.current else "absent"
+                print(f"CONFLICT: key is at {current}")
+                return 1
+    return 0
+
+
+def _ring(args: argparse.Namespace) -> int:
+    from kvstore.client.api import load_cluster_map
+
+    if not args.cluster:
+        raise ValueError("ring needs --cluster DIR")
+    cluster_map = load_cluster_map(args.cluster)
+    why = cluster_map.ring.explain(args.key.encode())
+    shard = cluster_map.shard(why["shard"])
+    print(f"key:          {args.key}")
+    print(
+        f"routing key:  {why['routing_key']!r}  (hash tags: only the text inside the first {{...}} is hashed)"
+    )
+    print(f"hash:         {why['hash']:#018x}")
+    vnode = f"vnode #{why['vnode_owner_index']} of shard {why['shard']}"
+    print(f"vnode point:  {why['vnode_point']:#018x} ({vnode}, nearest of {len(why['probes'])} probes)")
+    ring_info = f"map epoch {cluster_map.epoch}, {cluster_map.vnodes_per_shard} vnodes/shard"
+    print(f"shard:        {why['shard']} ({ring_info})")
+    for replica in shard.replicas:
+        print(f"  replica {replica.name:<8} {replica.address:<21} zone={replica.zone}")
     return 0
 
 

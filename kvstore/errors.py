@@ -155,7 +155,8 @@ def from_rpc_error(exc: grpc.RpcError) -> KvError:
     """Rebuild the typed error a server raised (or the nearest meaning of a bare gRPC status)."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else "") or str(code)
-    trailing = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
+    # Sync calls give a tuple of pairs, grpc.aio a Metadata object: both iterate as pairs.
+    trailing = dict(list(exc.trailing_metadata() or ())) if hasattr(exc, "trailing_metadata") else {}
     kind = trailing.get(KIND_KEY)
     if kind == NotLeader.kind:
         return NotLeader(details, leader=str(trailing.get(LEADER_KEY, "")))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import pickle
 import random
 import socket
 import struct
 import time
+import zlib
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -168,6 +170,14 @@ def test_large_payload_and_many_connections_pass_intact() -> None:
     run(scenario())
 
 
+async def read_msg(reader: asyncio.StreamReader, timeout: float = 2.0) -> object:
+    """Read one pysyncobj-framed message (our own test data, so plain unpickling is fine)."""
+    header = await asyncio.wait_for(reader.readexactly(4), timeout)
+    (length,) = struct.unpack("=i", header)
+    body = await asyncio.wait_for(reader.readexactly(length), timeout)
+    return pickle.loads(zlib.decompress(body))
+
+
 def test_delay_adds_latency_keeps_order_and_does_not_accumulate() -> None:
     async def scenario() -> None:
         async with Bench() as bench:
@@ -179,29 +189,36 @@ def test_delay_adds_latency_keeps_order_and_does_not_accumulate() -> None:
             async def sender() -> None:
                 for i in range(6):
                     sent.append(loop.time())
-                    c_w.write(f"msg{i}\n".encode())
+                    c_w.write(encode_frame(f"msg{i}"))
                     await asyncio.sleep(0.05)
 
-            async def receiver() -> list[tuple[bytes, float]]:
-                return [(await b_r.readline(), loop.time()) for _ in range(6)]
+            async def receiver() -> list[tuple[object, float]]:
+                return [(await read_msg(b_r), loop.time()) for _ in range(6)]
 
             _, arrivals = await asyncio.gather(sender(), receiver())
-            assert [line for line, _ in arrivals] == [f"msg{i}\n".encode() for i in range(6)]
+            assert [msg for msg, _ in arrivals] == [f"msg{i}" for i in range(6)]
             for sent_at, (_, arrived_at) in zip(sent, arrivals, strict=True):
                 assert arrived_at - sent_at >= 0.3 - 0.01
             # In-line sleeping would take 6 * 0.3 s; due-time release takes ~0.25 + 0.3 s.
             assert arrivals[-1][1] - sent[0] < 1.0
 
             start = loop.time()  # the reverse direction is not delayed
-            b_w.write(b"pong\n")
-            assert await asyncio.wait_for(c_r.readline(), 2.0) == b"pong\n"
+            b_w.write(encode_frame("pong"))
+            assert await read_msg(c_r) == "pong"
             assert loop.time() - start < 0.2
 
             bench.controller.delay("cli", "srv", 0)  # removed
             start = loop.time()
-            c_w.write(b"fast\n")
-            assert await asyncio.wait_for(b_r.readline(), 2.0) == b"fast\n"
+            c_w.write(encode_frame("fast"))
+            assert await read_msg(b_r) == "fast"
             assert loop.time() - start < 0.2
+
+            bench.controller.delay(None, "srv", 0.2)  # a wildcard source also matches anonymous dialers
+            start = loop.time()
+            a_r, _ = await bench.dial(NOT_A_FRAME + b"anon")
+            a_b_r, _ = await bench.backend_conn()
+            assert await asyncio.wait_for(a_b_r.readexactly(8), 2.0) == NOT_A_FRAME + b"anon"
+            assert loop.time() - start >= 0.2 - 0.01
 
     run(scenario())
 
@@ -211,24 +228,54 @@ def test_blackhole_drops_one_direction_only_and_keeps_the_connection() -> None:
         async with Bench() as bench:
             (c_r, c_w), (b_r, b_w) = await bench.pair()
             bench.controller.blackhole("cli", "srv")
-            c_w.write(b"lost")
-            b_w.write(b"hello")
-            assert await asyncio.wait_for(c_r.readexactly(5), 2.0) == b"hello"
+            c_w.write(encode_frame("lost"))
+            b_w.write(encode_frame("hello"))
+            assert await read_msg(c_r) == "hello"
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(b_r.read(100), 0.3)
-            assert bench.proxy.stats.bytes_dropped == 4
+            assert bench.proxy.stats.bytes_dropped == len(encode_frame("lost"))
 
             bench.controller.heal()
-            c_w.write(b"back")
-            assert await asyncio.wait_for(b_r.readexactly(4), 2.0) == b"back"
+            c_w.write(encode_frame("back"))
+            assert await read_msg(b_r) == "back"
 
             bench.controller.blackhole("srv", "cli")  # now the other way
-            b_w.write(b"gone")
-            c_w.write(b"up")
-            assert await asyncio.wait_for(b_r.readexactly(2), 2.0) == b"up"
+            b_w.write(encode_frame("gone"))
+            c_w.write(encode_frame("up"))
+            assert await read_msg(b_r) == "up"
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(c_r.read(100), 0.3)
             assert bench.controller.snapshot()["blackholes"] == [["srv", "cli"]]
+
+    run(scenario())
+
+
+def test_blackhole_drops_whole_frames_and_spares_the_address_frame() -> None:
+    """The stream stays parseable across blackhole and heal, even when they fall inside a frame."""
+
+    async def scenario() -> None:
+        async with Bench() as bench:
+            bench.controller.blackhole("cli", "srv")  # before the dial: the address frame still passes
+            c_r, c_w = await bench.dial(encode_frame(CLI_ADDR))
+            b_r, _ = await bench.backend_conn()
+            assert await read_msg(b_r) == CLI_ADDR
+            c_w.write(encode_frame("dropped"))
+            await asyncio.sleep(0.05)
+            bench.controller.heal()
+            first = encode_frame("first " * 50)
+            c_w.write(first[:2])  # the header arrives in pieces; the frame starts while healed
+            await asyncio.sleep(0.05)
+            c_w.write(first[2:30])
+            await asyncio.sleep(0.05)
+            bench.controller.blackhole("cli", "srv")  # mid-frame: the frame is kept whole...
+            c_w.write(first[30:] + encode_frame("second"))  # ...the next one is dropped whole
+            await asyncio.sleep(0.05)
+            bench.controller.heal()
+            c_w.write(encode_frame("third"))
+            assert await read_msg(b_r) == "first " * 50
+            assert await read_msg(b_r) == "third"
+            dropped = len(encode_frame("dropped")) + len(encode_frame("second"))
+            assert bench.proxy.stats.bytes_dropped == dropped
 
     run(scenario())
 

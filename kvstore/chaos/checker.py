@@ -240,21 +240,43 @@ class _Frame:
     state: str | None  # register state before `chosen`
 
 
+class _Cache:
+    """Lowe's memo of visited configurations, extended with dominance for optional ops.
+
+    A configuration is (required ops linearized, optional ops linearized, state). Having also
+    linearized an optional op never helps: the same continuation works with that op left out, since
+    it stays pending until +inf and never blocks anything. So a configuration is redundant when an
+    earlier one had the same required set and state and a subset of its optional set. Without this,
+    each subset of pending unknown writes that a blind write later overwrites looks new, and the
+    search grows exponentially with the number of unknown writes.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[int, str | None], list[int]] = {}
+
+    def add_if_new(self, required: int, optional: int, state: str | None) -> bool:
+        optionals = self._seen.setdefault((required, state), [])
+        if any(o & ~optional == 0 for o in optionals):
+            return False
+        optionals.append(optional)
+        return True
+
+
 def _search(entries: list[_Entry], deadline: float) -> _Outcome:
-    """Wing & Gong's search with Lowe's cache of (linearized set, state), as in Porcupine.
+    """Wing & Gong's search with Lowe's memoization (see `_Cache`), as in Porcupine.
 
     Events (calls and returns) sit in a time-ordered linked list. The candidates to take effect next
     are the calls before the first return. Take the first candidate the model allows whose resulting
-    (set, state) pair is new, lift its call and return out of the list, and go on. When no candidate
+    configuration is new, lift its call and return out of the list, and go on. When no candidate
     remains, undo the last choice and try its next sibling. Success comes once every required op is
     linearized (optional ops left over never took effect); an exhausted first level means failure.
     """
     head = _build_list(entries)
     required_left = sum(not e.optional for e in entries)
     state: str | None = None
-    linearized = 0
+    required = optional = 0  # bitsets of the linearized ops
     frames: list[_Frame] = []
-    cache: set[tuple[int, str | None]] = set()
+    cache = _Cache()
     out = _Outcome(ok=False)
     candidates, due = _pending(head)
     index = steps = 0
@@ -266,12 +288,16 @@ def _search(entries: list[_Entry], deadline: float) -> _Outcome:
             node = candidates[index]
             index += 1
             allowed, new_state = _step(state, node.entry)
-            if allowed and (linearized | node.bit, new_state) not in cache:
-                cache.add((linearized | node.bit, new_state))
+            if not allowed:
+                continue
+            is_optional = node.entry.optional
+            new_required = required if is_optional else required | node.bit
+            new_optional = optional | node.bit if is_optional else optional
+            if cache.add_if_new(new_required, new_optional, new_state):
                 frames.append(_Frame(candidates, index, due, node, state))
-                state, linearized = new_state, linearized | node.bit
+                state, required, optional = new_state, new_required, new_optional
                 _lift(node)
-                required_left -= not node.entry.optional
+                required_left -= not is_optional
                 candidates, due = _pending(head)
                 index = 0
             continue
@@ -283,7 +309,8 @@ def _search(entries: list[_Entry], deadline: float) -> _Outcome:
             return out
         frame = frames.pop()
         candidates, index, due, state = frame.candidates, frame.next_index, frame.due, frame.state
-        linearized &= ~frame.chosen.bit
+        required &= ~frame.chosen.bit
+        optional &= ~frame.chosen.bit
         required_left += not frame.chosen.entry.optional
         _unlift(frame.chosen)
     return _Outcome(ok=True)

@@ -16,6 +16,13 @@ Connections it cannot identify get source ``None``: with ``SyncObjConf(password=
 Fernet token (and the address only comes after a key exchange), admin tools (``syncobj_admin``) send a list,
 other clients send anything. Only rules that need no source apply to them: ``isolate`` of the target and
 delays with ``src=None``.
+
+Faults: a cut link is reset on both sides (RST) and new dials on it are reset before reaching the target;
+pysyncobj notices at once and redials every ``connectionRetryTime``. A one-way blackhole keeps the
+connection open and drops whole pysyncobj frames in one direction (never the dialer's address frame), so
+the stream stays parseable after a heal. Note that pysyncobj drops a connection on which it has read
+nothing for ``connectionTimeout`` (checked when it sends), so a long blackhole also means reconnects.
+A delay releases each chunk at receive time + delay, in order.
 """
 
 from __future__ import annotations
@@ -100,6 +107,12 @@ def decode_first_frame(buf: bytes) -> object | None:
         return _NoGlobalsUnpickler(io.BytesIO(raw)).load()
     except Exception:  # garbage raises anything from zlib.error to EOFError/ValueError: "not a frame"
         return None
+
+
+def _looks_encrypted(buf: bytes) -> bool:
+    """A pysyncobj frame holding a Fernet token (``SyncObjConf(password=...)``): framed, not decodable."""
+    total = frame_length(buf)
+    return total is not None and len(buf) >= total > _FRAME_HEADER.size and buf[4:10] == b"gAAAAA"
 
 
 def encode_frame(message: object) -> bytes:
@@ -222,6 +235,60 @@ class _LinkCut(Exception):
     """A chunk arrived on a link that a rule has cut."""
 
 
+class _FrameGate:
+    """Lets whole pysyncobj frames through or drops them, deciding once per frame when its header arrives.
+
+    Dropping raw bytes would cut frames in two: after a heal the receiver would read the middle of one
+    message as the length of the next and lose sync (or, if the dialer's address frame was dropped, take
+    a Raft message for the address: pysyncobj 0.3.17 then raises TypeError on every tick). Whole-frame
+    drops keep the stream well-formed, so a blackhole looks to pysyncobj like lost messages."""
+
+    def __init__(self, framed: bool, pass_first: bool, blocked: Callable[[], bool]) -> None:
+        self._framed = framed
+        # The dialer's address frame is connection setup (like a TCP handshake): never dropped.
+        self._pass_next = pass_first
+        self._blocked = blocked
+        self._header = b""
+        self._left = 0  # body bytes of the current frame still to come
+        self._keep = True
+
+    def filter(self, chunk: bytes) -> tuple[bytes, int]:
+        """(bytes to forward, count of bytes dropped) for the next chunk of the stream."""
+        if not self._framed:
+            return (b"", len(chunk)) if self._blocked() else (chunk, 0)
+        kept: list[bytes] = []
+        dropped = pos = 0
+        while pos < len(chunk):  # every pass consumes at least one byte
+            if not self._framed:  # a negative length: judge the rest as raw bytes
+                piece, pos = chunk[pos:], len(chunk)
+                self._keep = not self._blocked()
+            elif self._left == 0:
+                take = _FRAME_HEADER.size - len(self._header)
+                self._header += chunk[pos : pos + take]
+                pos += take
+                if len(self._header) < _FRAME_HEADER.size:
+                    break  # the header continues in the next chunk
+                piece = self._start_frame()
+            else:
+                take = min(self._left, len(chunk) - pos)
+                piece, pos = chunk[pos : pos + take], pos + take
+                self._left -= take
+            if self._keep:
+                kept.append(piece)
+            else:
+                dropped += len(piece)
+        return b"".join(kept), dropped
+
+    def _start_frame(self) -> bytes:
+        header, self._header = self._header, b""
+        (length,) = _FRAME_HEADER.unpack(header)
+        self._keep = self._pass_next or not self._blocked()
+        self._pass_next = False
+        self._framed = length >= 0
+        self._left = max(length, 0)
+        return header
+
+
 class _Pipe:
     """One direction of a link. The reader stamps each chunk with its due time (receive time + delay) and
     queues it; the writer releases chunks in order once due, so delays never add up chunk after chunk."""
@@ -230,13 +297,15 @@ class _Pipe:
         self,
         proxy: FaultProxy,
         ends: tuple[str | None, str | None],
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        streams: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+        framed: bool,
+        pass_first: bool,
     ) -> None:
         self._proxy = proxy
         self._src, self._dst = ends
-        self._reader = reader
-        self._writer = writer
+        self._reader, self._writer = streams
+        blocked = functools.partial(proxy.controller.is_blackholed, self._src, self._dst)
+        self._gate = _FrameGate(framed, pass_first, blocked)
         self._queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(_QUEUE_CHUNKS)
 
     async def read_loop(self, head: bytes) -> None:
@@ -251,13 +320,12 @@ class _Pipe:
             await self._admit(chunk)
 
     async def _admit(self, chunk: bytes) -> None:
-        controller = self._proxy.controller
-        if controller.is_cut(self._src, self._dst):
+        if self._proxy.controller.is_cut(self._src, self._dst):
             raise _LinkCut()
-        if controller.is_blackholed(self._src, self._dst):
-            self._proxy.stats.bytes_dropped += len(chunk)
-            return
-        await self._queue.put((self._due(), chunk))
+        data, dropped = self._gate.filter(chunk)
+        self._proxy.stats.bytes_dropped += dropped
+        if data:
+            await self._queue.put((self._due(), data))
 
     def _due(self) -> float:
         return asyncio.get_running_loop().time() + self._proxy.controller.delay_for(self._src, self._dst)
@@ -298,12 +366,14 @@ class _Link:
         self._tasks: list[asyncio.Task[None]] = []
         self._aborted = False
 
-    async def run(self, head: bytes) -> None:
+    async def run(self, head: bytes, framed: bool) -> None:
         if self._aborted or self._proxy.controller.is_cut(self.src, self.dst):
             self.abort()
             return
-        to_target = _Pipe(self._proxy, (self.src, self.dst), self._client[0], self._upstream[1])
-        to_dialer = _Pipe(self._proxy, (self.dst, self.src), self._upstream[0], self._client[1])
+        to_target = _Pipe(self._proxy, (self.src, self.dst), (self._client[0], self._upstream[1]),
+                          framed, pass_first=True)
+        to_dialer = _Pipe(self._proxy, (self.dst, self.src), (self._upstream[0], self._client[1]),
+                          framed, pass_first=False)
         failed = False
         try:
             async with asyncio.TaskGroup() as group:
@@ -403,9 +473,10 @@ class FaultProxy:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.stats.accepted += 1
         try:
-            head, announced = await self._sniff(reader)
+            head, message = await self._sniff(reader)
         except OSError:
             return
+        announced = message if isinstance(message, str) else None
         src = self.controller.name_of(announced)
         self.stats.identified += src is not None
         if self.controller.is_cut(src, self.name):
@@ -419,14 +490,14 @@ class FaultProxy:
         link = _Link(self, src, announced, (reader, writer), upstream)
         self._links.add(link)
         try:
-            await link.run(head)
+            await link.run(head, framed=message is not None or _looks_encrypted(head))
         finally:
             self._links.discard(link)
             _reset(upstream[1])
 
-    async def _sniff(self, reader: asyncio.StreamReader) -> tuple[bytes, str | None]:
+    async def _sniff(self, reader: asyncio.StreamReader) -> tuple[bytes, object | None]:
         """Read the dialer's first frame (bounded in size and time); return the bytes read and the
-        address it announced, if it is a pysyncobj address frame."""
+        message in it, if it is an unencrypted pysyncobj frame."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._identify_timeout
         buf = b""
@@ -442,8 +513,7 @@ class FaultProxy:
             if not chunk:
                 break
             buf += chunk
-        message = decode_first_frame(buf)
-        return buf, message if isinstance(message, str) else None
+        return buf, decode_first_frame(buf)
 
     def _on_rules_changed(self) -> None:
         """Called from any thread by the controller: hop onto our loop to close links a rule cuts."""

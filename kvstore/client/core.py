@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import hashlib
 import heapq
 import itertools
 import json
@@ -263,10 +264,11 @@ class ClientCore:
         method: str,
         request: Any,
         consistency: ReadConsistency,
+        session: dict[int, int] | None = None,
     ) -> Plan:
         """Send a read to a replica that can serve it at `consistency`; fall back towards the leader."""
         if self.router:
-            request.read.CopyFrom(self._read_options(consistency, None))
+            request.read.CopyFrom(self._read_options(consistency, None, session))
             return (yield from self._via_router(method, request, is_write=False))
         deadline = self._deadline()
         last: errors.KvError | None = None
@@ -275,7 +277,7 @@ class ClientCore:
             yield from self._ensure_map()
             shard = self._shard_of(keys) if keys is not None else self.cluster_map.shard(shard_id)
             for address in self._read_targets(shard, self.read_policy):
-                request.read.CopyFrom(self._read_options(level, shard.id))
+                request.read.CopyFrom(self._read_options(level, shard.id, session))
                 request.epoch = self.cluster_map.epoch
                 started = time.monotonic()
                 try:
@@ -302,12 +304,17 @@ class ClientCore:
             yield self._backoff(attempt)
         raise AssertionError("unreachable")
 
-    def _read_options(self, consistency: ReadConsistency, shard_id: int | None) -> pb.ReadOptions:
+    def _read_options(
+        self, consistency: ReadConsistency, shard_id: int | None, session: dict[int, int] | None = None
+    ) -> pb.ReadOptions:
+        """`session` overrides this client's own tokens (the router passes its caller's through)."""
         options = pb.ReadOptions(
             consistency=consistency.level, max_staleness_seconds=consistency.max_staleness
         )
         if consistency.level == SESSION:
-            tokens = self.session if shard_id is None else {shard_id: self.session.get(shard_id, 0)}
+            tokens = self.session if session is None else session
+            if shard_id is not None:
+                tokens = {shard_id: tokens.get(shard_id, 0)}
             options.session.update({k: v for k, v in tokens.items() if v})
         return options
 
@@ -342,15 +349,23 @@ class ClientCore:
         )
         return (yield from self.write([key], "CompareAndSet", request))
 
-    def get(self, key: bytes, consistency: ReadConsistency | None = None) -> Plan:
+    def get(
+        self, key: bytes, consistency: ReadConsistency | None = None, session: dict[int, int] | None = None
+    ) -> Plan:
         request = pb.GetRequest(key=key)
-        return (yield from self.read([key], None, "Get", request, consistency or self.consistency))
+        return (yield from self.read([key], None, "Get", request, consistency or self.consistency, session))
 
-    def multi_put(self, items: list[tuple[bytes, bytes]], atomic: bool = True) -> Plan:
+    def multi_put(
+        self, items: list[tuple[bytes, bytes]], atomic: bool = True, request_id: bytes = b""
+    ) -> Plan:
         """Atomic: one shard, one Raft entry (else CrossShardWrite). Non-atomic: one write per shard."""
-        entries = [pb.KeyValue(key=k, value=v) for k, v in items]
+        request_id = request_id or new_request_id()
         if self.router:
-            request = pb.MultiPutRequest(entries=entries, request_id=new_request_id(), non_atomic=not atomic)
+            request = pb.MultiPutRequest(
+                entries=[pb.KeyValue(key=k, value=v) for k, v in items],
+                request_id=request_id,
+                non_atomic=not atomic,
+            )
             return (yield from self.write([], "MultiPut", request))
         yield from self._ensure_map()
         groups = self._group([k for k, _ in items], atomic)
@@ -360,23 +375,29 @@ class ClientCore:
                 keys,
                 "MultiPut",
                 pb.MultiPutRequest(
-                    entries=[pb.KeyValue(key=k, value=by_key[k]) for k in keys], request_id=new_request_id()
+                    entries=[pb.KeyValue(key=k, value=by_key[k]) for k in keys],
+                    request_id=_sub_request_id(request_id, shard, len(groups)),
                 ),
             )
-            for keys in groups.values()
+            for shard, keys in groups.items()
         ]
         responses = yield Parallel(plans)
         return _combine(pb.MultiPutResponse(), responses)
 
-    def delete(self, keys: list[bytes], atomic: bool = True) -> Plan:
+    def delete(self, keys: list[bytes], atomic: bool = True, request_id: bytes = b"") -> Plan:
+        request_id = request_id or new_request_id()
         if self.router:
-            request = pb.DeleteRequest(keys=keys, request_id=new_request_id())
+            request = pb.DeleteRequest(keys=keys, request_id=request_id, non_atomic=not atomic)
             return (yield from self.write([], "Delete", request))
         yield from self._ensure_map()
         groups = self._group(keys, atomic)
         plans = [
-            self.write(group, "Delete", pb.DeleteRequest(keys=group, request_id=new_request_id()))
-            for group in groups.values()
+            self.write(
+                group,
+                "Delete",
+                pb.DeleteRequest(keys=group, request_id=_sub_request_id(request_id, shard, len(groups))),
+            )
+            for shard, group in groups.items()
         ]
         responses = yield Parallel(plans)
         combined = _combine(pb.DeleteResponse(), responses)
@@ -389,14 +410,21 @@ class ClientCore:
             self._shard_of(keys)  # raises CrossShardWrite with the explanation
         return groups
 
-    def multi_get(self, keys: list[bytes], consistency: ReadConsistency | None = None) -> Plan:
+    def multi_get(
+        self,
+        keys: list[bytes],
+        consistency: ReadConsistency | None = None,
+        session: dict[int, int] | None = None,
+    ) -> Plan:
         level = consistency or self.consistency
         if self.router:
-            return (yield from self.read(None, None, "MultiGet", pb.MultiGetRequest(keys=keys), level))
+            return (
+                yield from self.read(None, None, "MultiGet", pb.MultiGetRequest(keys=keys), level, session)
+            )
         yield from self._ensure_map()
         groups = self.cluster_map.ring.shards_for(keys)
         plans = [
-            self.read(group, None, "MultiGet", pb.MultiGetRequest(keys=group), level)
+            self.read(group, None, "MultiGet", pb.MultiGetRequest(keys=group), level, session)
             for group in groups.values()
         ]
         responses = yield Parallel(plans)
@@ -414,6 +442,7 @@ class ClientCore:
         limit: int = 1000,
         continuation: bytes = b"",
         consistency: ReadConsistency | None = None,
+        session: dict[int, int] | None = None,
     ) -> Plan:
         """Keys in order across every shard. The continuation is the last key returned, so it
         stays valid when the cluster map changes between pages."""
@@ -423,9 +452,9 @@ class ClientCore:
             return pb.ScanRequest(start=start, end=end, prefix=prefix, limit=limit, continuation=continuation)
 
         if self.router:
-            return (yield from self.read(None, None, "Scan", request(), level))
+            return (yield from self.read(None, None, "Scan", request(), level, session))
         cluster_map = yield from self._ensure_map()
-        plans = [self.read(None, s.id, "Scan", request(), level) for s in cluster_map.shards]
+        plans = [self.read(None, s.id, "Scan", request(), level, session) for s in cluster_map.shards]
         responses = yield Parallel(plans)
         merged = list(heapq.merge(*(r.kvs for r in responses), key=lambda kv: kv.key))
         more = len(merged) > limit or any(r.continuation for r in responses)
@@ -453,6 +482,13 @@ def _combine(target: Any, responses: list[Any]) -> Any:
 
 def new_request_id() -> bytes:
     return os.urandom(16)
+
+
+def _sub_request_id(request_id: bytes, shard: int, parts: int) -> bytes:
+    """The per-shard id of a write split over shards: stable, so a retry of the whole is deduplicated."""
+    if parts == 1:
+        return request_id
+    return hashlib.blake2b(request_id + shard.to_bytes(8, "big"), digest_size=16).digest()
 
 
 def encode_session(session: dict[int, int]) -> str:

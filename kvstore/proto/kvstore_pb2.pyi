@@ -106,14 +106,16 @@ class GetResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., found: bool = ..., kv: _Optional[_Union[KeyValue, _Mapping]] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
-    __slots__ = ("keys", "request_id", "epoch")
+    __slots__ = ("keys", "request_id", "epoch", "non_atomic")
     KEYS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    NON_ATOMIC_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[bytes]
     request_id: bytes
     epoch: int
-    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., request_id: _Optional[bytes] = ..., epoch: _Optional[int] = ...) -> None: ...
+    non_atomic: bool
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., request_id: _Optional[bytes] = ..., epoch: _Optional[int] = ..., non_atomic: bool = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
     __slots__ = ("header", "deleted")
