@@ -23,7 +23,7 @@ from kvstore.replication.shard import Shard
 from kvstore.replication.state_machine import ReplicaSettings
 from kvstore.routing.cluster_map import ClusterMap
 from kvstore.server import validation as check
-from kvstore.server.status import rpc_errors
+from kvstore.server.status import add_service, rpc_errors
 from kvstore.storage.engine import Record, Storage
 
 log = logging.getLogger(__name__)
@@ -210,8 +210,8 @@ async def serve(config: NodeConfig) -> None:
     shard = Shard(config.shard, storage, replica, config.server, cluster_map.client_address_of_raft)
     ctx = NodeContext(config, shard, cluster_map)
     server = grpc.aio.server(options=grpc_options(config))
-    pb_grpc.add_KVServicer_to_server(KVServicer(ctx), server)
-    pb_grpc.add_AdminServicer_to_server(AdminServicer(ctx), server)
+    add_service(server, KVServicer(ctx), "KV")
+    add_service(server, AdminServicer(ctx), "Admin")
     server.add_insecure_port(config.listen)
     await server.start()
     log.info(

@@ -20,7 +20,7 @@ from kvstore.client.core import ClientCore, ClientSettings, ReadConsistency
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.routing.cluster_map import ClusterMap
-from kvstore.server.status import rpc_errors
+from kvstore.server.status import add_service, rpc_errors
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ async def serve_router(listen: str, cluster_map: ClusterMap | None, seeds: list[
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
     )
-    pb_grpc.add_KVServicer_to_server(RouterServicer(client), server)
+    add_service(server, RouterServicer(client), "KV")
     port = server.add_insecure_port(listen)
     await server.start()
     log.info("router serving on %s (port %d)", listen, port)

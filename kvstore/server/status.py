@@ -8,8 +8,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from kvstore import errors
+from kvstore.proto import kvstore_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +24,8 @@ def rpc_errors(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
         try:
+            if isinstance(request, Malformed):
+                raise errors.InvalidArgument(f"malformed request: {request.reason}")
             return await method(self, request, context)
         except errors.KvError as err:
             code, details, metadata = errors.to_grpc_status(err)
@@ -34,3 +38,38 @@ def rpc_errors(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T
         raise AssertionError("unreachable: context.abort raises")
 
     return wrapper
+
+
+class Malformed:
+    """Stands in for a request whose bytes are not a valid protobuf message."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(message_cls: Any) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return message_cls.FromString(data)
+        except DecodeError as exc:
+            return Malformed(f"cannot decode {message_cls.__name__}: {exc}")
+
+    return deserialize
+
+
+def add_service(server: grpc.aio.Server, servicer: Any, service_name: str) -> None:
+    """Register `servicer` for a service of proto/kvstore.proto.
+
+    Like the generated add_*Servicer_to_server, except that undecodable bytes reach the method as
+    `Malformed` and are answered INVALID_ARGUMENT (gRPC's default would be a bare UNKNOWN)."""
+    service = pb.DESCRIPTOR.services_by_name[service_name]
+    handlers = {}
+    for method in service.methods:
+        request_cls = getattr(pb, method.input_type.name)
+        response_cls = getattr(pb, method.output_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=_tolerant(request_cls),
+            response_serializer=response_cls.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))

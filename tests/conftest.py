@@ -1,0 +1,92 @@
+"""Shared fixtures: real node processes on loopback, free ports, every process stopped by PID."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from kvstore import Client
+from kvstore.cluster.local import LocalCluster
+from kvstore.config import RaftSettings
+
+# Faster failure detection than the defaults, still wide enough for a loaded 2-core machine.
+TEST_RAFT = RaftSettings(min_timeout=0.8, max_timeout=1.6, leader_fallback_timeout=2.5, connection_retry=0.3)
+
+
+def start_cluster(
+    directory: Path, shards: int = 1, replicas: int = 3, raft: RaftSettings | None = None, vnodes: int = 256
+) -> LocalCluster:
+    cluster = LocalCluster(directory)
+    cluster.create(shards=shards, replicas=replicas, raft=raft or TEST_RAFT, vnodes=vnodes)
+    cluster.start_all()
+    try:
+        cluster.wait_for_leaders(30)
+    except BaseException:
+        cluster.down()
+        raise
+    return cluster
+
+
+@contextlib.contextmanager
+def running_cluster(directory: Path, **kwargs: object) -> Iterator[LocalCluster]:
+    cluster = start_cluster(directory, **kwargs)  # type: ignore[arg-type]
+    try:
+        yield cluster
+    finally:
+        cluster.down()
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path) -> Iterator[Callable[..., LocalCluster]]:
+    """Start clusters inside a test; all of them are stopped at teardown, even on failure."""
+    started: list[LocalCluster] = []
+
+    def make(name: str = "c", **kwargs: object) -> LocalCluster:
+        cluster = start_cluster(tmp_path / name, **kwargs)  # type: ignore[arg-type]
+        started.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in started:
+        cluster.down()
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """One 1-shard x 3-replica cluster reused by a module's read-only-ish tests."""
+    with running_cluster(tmp_path_factory.mktemp("shared")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def sharded_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """3 shards x 3 replicas."""
+    with running_cluster(tmp_path_factory.mktemp("sharded"), shards=3) as cluster:
+        yield cluster
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.1) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+def new_leader(cluster: LocalCluster, shard: int, not_name: str, timeout: float = 15.0) -> str:
+    def check() -> str | None:
+        leader = cluster.leader_of(shard)
+        return leader if leader and leader != not_name else None
+
+    return str(wait_until(check, timeout))
+
+
+def client(cluster: LocalCluster, **kwargs: object) -> Client:
+    return Client.from_cluster(cluster.dir, **kwargs)
