@@ -90,6 +90,7 @@ class _Entry:
     call: int
     ret: float  # INF for an unknown outcome
     optional: bool  # unknown outcome: may take effect once after `call`, or never
+    wildcard: bool = False  # optional blind write of a value no op ever compares with (see _prune_unknown)
 
 
 def _step(state: str | None, e: _Entry) -> tuple[bool, str | None]:
@@ -127,22 +128,25 @@ def _to_entry(op: Op) -> _Entry | None:
 def _prune_unknown(entries: list[_Entry]) -> list[_Entry]:
     """Shrink the search space left by unknown-outcome writes, without changing the verdict.
 
-    Each optional write left in the search can be tried at every step, which multiplies the states
-    to explore (a chaos run can leave dozens per key). Two sound reductions, as etcd's robustness
-    tests do before calling Porcupine:
+    Each optional write left in the search is a candidate at every later step, which multiplies the
+    configurations to explore (a chaos run can leave dozens per key). Sound reductions, the first two
+    as etcd's robustness tests do before calling Porcupine:
 
-    * Drop an optional write whose value nobody observed (no read returned it, no cas expected it)
-      when the key has no failed cas: in any linearization using it, the stretch where the register
-      held its value contains no op that looks at the register, so removing it keeps the rest valid.
-      (A failed cas observes "not X", which such a write could satisfy, hence the exception.)
     * If exactly one write produces a value, an op that definitely observed that value (a read, or a
       successful cas expecting it) proves the write took effect before that op returned: the write
       becomes required, with that return time.
+    * Drop an optional op whose written value nobody observed (no read returned it, no cas expected
+      it) when the key has no failed cas: in any linearization using it, the stretch where the
+      register held its value contains no op that looks at the register, so removing it keeps the
+      rest valid. (A failed cas observes "not X", which such a write could satisfy.)
+    * Otherwise mark as wildcards the optional blind writes whose value no op compares with at all:
+      they are interchangeable, and the search tries one per step (see `_search`).
     """
     if not any(e.optional for e in entries):
         return entries
     mentioned = {e.value for e in entries if e.code == _READ}
     mentioned |= {e.expected for e in entries if e.code == _CAS}
+    compared = mentioned | {e.expected for e in entries if e.code == _CAS_FAILED}
     has_negative = any(e.code == _CAS_FAILED for e in entries)
     writers = Counter(e.value for e in entries if e.code in (_WRITE, _CAS))
     seen_by: dict[str | None, float] = {}
@@ -156,6 +160,7 @@ def _prune_unknown(entries: list[_Entry]) -> list[_Entry]:
             continue
         if e.optional and e.value is not None and writers[e.value] == 1 and e.value in seen_by:
             e.ret, e.optional = seen_by[e.value], False
+        e.wildcard = e.optional and e.code == _WRITE and e.value not in compared
         kept.append(e)
     return kept
 
@@ -238,6 +243,8 @@ class _Frame:
     due: _Node | None
     chosen: _Node
     state: str | None  # register state before `chosen`
+    blocked: tuple[str | None] | None  # the level's restriction (see `_search`)
+    wildcard_tried: bool
 
 
 class _Cache:
@@ -246,9 +253,7 @@ class _Cache:
     A configuration is (required ops linearized, optional ops linearized, state). Having also
     linearized an optional op never helps: the same continuation works with that op left out, since
     it stays pending until +inf and never blocks anything. So a configuration is redundant when an
-    earlier one had the same required set and state and a subset of its optional set. Without this,
-    each subset of pending unknown writes that a blind write later overwrites looks new, and the
-    search grows exponentially with the number of unknown writes.
+    earlier one had the same required set and state and a subset of its optional set.
     """
 
     def __init__(self) -> None:
@@ -262,6 +267,13 @@ class _Cache:
         return True
 
 
+def _unblocks(before: str | None, after: str | None, candidates: list[_Node], skip: _Node) -> bool:
+    """Does some other candidate fail on `before` but succeed on `after`?"""
+    return any(
+        n is not skip and not _step(before, n.entry)[0] and _step(after, n.entry)[0] for n in candidates
+    )
+
+
 def _search(entries: list[_Entry], deadline: float) -> _Outcome:
     """Wing & Gong's search with Lowe's memoization (see `_Cache`), as in Porcupine.
 
@@ -270,6 +282,17 @@ def _search(entries: list[_Entry], deadline: float) -> _Outcome:
     configuration is new, lift its call and return out of the list, and go on. When no candidate
     remains, undo the last choice and try its next sibling. Success comes once every required op is
     linearized (optional ops left over never took effect); an exhausted first level means failure.
+
+    Optional ops (unknown outcome) are placed only where they matter. If a history has a
+    linearization, it has one where each optional op is immediately followed by an op that fails on
+    the state before it and succeeds on the state after it: take one with the fewest optional ops;
+    an optional op nobody in its stretch needs could be dropped, so some op there fails on the old
+    state, and the optional op can move later (its return is +inf) to just before the first such op.
+    The search therefore places an optional op only if such a follower is pending (`_unblocks`), and
+    then restricts the next step to those followers (`blocked` = the state before the optional op).
+    Restricted configurations are not cached, since the same one reached without the restriction
+    must still be explored in full. Wildcards are interchangeable once called, so one per level is
+    tried.
     """
     head = _build_list(entries)
     required_left = sum(not e.optional for e in entries)
@@ -280,6 +303,8 @@ def _search(entries: list[_Entry], deadline: float) -> _Outcome:
     out = _Outcome(ok=False)
     candidates, due = _pending(head)
     index = steps = 0
+    blocked: tuple[str | None] | None = None  # (state,): the next op must fail on that state
+    wildcard_tried = False
     while required_left:
         steps += 1
         if steps % _CHECK_CLOCK_EVERY == 0 and time.monotonic() > deadline:
@@ -287,21 +312,31 @@ def _search(entries: list[_Entry], deadline: float) -> _Outcome:
         if index < len(candidates):
             node = candidates[index]
             index += 1
-            allowed, new_state = _step(state, node.entry)
-            if not allowed:
+            e = node.entry
+            allowed, new_state = _step(state, e)
+            if not allowed or (blocked is not None and _step(blocked[0], e)[0]):
                 continue
-            is_optional = node.entry.optional
-            new_required = required if is_optional else required | node.bit
-            new_optional = optional | node.bit if is_optional else optional
-            if cache.add_if_new(new_required, new_optional, new_state):
-                frames.append(_Frame(candidates, index, due, node, state))
-                state, required, optional = new_state, new_required, new_optional
-                _lift(node)
-                required_left -= not is_optional
-                candidates, due = _pending(head)
-                index = 0
+            if e.optional:
+                if (e.wildcard and wildcard_tried) or not _unblocks(state, new_state, candidates, node):
+                    continue
+                wildcard_tried |= e.wildcard
+                next_blocked: tuple[str | None] | None = (state,)
+            elif cache.add_if_new(required | node.bit, optional, new_state):
+                next_blocked = None
+            else:
+                continue
+            frames.append(_Frame(candidates, index, due, node, state, blocked, wildcard_tried))
+            state = new_state
+            if e.optional:
+                optional |= node.bit
+            else:
+                required |= node.bit
+                required_left -= 1
+            _lift(node)
+            candidates, due = _pending(head)
+            index, blocked, wildcard_tried = 0, next_blocked, False
             continue
-        if out.stuck is None or len(frames) > out.depth:
+        if blocked is None and (out.stuck is None or len(frames) > out.depth):
             # Keep only what the explanation shows: copying the whole stack would cost O(n^2).
             out.depth, out.tail, out.state = len(frames), [f.chosen.entry for f in frames[-3:]], state
             out.stuck = due.entry if due is not None else None
@@ -309,6 +344,7 @@ def _search(entries: list[_Entry], deadline: float) -> _Outcome:
             return out
         frame = frames.pop()
         candidates, index, due, state = frame.candidates, frame.next_index, frame.due, frame.state
+        blocked, wildcard_tried = frame.blocked, frame.wildcard_tried
         required &= ~frame.chosen.bit
         optional &= ~frame.chosen.bit
         required_left += not frame.chosen.entry.optional
