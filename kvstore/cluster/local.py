@@ -25,7 +25,7 @@ from typing import Any
 
 import grpc
 
-from kvstore.config import NodeConfig, RaftSettings
+from kvstore.config import NodeConfig, RaftSettings, StorageSettings
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.routing.cluster_map import ClusterMap, ReplicaInfo, ShardInfo
@@ -108,6 +108,7 @@ class LocalCluster:
         vnodes: int = 256,
         raft: RaftSettings | None = None,
         proxied_raft: dict[str, str] | None = None,
+        storage: StorageSettings | None = None,
     ) -> ClusterMap:
         """Write the map and node configs. `proxied_raft` maps a replica to the address it advertises."""
         if self.map_path.exists():
@@ -138,6 +139,7 @@ class LocalCluster:
                         cluster_map=str(self.map_path),
                         zone=zone,
                         raft=raft or RaftSettings(),
+                        storage=storage or StorageSettings(),
                     )
                 )
         for sub in ("nodes", "data", "logs", "run"):

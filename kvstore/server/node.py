@@ -234,7 +234,12 @@ async def serve(config: NodeConfig) -> None:
 
 
 def run(config: NodeConfig) -> None:
+    import sys
+
     import uvloop
 
+    # The Raft tick thread shares the GIL with the gRPC loop; a short switch interval keeps a busy
+    # loop from delaying ticks by the default 5 ms (see ../shared/pysyncobj-notes.md).
+    sys.setswitchinterval(0.0005)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvloop.run(serve(config))
