@@ -42,7 +42,7 @@ class KeyResult:
     timed_out: bool
     checked: int  # ops that entered the search for this key
     explanation: str = ""
-    stuck: Op | None = None  # on failure: the op that returned before it could be linearized
+    stuck: Op | None = None  # on failure: the op due next where the search got furthest
 
 
 @dataclass
@@ -52,7 +52,7 @@ class LinResult:
     ok: bool
     keys: dict[str, KeyResult]
     checked: int  # ops that entered the search
-    dropped: int  # strong ops carrying no information (failed writes, unanswered reads, ...)
+    dropped: int  # strong ops carrying no information (failed writes, unanswered reads, unseen unknowns)
     failed_keys: list[str]
     explanation: str
     timed_out: bool  # some key was not decided in time: the verdict is "unknown", never a pass
@@ -159,7 +159,8 @@ def _prune_unknown(entries: list[_Entry]) -> list[_Entry]:
         if e.optional and not has_negative and e.value not in mentioned:
             continue
         if e.optional and e.value is not None and writers[e.value] == 1 and e.value in seen_by:
-            e.ret, e.optional = seen_by[e.value], False
+            # Not before its own call: if seen earlier, the search then reports the early observer.
+            e.ret, e.optional = max(seen_by[e.value], e.call), False
         e.wildcard = e.optional and e.code == _WRITE and e.value not in compared
         kept.append(e)
     return kept
@@ -317,9 +318,11 @@ def _search(entries: list[_Entry], deadline: float) -> _Outcome:
             if not allowed or (blocked is not None and _step(blocked[0], e)[0]):
                 continue
             if e.optional:
-                if (e.wildcard and wildcard_tried) or not _unblocks(state, new_state, candidates, node):
+                if e.wildcard and wildcard_tried:
                     continue
-                wildcard_tried |= e.wildcard
+                wildcard_tried |= e.wildcard  # all wildcards pass or fail `_unblocks` alike
+                if not _unblocks(state, new_state, candidates, node):
+                    continue
                 next_blocked: tuple[str | None] | None = (state,)
             elif cache.add_if_new(required | node.bit, optional, new_state):
                 next_blocked = None
