@@ -157,13 +157,25 @@ def from_rpc_error(exc: grpc.RpcError) -> KvError:
     details = (exc.details() if hasattr(exc, "details") else "") or str(code)
     # Sync calls give a tuple of pairs, grpc.aio a Metadata object: both iterate as pairs.
     trailing = dict(list(exc.trailing_metadata() or ())) if hasattr(exc, "trailing_metadata") else {}
-    kind = trailing.get(KIND_KEY)
+    return from_status(code, details, trailing)
+
+
+def from_status(code: grpc.StatusCode, details: str, metadata: dict[str, str]) -> KvError:
+    """The typed error for a status and its kvstore metadata (also used for per-op batch errors)."""
+    kind = metadata.get(KIND_KEY)
     if kind == NotLeader.kind:
-        return NotLeader(details, leader=str(trailing.get(LEADER_KEY, "")))
+        return NotLeader(details, leader=str(metadata.get(LEADER_KEY, "")))
     if kind == WrongShard.kind:
-        return WrongShard(details, epoch=int(trailing.get(EPOCH_KEY, "0") or 0))
+        return WrongShard(details, epoch=int(metadata.get(EPOCH_KEY, "0") or 0))
     if kind in _BY_KIND:
         return _BY_KIND[kind](details)
     err = _BY_CODE.get(code, KvError)(f"{code.name}: {details}")
     err.from_server = False
     return err
+
+
+_CODE_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def status_code(value: int) -> grpc.StatusCode:
+    return _CODE_BY_VALUE.get(value, grpc.StatusCode.UNKNOWN)

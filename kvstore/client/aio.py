@@ -13,6 +13,7 @@ from kvstore import errors
 from kvstore.client import api
 from kvstore.client.core import ClientCore, Consistency, ReadConsistency, ReadPolicy
 from kvstore.client.plans import Call, Parallel, Plan, Sleep
+from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 
 _STUBS = {"KV": pb_grpc.KVStub, "Admin": pb_grpc.AdminStub}
@@ -36,11 +37,16 @@ class AsyncClient:
         session: str | None = None,
         timeout: float = 10.0,
         zone: str = "",
+        pipelining: bool = True,
         _core: ClientCore | None = None,
     ) -> None:
         self.core = _core or api.make_core(
             endpoints, router, None, consistency, read_policy, session, timeout, zone
         )
+        # Calls to one endpoint made in the same event-loop iteration travel as one Batch RPC:
+        # a Python gRPC call costs ~0.3 ms of CPU on each side, a batched op a small fraction of it.
+        self.pipelining = pipelining
+        self._pipelines: dict[str, _Pipeline] = {}
         # One channel per endpoint, shared by every call to it (grpc.aio multiplexes over HTTP/2).
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[tuple[str, str], Any] = {}
@@ -77,17 +83,28 @@ class AsyncClient:
 
     async def _perform(self, step: Any) -> Any:
         if isinstance(step, Call):
-            stub = self._stub(step.address, step.service)
-            try:
-                return await getattr(stub, step.method)(step.request, timeout=step.timeout)
-            except grpc.RpcError as exc:
-                raise errors.from_rpc_error(exc) from None
+            if self.pipelining and step.service == "KV" and step.method in _BATCH_FIELDS:
+                return await self._pipeline(step.address).submit(step)
+            return await self._call(step)
         if isinstance(step, Sleep):
             await asyncio.sleep(step.seconds)
             return None
         if isinstance(step, Parallel):
             return list(await asyncio.gather(*(self._run(p) for p in step.plans)))
         raise TypeError(f"unknown plan step {step!r}")
+
+    async def _call(self, step: Call) -> Any:
+        stub = self._stub(step.address, step.service)
+        try:
+            return await getattr(stub, step.method)(step.request, timeout=step.timeout)
+        except grpc.RpcError as exc:
+            raise errors.from_rpc_error(exc) from None
+
+    def _pipeline(self, address: str) -> _Pipeline:
+        pipeline = self._pipelines.get(address)
+        if pipeline is None:
+            pipeline = self._pipelines[address] = _Pipeline(self, address)
+        return pipeline
 
     def _stub(self, address: str, service: str) -> Any:
         key = (address, service)
@@ -174,3 +191,75 @@ class AsyncClient:
 
     async def cluster_map(self) -> Any:
         return await self._run(self.core.refresh_map())
+
+
+# Unary KV method -> its field in BatchOp / BatchResult.
+_BATCH_FIELDS = {
+    "Put": "put",
+    "Get": "get",
+    "Delete": "delete",
+    "CompareAndSet": "compare_and_set",
+    "MultiPut": "multi_put",
+    "MultiGet": "multi_get",
+}
+
+
+class _Pipeline:
+    """Coalesces the KV calls made to one endpoint in one loop iteration into a single Batch RPC.
+
+    Each op keeps its own outcome: a per-op error is raised to that op's plan only, exactly as if
+    it had been sent alone (the plan then retries or redirects it by itself)."""
+
+    def __init__(self, client: AsyncClient, address: str) -> None:
+        self._client = client
+        self._address = address
+        self._pending: list[tuple[Call, asyncio.Future[Any]]] = []
+
+    def submit(self, call: Call) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((call, future))
+        return future
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if len(batch) == 1:
+            call, future = batch[0]
+            task = asyncio.ensure_future(self._client._call(call))
+            task.add_done_callback(lambda t: _copy(t, future))
+        else:
+            asyncio.ensure_future(self._send(batch))
+
+    async def _send(self, batch: list[tuple[Call, asyncio.Future[Any]]]) -> None:
+        request = pb.BatchRequest(
+            ops=[pb.BatchOp(**{_BATCH_FIELDS[call.method]: call.request}) for call, _ in batch]
+        )
+        timeout = max(call.timeout for call, _ in batch)
+        try:
+            response = await self._client._stub(self._address, "KV").Batch(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(errors.from_rpc_error(exc))
+            return
+        for (call, future), result in zip(batch, response.results, strict=True):
+            if future.done():
+                continue
+            if result.WhichOneof("result") == "error":
+                error = result.error
+                future.set_exception(
+                    errors.from_status(errors.status_code(error.code), error.message, dict(error.metadata))
+                )
+            else:
+                future.set_result(getattr(result, _BATCH_FIELDS[call.method]))
+
+
+def _copy(task: asyncio.Task[Any], future: asyncio.Future[Any]) -> None:
+    if future.done():
+        return
+    if task.exception() is not None:
+        future.set_exception(task.exception())  # type: ignore[arg-type]
+    else:
+        future.set_result(task.result())

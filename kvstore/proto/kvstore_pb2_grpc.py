@@ -49,6 +49,11 @@ class KVStub(object):
                 request_serializer=kvstore__pb2.CompareAndSetRequest.SerializeToString,
                 response_deserializer=kvstore__pb2.CompareAndSetResponse.FromString,
                 )
+        self.Batch = channel.unary_unary(
+                '/kvstore.v1.KV/Batch',
+                request_serializer=kvstore__pb2.BatchRequest.SerializeToString,
+                response_deserializer=kvstore__pb2.BatchResponse.FromString,
+                )
 
 
 class KVServicer(object):
@@ -96,6 +101,12 @@ class KVServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Batch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -133,6 +144,11 @@ def add_KVServicer_to_server(servicer, server):
                     servicer.CompareAndSet,
                     request_deserializer=kvstore__pb2.CompareAndSetRequest.FromString,
                     response_serializer=kvstore__pb2.CompareAndSetResponse.SerializeToString,
+            ),
+            'Batch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Batch,
+                    request_deserializer=kvstore__pb2.BatchRequest.FromString,
+                    response_serializer=kvstore__pb2.BatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -260,6 +276,23 @@ class KV(object):
         return grpc.experimental.unary_unary(request, target, '/kvstore.v1.KV/CompareAndSet',
             kvstore__pb2.CompareAndSetRequest.SerializeToString,
             kvstore__pb2.CompareAndSetResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def Batch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/kvstore.v1.KV/Batch',
+            kvstore__pb2.BatchRequest.SerializeToString,
+            kvstore__pb2.BatchResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 

@@ -23,7 +23,7 @@ from kvstore.replication.shard import Shard
 from kvstore.replication.state_machine import ReplicaSettings
 from kvstore.routing.cluster_map import ClusterMap
 from kvstore.server import validation as check
-from kvstore.server.status import add_service, rpc_errors
+from kvstore.server.status import add_service, rpc_errors, run_batch
 from kvstore.storage.engine import Record, Storage
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,10 @@ class KVServicer(pb_grpc.KVServicer):
         return pb.MultiGetResponse(
             header=self.ctx.header(applied), kvs=[_kv(r) for r in records if r is not None]
         )
+
+    @rpc_errors
+    async def Batch(self, request: pb.BatchRequest, context: grpc.aio.ServicerContext) -> pb.BatchResponse:
+        return await run_batch(self, request)
 
     @rpc_errors
     async def Scan(self, request: pb.ScanRequest, context: grpc.aio.ServicerContext) -> pb.ScanResponse:

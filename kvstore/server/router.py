@@ -20,7 +20,7 @@ from kvstore.client.core import ClientCore, ClientSettings, ReadConsistency
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.routing.cluster_map import ClusterMap
-from kvstore.server.status import add_service, rpc_errors
+from kvstore.server.status import add_service, rpc_errors, run_batch
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,10 @@ class RouterServicer(pb_grpc.KVServicer):
     ) -> pb.MultiGetResponse:
         plan = self.core.multi_get(list(request.keys), _consistency(request.read), dict(request.read.session))
         return await self.client._run(plan)
+
+    @rpc_errors
+    async def Batch(self, request: pb.BatchRequest, context: grpc.aio.ServicerContext) -> pb.BatchResponse:
+        return await run_batch(self, request)
 
     @rpc_errors
     async def Scan(self, request: pb.ScanRequest, context: grpc.aio.ServicerContext) -> pb.ScanResponse:
