@@ -131,7 +131,9 @@ def test_raw_invalid_requests_get_invalid_argument(shared_cluster: LocalCluster)
             lambda: stub.Put(pb.PutRequest(key=b"", value=b"x")),
             lambda: stub.MultiPut(pb.MultiPutRequest()),
             lambda: stub.MultiPut(
-                pb.MultiPutRequest(entries=[pb.KeyValue(key=b"d", value=b"1"), pb.KeyValue(key=b"d", value=b"2")])
+                pb.MultiPutRequest(
+                    entries=[pb.KeyValue(key=b"d", value=b"1"), pb.KeyValue(key=b"d", value=b"2")]
+                )
             ),
             lambda: stub.Get(pb.GetRequest(key=b"k", read=pb.ReadOptions(consistency=pb.BOUNDED))),
             lambda: stub.Get(pb.GetRequest(key=b"k", read=pb.ReadOptions(consistency=9))),

@@ -17,7 +17,9 @@ from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from tests.conftest import TEST_RAFT, new_leader, wait_until
 
 
-def _write_loop(kv: Client, prefix: bytes, stop: threading.Event, acked: dict[bytes, bytes], limit: int) -> None:
+def _write_loop(
+    kv: Client, prefix: bytes, stop: threading.Event, acked: dict[bytes, bytes], limit: int
+) -> None:
     """Write unique values until stopped; remember only acknowledged writes."""
     for i in range(limit):
         if stop.is_set():
@@ -88,7 +90,9 @@ def test_kill_all_replicas_and_restart(make_cluster: Callable[..., LocalCluster]
             if key == b"all:000":
                 assert (item.value, item.revision) == (b"cas", cas_revision)
             else:
-                assert item.revision == revision, f"{key!r} re-applied: revision {item.revision} != {revision}"
+                assert item.revision == revision, (
+                    f"{key!r} re-applied: revision {item.revision} != {revision}"
+                )
     # Nothing applied twice: every replica's store is back where it was (plus the new leader's no-op,
     # which does not touch the store).
     for name, before in applied_before.items():

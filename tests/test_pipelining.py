@@ -33,7 +33,10 @@ async def test_concurrent_ops_are_batched_and_keep_their_own_results(shared_clus
         assert values == keys
         # One bad op in a batch fails alone; its neighbours succeed.
         results = await asyncio.gather(
-            kv.put(b"pipe:ok-1", b"1"), kv.put(b"", b"empty"), kv.put(b"pipe:ok-2", b"2"), return_exceptions=True
+            kv.put(b"pipe:ok-1", b"1"),
+            kv.put(b"", b"empty"),
+            kv.put(b"pipe:ok-2", b"2"),
+            return_exceptions=True,
         )
         assert isinstance(results[1], errors.InvalidArgument)
         assert isinstance(results[0], int) and isinstance(results[2], int)

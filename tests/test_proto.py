@@ -12,7 +12,9 @@ def test_generated_code_matches_proto(tmp_path: Path) -> None:
     for name in generate.GENERATED:
         committed = (generate.OUT_DIR / name).read_text()
         fresh = (tmp_path / name).read_text()
-        assert committed == fresh, f"kvstore/proto/{name} is out of date with proto/kvstore.proto: run `make proto`"
+        assert committed == fresh, (
+            f"kvstore/proto/{name} is out of date with proto/kvstore.proto: run `make proto`"
+        )
 
 
 def test_every_rpc_has_a_servicer_method() -> None:
