@@ -63,6 +63,10 @@ class ServerSettings:
     session_wait: float = 0.5  # how long a replica waits to reach a session token before redirecting
     max_entry_proposals: int = 256  # group commit: proposals coalesced into one Raft entry
     max_entry_bytes: int = 4 << 20
+    # FAULT INJECTION, for proving the chaos checker works; never set it in a real deployment:
+    # serve strong reads locally whenever this replica believes it leads (no barrier), the classic
+    # stale-read bug of a deposed leader.
+    unsafe_local_strong_reads: bool = False
 
 
 @dataclass

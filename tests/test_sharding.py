@@ -407,6 +407,34 @@ def test_stale_map_is_redirected_and_refreshed(kv: Client, first_op: str) -> Non
     assert {k: kv.get_item(k).revision for k in keys} == revisions
 
 
+def test_stale_map_multi_key_ops_are_split_again(kv: Client) -> None:
+    """Non-atomic multi-key operations grouped by a stale ring must be regrouped by the fresh one.
+
+    The stale ring puts these keys on one shard; the real ring spreads them over several. Nothing
+    here is atomic, so the client has no reason to refuse once it learns the new map."""
+    real = kv.cluster_map()
+    stale_ring = ClusterMap(epoch=0, shards=real.shards, vnodes_per_shard=16).ring
+    candidates = [b"stale-multi:%03d" % i for i in range(300)]
+    keys = [k for k in candidates if stale_ring.shard_for(k) == 0][:30]
+    real_shards = {real.ring.shard_for(k) for k in keys}
+    assert len(real_shards) > 1  # one group under the stale ring, several under the real one
+    values = {k: b"v-" + k for k in keys}
+
+    def stale_call(op: Callable[[Client], Any]) -> Any:
+        client, redirects = _stale_client(real)
+        with client:
+            result = op(client)
+        assert redirects  # it really was redirected
+        return result
+
+    revisions = stale_call(lambda c: c.put_many(values, atomic=False))
+    assert set(revisions) == real_shards
+    assert kv.multi_get(keys) == values
+    assert stale_call(lambda c: c.multi_get(keys)) == values
+    assert stale_call(lambda c: c.delete_many(keys, atomic=False)) == len(keys)
+    assert kv.multi_get(keys) == {}
+
+
 # ----- 6. the status and ring CLI --------------------------------------------------------------------
 
 

@@ -395,16 +395,18 @@ def _check_key(key: str, ops: list[Op], deadline: float) -> KeyResult:
 
 
 def check_linearizable(ops: Iterable[Op], *, timeout_s: float = 10.0) -> LinResult:
-    """Check the "strong" ops of a history against one register per key.
+    """Check the "strong" reads and every write of a history against one register per key.
 
-    Ops of other consistency levels are ignored. Unknown-outcome writes may take effect at any time
+    kvstore writes are linearizable whatever consistency their client reads at (they all go
+    through the shard's Raft leader), so writes recorded by session or bounded clients are part of
+    the register's history too; only reads at weaker levels are left out. Unknown-outcome writes may take effect at any time
     after their call, or never; see `_to_entry` for what each op means to the model. The time budget
     covers all keys: a key not decided in time makes the result `timed_out` (and not ok).
     """
     deadline = time.monotonic() + timeout_s
     by_key: dict[str, list[Op]] = defaultdict(list)
     for op in ops:
-        if op.consistency == "strong":
+        if op.consistency == "strong" or op.is_write:
             by_key[op.key].append(op)
     keys = {key: _check_key(key, key_ops, deadline) for key, key_ops in by_key.items()}
     failed = [k for k, r in keys.items() if not r.ok and not r.timed_out]

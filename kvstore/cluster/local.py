@@ -19,13 +19,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from kvstore.config import NodeConfig, RaftSettings, StorageSettings
+from kvstore.config import NodeConfig, RaftSettings, ServerSettings, StorageSettings
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.routing.cluster_map import ClusterMap, ReplicaInfo, ShardInfo
@@ -109,12 +110,23 @@ class LocalCluster:
         raft: RaftSettings | None = None,
         proxied_raft: dict[str, str] | None = None,
         storage: StorageSettings | None = None,
+        advertise_for: Callable[[dict[str, str]], dict[str, str]] | None = None,
+        server: ServerSettings | None = None,
     ) -> ClusterMap:
-        """Write the map and node configs. `proxied_raft` maps a replica to the address it advertises."""
+        """Write the map and node configs.
+
+        A replica binds its Raft port but may advertise another address (a fault proxy's):
+        `proxied_raft` maps replica name -> advertised address, or `advertise_for` is called with
+        name -> bound Raft address and returns that mapping (so proxies can be started in between)."""
         if self.map_path.exists():
             raise FileExistsError(f"a cluster already exists at {self.dir}")
         count = shards * replicas
         ports = [base_port + i for i in range(2 * count)] if base_port else free_ports(2 * count)
+        if advertise_for is not None:
+            binds = {
+                f"s{i // replicas}r{i % replicas}": f"127.0.0.1:{ports[2 * i + 1]}" for i in range(count)
+            }
+            proxied_raft = advertise_for(binds)
         shard_infos = []
         configs = []
         for shard in range(shards):
@@ -140,6 +152,7 @@ class LocalCluster:
                         zone=zone,
                         raft=raft or RaftSettings(),
                         storage=storage or StorageSettings(),
+                        server=server or ServerSettings(),
                     )
                 )
         for sub in ("nodes", "data", "logs", "run"):

@@ -183,6 +183,8 @@ class Shard:
     ) -> None:
         """Wait until a local read satisfies `consistency`, or raise."""
         if consistency == Consistency.STRONG:
+            if self._server.unsafe_local_strong_reads and self.machine._isLeader():
+                return  # the planted bug (ServerSettings.unsafe_local_strong_reads)
             await self.barrier()
         elif consistency == Consistency.SESSION:
             if not await self.applied.wait_for(session_index, self._server.session_wait):

@@ -1,0 +1,466 @@
+"""`kvstore chaos`: a cluster behind fault proxies, concurrent clients recording a history, nemeses
+injected at random times, then every checker over the history.
+
+The run, in order:
+1. start a cluster whose replicas advertise fault proxies (kvstore.chaos.proxy) for their Raft ports;
+2. start the workload: per shard, a few strong clients (put/get/delete/CAS on a handful of keys
+   with unique values, one request in flight each), a session client and a bounded-staleness
+   reader, each recording every op with call/return times (`time.monotonic_ns()`); timeouts and
+   lost connections are recorded as outcome unknown;
+3. inject faults chosen from the nemeses (SIGKILL + restart, SIGSTOP/SIGCONT, partitions, link
+   delay) at seeded random times, healing each after a while;
+4. heal everything, stop the workload, read every key strongly, wait for replicas to converge;
+5. check: linearizability of strong ops, session guarantees, bounded staleness, no acknowledged
+   write lost, convergence (same applied index and same data on every replica of a shard).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import random
+import shutil
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from kvstore import errors
+from kvstore.chaos import checker
+from kvstore.chaos.history import History, Op
+from kvstore.chaos.proxy import ProxyCluster
+from kvstore.client.core import Consistency, ReadPolicy
+from kvstore.client.sync import Client
+from kvstore.cluster.local import LocalCluster
+from kvstore.config import RaftSettings, ServerSettings
+from kvstore.proto import kvstore_pb2 as pb
+from kvstore.proto import kvstore_pb2_grpc as pb_grpc
+
+NEMESES = ("kill", "pause", "partition", "delay")
+BOUND_SECONDS = 1.0
+
+
+@dataclass
+class ChaosOptions:
+    shards: int = 2
+    replicas: int = 3
+    duration: float = 60.0
+    nemeses: tuple[str, ...] = NEMESES
+    seed: int = 1
+    out: Path = Path("results/chaos")
+    strong_clients_per_shard: int = 3
+    keys_per_shard: int = 4
+    op_timeout: float = 3.0
+    fault_gap: tuple[float, float] = (2.0, 5.0)  # quiet time before each fault
+    fault_length: tuple[float, float] = (1.5, 4.0)
+    unsafe_local_strong_reads: bool = False  # the planted bug (see ServerSettings)
+
+
+@dataclass
+class Fault:
+    kind: str
+    target: str
+    start: float
+    end: float = 0.0
+
+
+@dataclass
+class ChaosReport:
+    seed: int
+    duration: float
+    ops_recorded: int
+    ops_checked: int
+    indeterminate: int
+    faults: dict[str, int]
+    anomalies: dict[str, int]
+    lost_writes: int
+    converged: bool
+    convergence: dict[str, Any]
+    linearizable: bool
+    explanation: str = ""
+    fault_log: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.linearizable and not self.anomalies and self.converged
+
+    def to_markdown(self) -> str:
+        lines = [
+            f"# kvstore chaos run (seed {self.seed}, {self.duration:.0f} s)",
+            "",
+            "| measure | value |",
+            "| --- | --- |",
+            f"| operations recorded | {self.ops_recorded} |",
+            f"| operations checked (linearizability) | {self.ops_checked} |",
+            f"| indeterminate operations | {self.indeterminate} |",
+            f"| faults injected | {_fmt_counts(self.faults)} |",
+            f"| anomalies | {_fmt_counts(self.anomalies) or '0'} |",
+            f"| acknowledged writes lost | {self.lost_writes} |",
+            f"| replicas converged | {'yes' if self.converged else 'NO'} |",
+            f"| verdict | {'PASS' if self.ok else 'FAIL'} |",
+        ]
+        if self.explanation:
+            lines += ["", "```", self.explanation, "```"]
+        return "\n".join(lines) + "\n"
+
+
+def _fmt_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+
+
+class ChaosRun:
+    def __init__(self, options: ChaosOptions) -> None:
+        self.o = options
+        self.rng = random.Random(options.seed)
+        self.history = History()
+        self.faults: list[Fault] = []
+        self.stop = threading.Event()
+        self.proxies: ProxyCluster | None = None
+        self.cluster: LocalCluster | None = None
+        self.t0 = time.monotonic()
+
+    # ----- setup ---------------------------------------------------------------------------
+
+    def _start_cluster(self) -> LocalCluster:
+        cluster_dir = self.o.out / "cluster"
+        shutil.rmtree(cluster_dir, ignore_errors=True)
+        cluster = LocalCluster(cluster_dir)
+
+        def via_proxies(binds: dict[str, str]) -> dict[str, str]:
+            self.proxies = ProxyCluster(binds)
+            return self.proxies.start()
+
+        cluster.create(
+            shards=self.o.shards,
+            replicas=self.o.replicas,
+            raft=RaftSettings(
+                min_timeout=0.8, max_timeout=1.6, leader_fallback_timeout=2.5, connection_retry=0.3
+            ),
+            server=ServerSettings(unsafe_local_strong_reads=self.o.unsafe_local_strong_reads),
+            advertise_for=via_proxies,
+        )
+        self.cluster = cluster
+        cluster.start_all()
+        cluster.wait_for_leaders(60)
+        return cluster
+
+    def _keys(self, cluster: LocalCluster) -> dict[int, list[bytes]]:
+        """A few keys per shard (found by probing the ring), so every shard sees contention."""
+        ring = cluster.cluster_map().ring
+        keys: dict[int, list[bytes]] = {s: [] for s in range(self.o.shards)}
+        for i in range(100_000):
+            key = b"chaos:%d" % i
+            shard = ring.shard_for(key)
+            if len(keys[shard]) < self.o.keys_per_shard:
+                keys[shard].append(key)
+            if all(len(v) == self.o.keys_per_shard for v in keys.values()):
+                break
+        return keys
+
+    # ----- run -----------------------------------------------------------------------------
+
+    def run(self) -> ChaosReport:
+        self.o.out.mkdir(parents=True, exist_ok=True)
+        try:
+            cluster = self._start_cluster()
+            keys = self._keys(cluster)
+            threads = self._start_workload(cluster, keys)
+            self._nemesis_loop(cluster, time.monotonic() + self.o.duration)
+            self._heal_all(cluster)
+            time.sleep(2.0)  # let the workload see the healed cluster
+            self.stop.set()
+            for t in threads:
+                t.join(self.o.op_timeout * 5)
+            final = self._final_reads(cluster, keys)
+            convergence = self._convergence(cluster)
+            return self._check(final, convergence)
+        finally:
+            self.stop.set()
+            if self.cluster is not None:
+                self.cluster.down()
+            if self.proxies is not None:
+                self.proxies.stop()
+
+    def _start_workload(self, cluster: LocalCluster, keys: dict[int, list[bytes]]) -> list[threading.Thread]:
+        threads = []
+        client_id = 0
+        for shard, shard_keys in keys.items():
+            roles = ["strong"] * self.o.strong_clients_per_shard + ["session", "bounded"]
+            for role in roles:
+                seed = self.rng.randrange(1 << 30)
+                t = threading.Thread(
+                    target=self._client_loop, args=(client_id, role, shard, shard_keys, seed), daemon=True
+                )
+                threads.append(t)
+                client_id += 1
+        for t in threads:
+            t.start()
+        return threads
+
+    def _client_loop(self, client_id: int, role: str, shard: int, keys: list[bytes], seed: int) -> None:
+        rng = random.Random(seed)
+        consistency = {
+            "strong": Consistency.STRONG,
+            "session": Consistency.SESSION,
+            "bounded": Consistency.bounded(BOUND_SECONDS),
+        }[role]
+        policy = ReadPolicy.FOLLOWERS_ONLY if role == "bounded" else ReadPolicy.ROUND_ROBIN
+        assert self.cluster is not None
+        kv = Client.from_cluster(
+            self.cluster.dir, timeout=self.o.op_timeout, consistency=consistency, read_policy=policy
+        )
+        seen: dict[bytes, tuple[str | None, int]] = {}  # key -> last (value, revision) this client saw
+        seq = 0
+        try:
+            while not self.stop.is_set():
+                key = rng.choice(keys)
+                seq += 1
+                value = f"c{client_id}-{seq}"
+                roll = rng.random()
+                if role == "bounded" or roll < 0.45:
+                    kind = "get"
+                elif roll < 0.75 or role == "session":
+                    kind = "put"
+                elif roll < 0.85:
+                    kind = "delete"
+                else:
+                    kind = "cas"
+                self.history.append(self._one_op(kv, client_id, role, shard, kind, key, value, seen))
+        finally:
+            kv.close()
+
+    def _one_op(
+        self,
+        kv: Client,
+        client_id: int,
+        role: str,
+        shard: int,
+        kind: str,
+        key: bytes,
+        value: str,
+        seen: dict[bytes, tuple[str | None, int]],
+    ) -> Op:
+        k = key.decode()
+        expected, expected_revision = seen.get(key, (None, 0))
+        op = Op(
+            client=client_id,
+            kind=kind,
+            key=k,
+            value=value if kind in ("put", "cas") else None,
+            expected=expected if kind == "cas" else None,
+            ok=None,
+            call=time.monotonic_ns(),
+            ret=None,
+            consistency=role,
+            shard=shard,
+            session=f"client-{client_id}" if role == "session" else "",
+            staleness_bound=BOUND_SECONDS if role == "bounded" else 0.0,
+        )
+        try:
+            if kind == "get":
+                item = kv.get_item(key)
+                op.value = item.value.decode() if item else None
+                op.revision = item.revision if item else 0
+                seen[key] = (op.value, op.revision)
+            elif kind == "put":
+                op.revision = kv.put(key, value.encode())
+                seen[key] = (value, op.revision)
+            elif kind == "delete":
+                response = kv._run(kv.core.delete([key]))
+                op.revision = response.header.revision
+                seen[key] = (None, 0)
+            else:
+                result = kv.compare_and_set(key, value.encode(), expected_revision=expected_revision)
+                if not result.succeeded:
+                    op.ok, op.ret = False, time.monotonic_ns()
+                    current = result.current
+                    seen[key] = (current.value.decode(), current.revision) if current else (None, 0)
+                    return op
+                op.revision = result.revision
+                seen[key] = (value, op.revision)
+            op.ok, op.ret = True, time.monotonic_ns()
+        except errors.UnknownOutcome:
+            op.ok, op.ret = None, None
+        except errors.KvError:
+            # A read that failed says nothing; a write that failed cleanly did not take effect.
+            if kind == "get":
+                op.ok, op.ret = None, None
+            else:
+                op.ok, op.ret = False, time.monotonic_ns()
+        return op
+
+    # ----- nemeses -------------------------------------------------------------------------
+
+    def _nemesis_loop(self, cluster: LocalCluster, until: float) -> None:
+        while True:
+            gap = self.rng.uniform(*self.o.fault_gap)
+            length = self.rng.uniform(*self.o.fault_length)
+            if time.monotonic() + gap + length + 1.0 > until or not self.o.nemeses:
+                break
+            time.sleep(gap)
+            kind = self.rng.choice(self.o.nemeses)
+            fault = self._inject(cluster, kind)
+            time.sleep(length)
+            self._heal(cluster, fault)
+        time.sleep(max(0.0, until - time.monotonic()))
+
+    def _victim(self, cluster: LocalCluster, prefer_leader: bool) -> str:
+        shard = self.rng.randrange(self.o.shards)
+        replicas = [r.name for r in cluster.cluster_map().shard(shard).replicas]
+        if prefer_leader and self.rng.random() < 0.6:
+            leader = cluster.leader_of(shard)
+            if leader:
+                return leader
+        return self.rng.choice(replicas)
+
+    def _inject(self, cluster: LocalCluster, kind: str) -> Fault:
+        assert self.proxies is not None
+        now = time.monotonic() - self.t0
+        if kind == "kill":
+            victim = self._victim(cluster, prefer_leader=True)
+            cluster.kill(victim, "KILL")
+        elif kind == "pause":
+            victim = self._victim(cluster, prefer_leader=True)
+            cluster.kill(victim, "STOP")
+        elif kind == "partition":
+            victim = self._victim(cluster, prefer_leader=True)
+            self.proxies.controller.isolate(victim)
+        elif kind == "delay":
+            victim = "*"
+            self.proxies.controller.delay(None, None, self.rng.uniform(0.05, 0.2))
+        else:
+            raise ValueError(f"unknown nemesis {kind!r} (choose from {', '.join(NEMESES)})")
+        fault = Fault(kind, victim, now)
+        self.faults.append(fault)
+        return fault
+
+    def _heal(self, cluster: LocalCluster, fault: Fault) -> None:
+        assert self.proxies is not None
+        if fault.kind == "kill":
+            cluster.start(fault.target)
+        elif fault.kind == "pause":
+            cluster.kill(fault.target, "CONT")
+        else:
+            self.proxies.controller.heal()
+        fault.end = time.monotonic() - self.t0
+
+    def _heal_all(self, cluster: LocalCluster) -> None:
+        assert self.proxies is not None
+        self.proxies.controller.heal()
+        for name in cluster.node_names():
+            pid = cluster.pid(name)
+            if pid is None:
+                cluster.start(name)
+            else:
+                with contextlib.suppress(RuntimeError):
+                    cluster.kill(name, "CONT")
+        cluster.wait_for_leaders(60)
+
+    # ----- after the run -------------------------------------------------------------------
+
+    def _final_reads(self, cluster: LocalCluster, keys: dict[int, list[bytes]]) -> dict[str, str | None]:
+        final: dict[str, str | None] = {}
+        with Client.from_cluster(cluster.dir, timeout=30.0) as kv:
+            for shard_keys in keys.values():
+                for key in shard_keys:
+                    got = kv.get(key)
+                    final[key.decode()] = got.decode() if got is not None else None
+        return final
+
+    def _convergence(self, cluster: LocalCluster, timeout: float = 60.0) -> dict[str, Any]:
+        """Every replica of a shard at the same applied index with the same data digest."""
+        deadline = time.monotonic() + timeout
+        while True:
+            per_shard = {}
+            for shard in cluster.cluster_map().shards:
+                states = {r.name: _replica_state(r.address) for r in shard.replicas}
+                per_shard[str(shard.id)] = states
+            converged = all(
+                len({json.dumps(v, sort_keys=True) for v in s.values()}) == 1 for s in per_shard.values()
+            )
+            if converged or time.monotonic() > deadline:
+                return {"converged": converged, "replicas": per_shard}
+            time.sleep(0.5)
+
+    def _check(self, final: dict[str, str | None], convergence: dict[str, Any]) -> ChaosReport:
+        ops = list(self.history)
+        lin = checker.check_linearizable(ops, timeout_s=60.0)
+        anomalies = lin.anomalies()
+        anomalies += checker.check_sessions(ops)
+        anomalies += checker.check_bounded(ops)
+        lost = checker.check_no_lost_writes(final, ops, timeout_s=60.0)
+        anomalies += lost
+        if not convergence["converged"]:
+            anomalies.append(checker.Anomaly("divergence", "*", json.dumps(convergence["replicas"])))
+        report = ChaosReport(
+            seed=self.o.seed,
+            duration=self.o.duration,
+            ops_recorded=len(ops),
+            ops_checked=lin.checked,
+            indeterminate=sum(1 for op in ops if op.ok is None and op.kind != "get"),
+            faults=dict(Counter(f.kind for f in self.faults)),
+            anomalies=checker.summarize(anomalies),
+            lost_writes=sum(1 for a in lost if a.kind == "lost-write"),
+            converged=convergence["converged"],
+            convergence=convergence,
+            linearizable=lin.ok,
+            explanation=lin.explanation if not lin.ok else "",
+            fault_log=[asdict(f) for f in self.faults],
+        )
+        self._write(report, anomalies)
+        return report
+
+    def _write(self, report: ChaosReport, anomalies: list[checker.Anomaly]) -> None:
+        self.history.to_jsonl(self.o.out / "history.jsonl")
+        (self.o.out / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str))
+        text = report.to_markdown()
+        if anomalies:
+            text += "\n## Anomalies\n\n" + "\n".join(
+                f"- {a.kind} on {a.key}: {a.detail[:500]}" for a in anomalies[:50]
+            )
+        (self.o.out / "report.md").write_text(text + "\n")
+
+
+def _replica_state(address: str) -> dict[str, Any]:
+    """Applied index and a digest of everything the replica holds (eventual scans: no Raft)."""
+    try:
+        with grpc.insecure_channel(address) as channel:
+            applied = pb_grpc.AdminStub(channel).Status(pb.StatusRequest(), timeout=3).applied_index
+            digest = hashlib.blake2b(digest_size=12)
+            continuation = b""
+            stub = pb_grpc.KVStub(channel)
+            for _ in range(10_000):
+                request = pb.ScanRequest(
+                    limit=1000, continuation=continuation, read=pb.ReadOptions(consistency=pb.EVENTUAL)
+                )
+                page = stub.Scan(request, timeout=5)
+                for kv in page.kvs:
+                    digest.update(kv.key + b"\0" + kv.value + b"\0" + str(kv.revision).encode())
+                if not page.continuation:
+                    break
+                continuation = page.continuation
+        return {"applied_index": applied, "digest": digest.hexdigest()}
+    except grpc.RpcError as exc:
+        return {"error": exc.code().name}
+
+
+def run_chaos_cli(args: Any) -> int:
+    nemeses = tuple(n.strip() for n in args.nemesis.split(",") if n.strip())
+    unknown = set(nemeses) - set(NEMESES)
+    if unknown:
+        raise ValueError(f"unknown nemesis {sorted(unknown)}; choose from {', '.join(NEMESES)}")
+    options = ChaosOptions(
+        shards=args.shards, duration=args.duration, nemeses=nemeses, seed=args.seed, out=Path(args.out)
+    )
+    print(
+        f"chaos: {args.shards} shard(s), {args.duration:.0f} s, nemeses {','.join(nemeses)}, seed {args.seed}"
+    )
+    report = ChaosRun(options).run()
+    print(report.to_markdown())
+    print(f"history and report written to {options.out}/")
+    return 0 if report.ok else 1

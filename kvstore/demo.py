@@ -1,0 +1,556 @@
+"""`kvstore demo` (`make demo`): a 3-shard x 3-replica cluster under Locust, phase by phase.
+
+1. strong reads and writes across 3 shards (every request to a shard leader),
+2. the same load with session and eventual reads served by replicas,
+3. a shard leader SIGKILLed under load and restarted: the failover window, errors per shard.
+
+Each phase is one headless Locust process (loadtests/locustfile.py): gevent's monkey patching
+stays out of this process, and a phase that hangs can be killed. Results (Locust's HTML report,
+CSVs and final JSON stats, the locustfile's per-shard report, summary.md) go to --results.
+Whatever happens, including Ctrl-C or SIGTERM, every process started here is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvstore.cluster.local import LocalCluster
+
+SHARDS, REPLICAS = 3, 3
+KEYSPACE, VALUE_SIZE, READ_RATIO = 10_000, 100, 0.8
+# An operation not done within this deadline counts as failed: it makes a failover visible as
+# errors (on the failed shard only) instead of only as latency.
+CLIENT_DEADLINE = 2.0
+FAULT_SHARD = 1
+WORKLOAD = [
+    "--kv-keyspace", str(KEYSPACE), "--kv-value-size", str(VALUE_SIZE),
+    "--kv-read-ratio", str(READ_RATIO), "--kv-timeout", str(CLIENT_DEADLINE),
+]  # fmt: skip
+
+
+@dataclass
+class Phase:
+    title: str
+    args: list[str]
+    fault: bool = False
+
+
+def phases(seconds: int) -> list[Phase]:
+    kill_at = max(2.0, round(0.3 * seconds, 1))
+    restart_after = max(1.5, round(0.25 * seconds, 1))
+    return [
+        Phase(
+            "strong reads + writes, 3 shards",
+            ["--kv-consistency-mix", "strong:1", "--kv-read-policy", "leader"],
+        ),
+        Phase(
+            "session + eventual reads on replicas",
+            ["--kv-consistency-mix", "session:1,eventual:1", "--kv-read-policy", "round_robin"],
+        ),
+        Phase(
+            f"shard {FAULT_SHARD} leader SIGKILLed + restarted",
+            [
+                "--kv-consistency-mix", "strong:1", "--kv-read-policy", "leader",
+                "--kv-kill-leader-at", str(kill_at), "--kv-restart-after", str(restart_after),
+                "--kv-kill-shard", str(FAULT_SHARD),
+            ],  # fmt: skip
+            fault=True,
+        ),
+    ]
+
+
+@dataclass
+class Outcome:
+    number: int
+    phase: Phase
+    stats: dict[str, Any] = field(default_factory=dict)  # from Locust's final JSON stats
+    kv: dict[str, Any] = field(default_factory=dict)  # from the locustfile's --kv-report
+    exit_code: int | None = None
+    rejoined_after_phase: bool | None = None
+
+
+# ----- entry point ---------------------------------------------------------------------------
+
+
+def run_demo(args: Any) -> int:
+    seconds = max(2, round(float(args.phase_seconds)))
+    users = max(1, int(args.users))
+    results = Path(args.results).absolute()
+    cluster = LocalCluster(args.dir)
+    locust = _LocustProcess()
+    started = time.monotonic()
+    with _signals_raise_interrupt():
+        try:
+            locustfile = _locustfile()
+            results.mkdir(parents=True, exist_ok=True)
+            _start_cluster(cluster)
+            outcomes = []
+            for number, phase in enumerate(phases(seconds), 1):
+                outcomes.append(_run_phase(number, phase, cluster, locust, users, seconds, results, locustfile))
+            summary = render_summary(outcomes, users, seconds, time.monotonic() - started)
+            (results / "summary.md").write_text(summary)
+            (results / "summary.json").write_text(json.dumps(summary_data(outcomes), indent=1))
+            print("\n" + summary)
+            print(f"results: {results} (summary.md, phase*.html, phase*_stats.csv, ...)")
+            return 0 if all(_phase_ok(o) for o in outcomes) else 1
+        except KeyboardInterrupt:
+            print("\ninterrupted: stopping Locust and the cluster", file=sys.stderr)
+            return 130
+        finally:
+            with _ignoring_interrupts():
+                locust.stop()
+                _stop_cluster(cluster)
+
+
+def _locustfile() -> Path:
+    path = Path(__file__).resolve().parents[1] / "loadtests" / "locustfile.py"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run the demo from a kvstore source checkout")
+    return path
+
+
+# ----- cluster -------------------------------------------------------------------------------
+
+
+def _start_cluster(cluster: LocalCluster) -> None:
+    _remove_stale(cluster)
+    print(f"starting a {SHARDS}-shard x {REPLICAS}-replica cluster in {cluster.dir} ...", flush=True)
+    t = time.monotonic()
+    cluster.create(shards=SHARDS, replicas=REPLICAS)
+    cluster.start_all()
+    shards = cluster.wait_for_leaders(60.0)
+    leaders = ", ".join(f"shard {s['shard']}: {s['leader']}" for s in shards)
+    print(f"cluster up in {time.monotonic() - t:.1f}s ({leaders})", flush=True)
+    _preload(cluster)
+
+
+def _remove_stale(cluster: LocalCluster) -> None:
+    """A previous demo's directory is stopped and removed; anything else there is left alone."""
+    if not cluster.dir.exists():
+        return
+    if not cluster.map_path.exists():
+        if any(cluster.dir.iterdir()):
+            raise FileExistsError(f"{cluster.dir} is not empty and holds no kvstore cluster: not touching it")
+        return
+    print(f"removing the previous cluster in {cluster.dir}", flush=True)
+    _stop_cluster(cluster)
+    shutil.rmtree(cluster.dir)
+
+
+def _stop_cluster(cluster: LocalCluster) -> None:
+    if cluster.map_path.exists():
+        cluster.down()
+    _kill_strays(cluster.dir)
+
+
+def _kill_strays(directory: Path) -> None:
+    """Node processes of this cluster directory that no pid file names (a restart cut short)."""
+    marker = str(directory / "nodes") + os.sep
+    for pid in _pids_with_arg_prefix(marker):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _pids_with_arg_prefix(prefix: str) -> list[int]:
+    pids = []
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return pids
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"node" in argv and any(a.decode(errors="replace").startswith(prefix) for a in argv):
+            pids.append(int(entry.name))
+    return pids
+
+
+def _preload(cluster: LocalCluster) -> None:
+    """Every key exists before the first read, so reads return values, not misses."""
+    from kvstore import Client
+
+    value = os.urandom(VALUE_SIZE)
+    with Client.from_cluster(cluster.dir, timeout=30.0) as kv:
+        for first in range(0, KEYSPACE, 500):
+            kv.put_many({b"lt:%08d" % i: value for i in range(first, min(first + 500, KEYSPACE))})
+
+
+def _wait_rejoined(cluster: LocalCluster, timeout: float = 30.0) -> bool:
+    """After the fault phase: every replica running and following a leader again."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        shards = cluster.status(timeout=0.5)
+        roles = [r["role"] for s in shards for r in s["replicas"]]
+        if all(s["leader"] for s in shards) and all(r in ("leader", "follower") for r in roles):
+            return True
+        time.sleep(0.3)
+    return False
+
+
+# ----- one phase -----------------------------------------------------------------------------
+
+
+def _run_phase(
+    number: int,
+    phase: Phase,
+    cluster: LocalCluster,
+    locust: _LocustProcess,
+    users: int,
+    seconds: int,
+    results: Path,
+    locustfile: Path,
+) -> Outcome:
+    prefix = results / f"phase{number}"
+    for stale in results.glob(f"phase{number}[._]*"):
+        stale.unlink()
+    cmd = [
+        sys.executable, "-m", "locust", "-f", str(locustfile), "--headless",
+        "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "--kv-shape", "steady",
+        "--host", str(cluster.dir), "--csv", str(prefix), "--csv-full-history",
+        "--html", f"{prefix}.html", "--json-file", str(prefix), "--only-summary",
+        "--kv-report", f"{prefix}_kv.json", *WORKLOAD, *phase.args,
+    ]  # fmt: skip
+    print(f"\nphase {number}: {phase.title} ({users} users, {seconds}s)", flush=True)
+    outcome = Outcome(number, phase)
+    locust.start(cmd, prefix.with_suffix(".log"))
+    progress = _Progress(number, phase, seconds, prefix)
+    outcome.exit_code = locust.wait(seconds + 90.0, progress.show)
+    progress.done()
+    outcome.stats = _final_stats(prefix.with_suffix(".json"))
+    outcome.kv = _read_json(Path(f"{prefix}_kv.json"))
+    if phase.fault:
+        outcome.rejoined_after_phase = _wait_rejoined(cluster)
+    return outcome
+
+
+class _LocustProcess:
+    """The one Locust subprocess running at a time, stopped by its pid."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, cmd: list[str], log_path: Path) -> None:
+        with open(log_path, "wb") as log:
+            # Its own session: a terminal's Ctrl-C reaches only us, and we stop it in order.
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+
+    def wait(self, timeout: float, tick: Any) -> int | None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                print(f"\nLocust did not finish within {timeout:.0f}s: stopping it", file=sys.stderr)
+                self.stop()
+                break
+            tick()
+            time.sleep(0.5)
+        code, self.proc = self.proc.returncode, None
+        return code
+
+    def stop(self) -> None:
+        """SIGTERM (Locust then stops its users and restarts a node it killed), SIGKILL if it lingers."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(15.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5.0)
+
+
+class _Progress:
+    """One live line per phase: elapsed, users, ops/s, p95, errors, and the fault as it happens."""
+
+    def __init__(self, number: int, phase: Phase, seconds: int, prefix: Path) -> None:
+        self.label = f"phase {number}"
+        self.seconds = seconds
+        self.history = Path(f"{prefix}_stats_history.csv")
+        self.report = Path(f"{prefix}_kv.json")
+        self.fault = phase.fault
+        self.started = time.monotonic()
+        self.tty = sys.stdout.isatty()
+        self.last_print = 0.0
+        self.line = ""
+
+    def show(self) -> None:
+        row = _last_aggregated_row(self.history)
+        elapsed = min(self.seconds, time.monotonic() - self.started)
+        if row is None:
+            text = f"{self.label}: starting Locust ..."
+        else:
+            text = (
+                f"{self.label}: {elapsed:4.0f}/{self.seconds}s  users {row['User Count']:>3}  "
+                f"{float(row['Requests/s']):7.0f} ops/s  p95 {row['95%']:>4} ms  "
+                f"requests {row['Total Request Count']}  errors {row['Total Failure Count']}"
+            )
+        if self.fault:
+            text += _fault_progress(_read_json(self.report))
+        self.line = text
+        if self.tty:
+            print("\r\033[K" + text, end="", flush=True)
+        elif time.monotonic() - self.last_print >= 5.0:
+            print(text, flush=True)
+            self.last_print = time.monotonic()
+
+    def done(self) -> None:
+        if self.tty:
+            print(flush=True)
+        elif self.line:
+            print(self.line, flush=True)
+
+
+def _fault_progress(report: dict[str, Any]) -> str:
+    faults = report.get("faults") or []
+    if not faults:
+        return ""
+    f = faults[-1]
+    text = f"  | killed {f['node']}"
+    if f.get("new_leader"):
+        text += f", {f['new_leader']} leads after {f['election_seconds']:.1f}s"
+    if f.get("restarted_at"):
+        text += ", restarted"
+    if f.get("rejoin_seconds") is not None:
+        text += f", caught up in {f['rejoin_seconds']:.1f}s"
+    return text
+
+
+def _last_aggregated_row(path: Path) -> dict[str, str] | None:
+    try:
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("Name") == "Aggregated"]
+    except (OSError, csv.Error):
+        return None
+    return rows[-1] if rows else None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# ----- numbers -------------------------------------------------------------------------------
+
+
+def _final_stats(path: Path) -> dict[str, Any]:
+    """Locust's final per-entry stats (its CSV lags the last second; the JSON file does not)."""
+    entries = _read_json(path) or []
+    rows = {e["method"]: _entry_numbers([e]) for e in entries}
+    return {"all": _entry_numbers(entries), "by_type": rows}
+
+
+def _entry_numbers(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    requests = sum(e["num_requests"] for e in entries)
+    failures = sum(e["num_failures"] for e in entries)
+    buckets: dict[int, int] = {}
+    for e in entries:
+        for ms, count in e["response_times"]:
+            buckets[int(float(ms))] = buckets.get(int(float(ms)), 0) + count
+    start = min((e["start_time"] for e in entries), default=0.0)
+    end = max((e["last_request_timestamp"] or 0.0 for e in entries), default=0.0)
+    span = end - start
+    return {
+        "requests": requests,
+        "failures": failures,
+        "ops_per_second": requests / span if span > 0 else 0.0,
+        "p50": _percentile(buckets, 0.50),
+        "p95": _percentile(buckets, 0.95),
+        "p99": _percentile(buckets, 0.99),
+        "seconds": span,
+    }
+
+
+def _percentile(buckets: dict[int, int], fraction: float) -> int | None:
+    """Same rule as Locust: the smallest recorded (rounded) time covering `fraction` of requests."""
+    total = sum(buckets.values())
+    if not total:
+        return None
+    seen = 0
+    for ms in sorted(buckets):
+        seen += buckets[ms]
+        if seen >= fraction * total:
+            return ms
+    return max(buckets)
+
+
+def _rate(outcome: Outcome, kind: str) -> float:
+    rows = outcome.stats.get("by_type", {})
+    ops = ("get", "multi_get") if kind == "read" else ("put", "put_many")
+    return sum(r["ops_per_second"] for t, r in rows.items() if t.split(":")[0] in ops)
+
+
+def _fault(outcome: Outcome) -> dict[str, Any] | None:
+    faults = outcome.kv.get("faults") or []
+    return faults[-1] if faults else None
+
+
+def _recovered(outcome: Outcome) -> bool:
+    fault = _fault(outcome)
+    rejoined = bool(fault and fault.get("rejoin_seconds") is not None) or bool(outcome.rejoined_after_phase)
+    return bool(fault and fault.get("recovered") and rejoined)
+
+
+def _phase_ok(outcome: Outcome) -> bool:
+    ran = outcome.stats.get("all", {}).get("ops_per_second", 0.0) > 0
+    return ran and (_recovered(outcome) if outcome.phase.fault else True)
+
+
+def summary_data(outcomes: list[Outcome]) -> dict[str, Any]:
+    return {
+        "phases": [
+            {
+                "phase": o.number,
+                "title": o.phase.title,
+                "stats": o.stats,
+                "availability": o.kv.get("availability"),
+                "shards": o.kv.get("shards"),
+                "fault": _fault(o),
+                "recovered": _recovered(o) if o.phase.fault else None,
+                "locust_exit_code": o.exit_code,
+            }
+            for o in outcomes
+        ]
+    }
+
+
+# ----- summary.md ----------------------------------------------------------------------------
+
+
+def render_summary(outcomes: list[Outcome], users: int, seconds: int, elapsed: float) -> str:
+    lines = [
+        f"# kvstore demo: {SHARDS} shards x {REPLICAS} replicas, {users} Locust users, {seconds} s per phase",
+        "",
+        f"Machine: {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}; cluster and load generator share it. Total run {elapsed:.0f} s.",
+        f"Workload: {READ_RATIO:.0%} reads, {KEYSPACE:,} keys (uniform), {VALUE_SIZE}-byte values, one key "
+        f"per operation, no think time; client deadline {CLIENT_DEADLINE:g} s (slower counts as an error).",
+        "Availability: share of seconds in which no request failed.",
+        "",
+        "| phase | ops/s | reads/s | writes/s | p50 ms | p95 ms | p99 ms | errors | availability |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for o in outcomes:
+        s = o.stats.get("all") or _entry_numbers([])
+        lines.append(
+            f"| {o.number}. {o.phase.title} | {s['ops_per_second']:,.0f} | {_rate(o, 'read'):,.0f} | "
+            f"{_rate(o, 'write'):,.0f} | {_ms(s['p50'])} | {_ms(s['p95'])} | {_ms(s['p99'])} | "
+            f"{s['failures']:,} | {_pct(o.kv.get('availability'))} |"
+        )
+    lines += ["", *_reads_table(outcomes), "", *_fault_section(outcomes)]
+    return "\n".join(lines) + "\n"
+
+
+def _reads_table(outcomes: list[Outcome]) -> list[str]:
+    lines = [
+        "## Reads side by side: leaders (phase 1) vs replicas (phase 2)",
+        "",
+        "| phase | read | served by | reads/s | p50 ms | p95 ms | p99 ms | errors |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for o in outcomes[:2]:
+        served = "replicas (round robin)" if "round_robin" in o.phase.args else "leader"
+        for kind, r in sorted(o.stats.get("by_type", {}).items()):
+            if kind.split(":")[0] in ("get", "multi_get"):
+                lines.append(
+                    f"| {o.number} | {kind} | {served} | {r['ops_per_second']:,.0f} | {_ms(r['p50'])} | "
+                    f"{_ms(r['p95'])} | {_ms(r['p99'])} | {r['failures']:,} |"
+                )
+    return lines
+
+
+def _fault_section(outcomes: list[Outcome]) -> list[str]:
+    lines = ["## Failover (phase 3)", ""]
+    for o in (o for o in outcomes if o.phase.fault):
+        f = _fault(o)
+        if f is None:
+            return [*lines, "- the fault did not happen (see the phase log); recovered: no"]
+        start = o.kv.get("started", f["killed_at"])
+        window = o.kv.get("shards") or {}
+        in_window = f.get("errors_in_window_by_shard", {})
+        per_shard = ", ".join(
+            f"shard {s}: {in_window.get(str(s), 0)}" for s in sorted({int(k) for k in window} - {-1})
+        )
+        total_per_shard = ", ".join(
+            f"shard {s}: {window[s]['failed']}" for s in sorted(window, key=int) if s != "-1"
+        )
+        lines += [
+            f"- SIGKILL {f['node']}, leader of shard {f['shard']}, at {f['killed_at'] - start:.1f} s into the "
+            f"phase; new leader {f.get('new_leader') or '-'} after {_sec(f.get('election_seconds'))} (election)",
+            f"- failover window: writes to shard {f['shard']} issued after the kill succeeded again after "
+            f"**{_sec(f.get('writes_resumed_after_seconds'))}**",
+            f"- {f['node']} restarted at {f.get('restarted_at', start) - start:.1f} s; caught up with the "
+            f"leader in {_sec(f.get('rejoin_seconds'))}",
+            f"- errors from the kill until it caught up, by shard: {per_shard or '-'} (whole phase: "
+            f"{total_per_shard or '-'}); confined to shard {f['shard']}: "
+            f"{'yes' if f.get('errors_confined_to_shard') else 'no'}",
+            f"- recovered: {'yes' if _recovered(o) else 'no'}",
+        ]
+    return lines
+
+
+def _ms(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def _sec(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} s"
+
+
+# ----- signals -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _signals_raise_interrupt() -> Iterator[None]:
+    """SIGTERM behaves like Ctrl-C, so `finally` cleans up either way."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        old = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: signals stay as they are
+        old = {}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _ignoring_interrupts() -> Iterator[None]:
+    """A second Ctrl-C must not cut the cleanup short and leave nodes running."""
+    try:
+        old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:
+        old = {}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
