@@ -35,10 +35,10 @@ KEYSPACE, VALUE_SIZE, READ_RATIO = 10_000, 100, 0.8
 # errors (on the failed shard only) instead of only as latency.
 CLIENT_DEADLINE = 2.0
 FAULT_SHARD = 1
-WORKLOAD = [
-    "--kv-keyspace", str(KEYSPACE), "--kv-value-size", str(VALUE_SIZE),
-    "--kv-read-ratio", str(READ_RATIO), "--kv-timeout", str(CLIENT_DEADLINE),
-]  # fmt: skip
+WORKLOAD = (
+    f"--kv-keyspace {KEYSPACE} --kv-value-size {VALUE_SIZE} --kv-read-ratio {READ_RATIO} "
+    f"--kv-timeout {CLIENT_DEADLINE}"
+).split()
 
 
 @dataclass
@@ -51,24 +51,13 @@ class Phase:
 def phases(seconds: int) -> list[Phase]:
     kill_at = max(2.0, round(0.3 * seconds, 1))
     restart_after = max(1.5, round(0.25 * seconds, 1))
+    strong = "--kv-consistency-mix strong:1 --kv-read-policy leader".split()
+    replicas = "--kv-consistency-mix session:1,eventual:1 --kv-read-policy round_robin".split()
+    fault = f"--kv-kill-leader-at {kill_at} --kv-restart-after {restart_after} --kv-kill-shard {FAULT_SHARD}"
     return [
-        Phase(
-            "strong reads + writes, 3 shards",
-            ["--kv-consistency-mix", "strong:1", "--kv-read-policy", "leader"],
-        ),
-        Phase(
-            "session + eventual reads on replicas",
-            ["--kv-consistency-mix", "session:1,eventual:1", "--kv-read-policy", "round_robin"],
-        ),
-        Phase(
-            f"shard {FAULT_SHARD} leader SIGKILLed + restarted",
-            [
-                "--kv-consistency-mix", "strong:1", "--kv-read-policy", "leader",
-                "--kv-kill-leader-at", str(kill_at), "--kv-restart-after", str(restart_after),
-                "--kv-kill-shard", str(FAULT_SHARD),
-            ],  # fmt: skip
-            fault=True,
-        ),
+        Phase("strong reads + writes, 3 shards", strong),
+        Phase("session + eventual reads on replicas", replicas),
+        Phase(f"shard {FAULT_SHARD} leader SIGKILLed + restarted", strong + fault.split(), fault=True),
     ]
 
 
@@ -99,7 +88,8 @@ def run_demo(args: Any) -> int:
             _start_cluster(cluster)
             outcomes = []
             for number, phase in enumerate(phases(seconds), 1):
-                outcomes.append(_run_phase(number, phase, cluster, locust, users, seconds, results, locustfile))
+                outcome = _run_phase(number, phase, cluster, locust, users, seconds, results, locustfile)
+                outcomes.append(outcome)
             summary = render_summary(outcomes, users, seconds, time.monotonic() - started)
             (results / "summary.md").write_text(summary)
             (results / "summary.json").write_text(json.dumps(summary_data(outcomes), indent=1))
@@ -287,15 +277,17 @@ class _Progress:
         self.history = Path(f"{prefix}_stats_history.csv")
         self.report = Path(f"{prefix}_kv.json")
         self.fault = phase.fault
-        self.started = time.monotonic()
+        self.load_started: float | None = None
         self.tty = sys.stdout.isatty()
         self.last_print = 0.0
         self.line = ""
 
     def show(self) -> None:
         row = _last_aggregated_row(self.history)
-        elapsed = min(self.seconds, time.monotonic() - self.started)
-        if row is None:
+        if row is not None and self.load_started is None and int(row["User Count"] or 0) > 0:
+            self.load_started = time.monotonic()
+        elapsed = min(self.seconds, time.monotonic() - (self.load_started or time.monotonic()))
+        if row is None or self.load_started is None:
             text = f"{self.label}: starting Locust ..."
         else:
             text = (
@@ -365,7 +357,7 @@ def _entry_numbers(entries: list[dict[str, Any]]) -> dict[str, Any]:
     failures = sum(e["num_failures"] for e in entries)
     buckets: dict[int, int] = {}
     for e in entries:
-        for ms, count in e["response_times"]:
+        for ms, count in e["response_times"].items():
             buckets[int(float(ms))] = buckets.get(int(float(ms)), 0) + count
     start = min((e["start_time"] for e in entries), default=0.0)
     end = max((e["last_request_timestamp"] or 0.0 for e in entries), default=0.0)
@@ -442,7 +434,8 @@ def render_summary(outcomes: list[Outcome], users: int, seconds: int, elapsed: f
         f"# kvstore demo: {SHARDS} shards x {REPLICAS} replicas, {users} Locust users, {seconds} s per phase",
         "",
         f"Machine: {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
-        f"Python {platform.python_version()}; cluster and load generator share it. Total run {elapsed:.0f} s.",
+        f"Python {platform.python_version()}; cluster and load generator share it. "
+        f"Total run {elapsed:.0f} s.",
         f"Workload: {READ_RATIO:.0%} reads, {KEYSPACE:,} keys (uniform), {VALUE_SIZE}-byte values, one key "
         f"per operation, no think time; client deadline {CLIENT_DEADLINE:g} s (slower counts as an error).",
         "Availability: share of seconds in which no request failed.",
@@ -495,8 +488,9 @@ def _fault_section(outcomes: list[Outcome]) -> list[str]:
             f"shard {s}: {window[s]['failed']}" for s in sorted(window, key=int) if s != "-1"
         )
         lines += [
-            f"- SIGKILL {f['node']}, leader of shard {f['shard']}, at {f['killed_at'] - start:.1f} s into the "
-            f"phase; new leader {f.get('new_leader') or '-'} after {_sec(f.get('election_seconds'))} (election)",
+            f"- SIGKILL {f['node']}, leader of shard {f['shard']}, at {f['killed_at'] - start:.1f} s into "
+            f"the phase; new leader {f.get('new_leader') or '-'} after "
+            f"{_sec(f.get('election_seconds'))} (election)",
             f"- failover window: writes to shard {f['shard']} issued after the kill succeeded again after "
             f"**{_sec(f.get('writes_resumed_after_seconds'))}**",
             f"- {f['node']} restarted at {f.get('restarted_at', start) - start:.1f} s; caught up with the "

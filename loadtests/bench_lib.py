@@ -231,7 +231,9 @@ class Results:
 
     def table(self) -> str:
         show_peer = any(self.rate_of(r.peer) for r in self.rows)
-        head = f"| scenario | rate | p50 ms | p99 ms | errors | ratio | to ceiling |{' vs etcd |' * show_peer}"
+        head = (
+            f"| scenario | rate | p50 ms | p99 ms | errors | ratio | to ceiling |{' vs etcd |' * show_peer}"
+        )
         lines = [head, "|" + " --- |" * (head.count("|") - 1)]
         for row, d in zip(self.rows, self.as_dicts(), strict=True):
             ratio = f"{d['ratio']:.2f}x" if d["ratio"] is not None else "-"
@@ -341,7 +343,11 @@ def machine() -> dict[str, Any]:
             info[module.split(".")[-1]] = getattr(mod, "__version__", "?")
     with contextlib.suppress(OSError):
         info["cpu"] = next(
-            (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+            (
+                line.split(":", 1)[1].strip()
+                for line in open("/proc/cpuinfo")
+                if line.startswith("model name")
+            ),
             "?",
         )
     with contextlib.suppress(OSError):

@@ -40,6 +40,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
+import locust.stats  # noqa: E402
 from locust import LoadTestShape, User, events, task  # noqa: E402
 from locust.event import EventHook  # noqa: E402
 from locust.runners import LocalRunner, WorkerRunner  # noqa: E402
@@ -49,6 +50,9 @@ from kvstore.client.core import ReadConsistency  # noqa: E402
 from kvstore.cluster.local import LocalCluster  # noqa: E402
 
 log = logging.getLogger("kvstore.locust")
+
+# Flush --csv files every second (Locust's default is 10 s) so a progress line can follow them.
+locust.stats.CSV_STATS_FLUSH_INTERVAL_SEC = 1
 
 WRITE_OPS = ("put", "put_many")
 
@@ -170,9 +174,7 @@ class KvUser(User):
         self.opts = opts
         self.mix = parse_mix(opts.kv_consistency_mix)
         self.keys = _chooser(opts)
-        self.kv = make_client(
-            self.host, read_policy=ReadPolicy(opts.kv_read_policy), timeout=opts.kv_timeout
-        )
+        self.kv = make_client(self.host, read_policy=ReadPolicy(opts.kv_read_policy), timeout=opts.kv_timeout)
         self.value = os.urandom(max(0, opts.kv_value_size))
 
     def on_stop(self) -> None:
@@ -185,15 +187,23 @@ class KvUser(User):
         keys = [key_of(i) for i in ids]
         if random.random() < self.opts.kv_read_ratio:
             label, level, _ = random.choices(self.mix, weights=[w for *_, w in self.mix])[0]
-            if batch == 1:
-                self._call("get", label, keys, lambda: len(self.kv.get(keys[0], consistency=level) or b""))
-            else:
-                self._call("multi_get", label, keys, lambda: _size(self.kv.multi_get(keys, consistency=level)))
-        elif batch == 1:
-            self._call("put", "strong", keys, lambda: self.kv.put(keys[0], self.value) and len(self.value))
+            self._call("get" if batch == 1 else "multi_get", label, keys, lambda: self._read(keys, level))
         else:
-            items = {k: self.value for k in keys}
-            self._call("put_many", "strong", keys, lambda: self.kv.put_many(items) and len(keys) * len(self.value))
+            self._call("put" if batch == 1 else "put_many", "strong", keys, lambda: self._write(keys))
+
+    def _read(self, keys: list[bytes], level: ReadConsistency) -> int:
+        """Bytes read."""
+        if len(keys) == 1:
+            return len(self.kv.get(keys[0], consistency=level) or b"")
+        return sum(len(v) for v in self.kv.multi_get(keys, consistency=level).values())
+
+    def _write(self, keys: list[bytes]) -> int:
+        """Bytes written (put_many is not atomic across shards: one write per shard)."""
+        if len(keys) == 1:
+            self.kv.put(keys[0], self.value)
+        else:
+            self.kv.put_many(dict.fromkeys(keys, self.value))
+        return len(keys) * len(self.value)
 
     def _call(self, op: str, consistency: str, keys: list[bytes], fn: Any) -> None:
         shard = self._shard(keys)
@@ -230,10 +240,6 @@ def _chooser(opts: Any) -> KeyChooser:
     if spec not in _CHOOSERS:
         _CHOOSERS[spec] = KeyChooser(*spec)
     return _CHOOSERS[spec]
-
-
-def _size(found: dict[bytes, bytes]) -> int:
-    return sum(len(v) for v in found.values())
 
 
 # ----- shapes (--kv-shape; they read -u, -r and -t) --------------------------------------------

@@ -58,6 +58,7 @@ class ChaosOptions:
     op_timeout: float = 3.0
     fault_gap: tuple[float, float] = (2.0, 5.0)  # quiet time before each fault
     fault_length: tuple[float, float] = (1.5, 4.0)
+    leader_bias: float = 0.6  # chance that kill/pause/partition picks a shard leader as its victim
     unsafe_local_strong_reads: bool = False  # the planted bug (see ServerSettings)
 
 
@@ -312,7 +313,7 @@ class ChaosRun:
     def _victim(self, cluster: LocalCluster, prefer_leader: bool) -> str:
         shard = self.rng.randrange(self.o.shards)
         replicas = [r.name for r in cluster.cluster_map().shard(shard).replicas]
-        if prefer_leader and self.rng.random() < 0.6:
+        if prefer_leader and self.rng.random() < self.o.leader_bias:
             leader = cluster.leader_of(shard)
             if leader:
                 return leader

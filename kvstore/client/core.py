@@ -167,10 +167,14 @@ class ClientCore:
             return self.cluster_map
         raise errors.Unavailable(f"could not fetch the cluster map from any of {candidates}: {last_error}")
 
-    def _shard_of(self, keys: list[bytes]) -> ShardInfo:
+    def _shard_of(self, keys: list[bytes], split: bool = False) -> ShardInfo:
+        """The one shard owning `keys`. If they span shards: a part of a split operation must be
+        regrouped (`_MapChanged`); an atomic write is refused (`CrossShardWrite`)."""
         assert self.cluster_map is not None
         groups = self.cluster_map.ring.shards_for(keys)
         if len(groups) > 1:
+            if split:
+                raise _MapChanged()
             raise errors.CrossShardWrite(
                 f"an atomic write's keys span shards {sorted(groups)}; use a shared {{hash tag}} "
                 "or the non-atomic variant (put_many/delete_many with atomic=False)"
@@ -218,7 +222,7 @@ class ClientCore:
         ceiling = min(self.settings.backoff_max, self.settings.backoff_initial * (2**attempt))
         return Sleep(random.uniform(ceiling / 2, ceiling))
 
-    def write(self, keys: list[bytes], method: str, request: Any) -> Plan:
+    def write(self, keys: list[bytes], method: str, request: Any, split: bool = False) -> Plan:
         """Send a write to its shard's leader until it is applied, definitely failed, or time is up.
 
         Retries reuse the request's id, so a write that did apply is not applied twice."""
@@ -229,7 +233,7 @@ class ClientCore:
         last: errors.KvError | None = None
         for attempt in itertools.count():
             yield from self._ensure_map()
-            shard = self._shard_of(keys)
+            shard = self._shard_of(keys, split)
             address = self._leader_guess(shard)
             request.epoch = self.cluster_map.epoch
             try:
@@ -275,7 +279,7 @@ class ClientCore:
         level = consistency
         for attempt in itertools.count():
             yield from self._ensure_map()
-            shard = self._shard_of(keys) if keys is not None else self.cluster_map.shard(shard_id)
+            shard = self._shard_of(keys, split=True) if keys is not None else self.cluster_map.shard(shard_id)
             for address in self._read_targets(shard, self.read_policy):
                 request.read.CopyFrom(self._read_options(level, shard.id, session))
                 request.epoch = self.cluster_map.epoch
@@ -367,21 +371,15 @@ class ClientCore:
                 non_atomic=not atomic,
             )
             return (yield from self.write([], "MultiPut", request))
-        yield from self._ensure_map()
-        groups = self._group([k for k, _ in items], atomic)
         by_key = dict(items)
-        plans = [
-            self.write(
-                keys,
-                "MultiPut",
-                pb.MultiPutRequest(
-                    entries=[pb.KeyValue(key=k, value=by_key[k]) for k in keys],
-                    request_id=_sub_request_id(request_id, shard, len(groups)),
-                ),
-            )
-            for shard, keys in groups.items()
-        ]
-        responses = yield Parallel(plans)
+
+        def part(shard: int, keys: list[bytes]) -> Plan:
+            entries = [pb.KeyValue(key=k, value=by_key[k]) for k in keys]
+            sub_id = _sub_request_id(request_id, shard, keys, len(keys) == len(items))
+            request = pb.MultiPutRequest(entries=entries, request_id=sub_id)
+            return self.write(keys, "MultiPut", request, split=not atomic)
+
+        responses = yield from self._per_shard([k for k, _ in items], atomic, part)
         return _combine(pb.MultiPutResponse(), responses)
 
     def delete(self, keys: list[bytes], atomic: bool = True, request_id: bytes = b"") -> Plan:
@@ -389,26 +387,35 @@ class ClientCore:
         if self.router:
             request = pb.DeleteRequest(keys=keys, request_id=request_id, non_atomic=not atomic)
             return (yield from self.write([], "Delete", request))
-        yield from self._ensure_map()
-        groups = self._group(keys, atomic)
-        plans = [
-            self.write(
-                group,
-                "Delete",
-                pb.DeleteRequest(keys=group, request_id=_sub_request_id(request_id, shard, len(groups))),
+
+        def part(shard: int, group: list[bytes]) -> Plan:
+            sub_id = _sub_request_id(request_id, shard, group, len(group) == len(keys))
+            return self.write(
+                group, "Delete", pb.DeleteRequest(keys=group, request_id=sub_id), split=not atomic
             )
-            for shard, group in groups.items()
-        ]
-        responses = yield Parallel(plans)
+
+        responses = yield from self._per_shard(keys, atomic, part)
         combined = _combine(pb.DeleteResponse(), responses)
         combined.deleted = sum(r.deleted for r in responses)
         return combined
 
-    def _group(self, keys: list[bytes], atomic: bool) -> dict[int, list[bytes]]:
-        groups = self.cluster_map.ring.shards_for(keys)
-        if atomic and len(groups) > 1:
-            self._shard_of(keys)  # raises CrossShardWrite with the explanation
-        return groups
+    def _per_shard(self, keys: list[bytes], atomic: bool, part: Callable[[int, list[bytes]], Plan]) -> Plan:
+        """Run `part` once per shard's group of keys, concurrently. A part whose keys turn out to
+        span shards under a refreshed map is regrouped and run again (only its keys)."""
+        yield from self._ensure_map()
+        remaining, responses = list(keys), []
+        for _ in range(_MAX_REGROUPS):
+            groups = self.cluster_map.ring.shards_for(remaining)
+            if atomic and len(groups) > 1:
+                self._shard_of(remaining)  # raises CrossShardWrite with the explanation
+            results = yield Parallel([_regroup_marker(part(shard, group)) for shard, group in groups.items()])
+            remaining = [
+                k for group, r in zip(groups.values(), results, strict=True) if r is _REGROUP for k in group
+            ]
+            responses += [r for r in results if r is not _REGROUP]
+            if not remaining:
+                return responses
+        raise errors.Unavailable("the cluster map kept changing while keys were split by shard")
 
     def multi_get(
         self,
@@ -421,13 +428,11 @@ class ClientCore:
             return (
                 yield from self.read(None, None, "MultiGet", pb.MultiGetRequest(keys=keys), level, session)
             )
-        yield from self._ensure_map()
-        groups = self.cluster_map.ring.shards_for(keys)
-        plans = [
-            self.read(group, None, "MultiGet", pb.MultiGetRequest(keys=group), level, session)
-            for group in groups.values()
-        ]
-        responses = yield Parallel(plans)
+
+        def part(shard: int, group: list[bytes]) -> Plan:
+            return self.read(group, None, "MultiGet", pb.MultiGetRequest(keys=group), level, session)
+
+        responses = yield from self._per_shard(keys, False, part)
         found = {kv.key: kv for r in responses for kv in r.kvs}
         combined = _combine(pb.MultiGetResponse(), responses)
         combined.kvs.extend(found[k] for k in keys if k in found)
@@ -484,11 +489,31 @@ def new_request_id() -> bytes:
     return os.urandom(16)
 
 
-def _sub_request_id(request_id: bytes, shard: int, parts: int) -> bytes:
-    """The per-shard id of a write split over shards: stable, so a retry of the whole is deduplicated."""
-    if parts == 1:
+def _sub_request_id(request_id: bytes, shard: int, keys: list[bytes], whole: bool) -> bytes:
+    """The id of one shard's part of a split write: derived from the whole write's id, the shard
+    and the part's keys, so a retry of the whole is deduplicated part by part, while a part
+    regrouped under a new map (other keys) is not mistaken for an earlier one."""
+    if whole:
         return request_id
-    return hashlib.blake2b(request_id + shard.to_bytes(8, "big"), digest_size=16).digest()
+    digest = hashlib.blake2b(request_id + shard.to_bytes(8, "big"), digest_size=16)
+    for key in sorted(keys):
+        digest.update(len(key).to_bytes(4, "big") + key)
+    return digest.digest()
+
+
+class _MapChanged(Exception):
+    """Internal: a part of a split operation spans shards under a refreshed map."""
+
+
+_REGROUP = object()
+_MAX_REGROUPS = 5
+
+
+def _regroup_marker(plan: Plan) -> Plan:
+    try:
+        return (yield from plan)
+    except _MapChanged:
+        return _REGROUP
 
 
 def encode_session(session: dict[int, int]) -> str:
