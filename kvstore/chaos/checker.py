@@ -399,9 +399,10 @@ def check_linearizable(ops: Iterable[Op], *, timeout_s: float = 10.0) -> LinResu
 
     kvstore writes are linearizable whatever consistency their client reads at (they all go
     through the shard's Raft leader), so writes recorded by session or bounded clients are part of
-    the register's history too; only reads at weaker levels are left out. Unknown-outcome writes may take effect at any time
-    after their call, or never; see `_to_entry` for what each op means to the model. The time budget
-    covers all keys: a key not decided in time makes the result `timed_out` (and not ok).
+    the register's history too; only reads at weaker levels are left out. Unknown-outcome writes
+    may take effect at any time after their call, or never; see `_to_entry` for what each op
+    means to the model. The time budget covers all keys: a key not decided in time makes the
+    result `timed_out` (and not ok).
     """
     deadline = time.monotonic() + timeout_s
     by_key: dict[str, list[Op]] = defaultdict(list)
