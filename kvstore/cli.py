@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--nemesis", default="kill,pause,partition,delay")
     chaos.add_argument("--seed", type=int, default=1)
     chaos.add_argument("--out", default="results/chaos")
+    chaos.add_argument(
+        "--runs", type=int, default=1, help="repeat with seeds seed, seed+1, ... and aggregate"
+    )
     return parser
 
 

@@ -455,13 +455,42 @@ def run_chaos_cli(args: Any) -> int:
     unknown = set(nemeses) - set(NEMESES)
     if unknown:
         raise ValueError(f"unknown nemesis {sorted(unknown)}; choose from {', '.join(NEMESES)}")
-    options = ChaosOptions(
-        shards=args.shards, duration=args.duration, nemeses=nemeses, seed=args.seed, out=Path(args.out)
-    )
-    print(
-        f"chaos: {args.shards} shard(s), {args.duration:.0f} s, nemeses {','.join(nemeses)}, seed {args.seed}"
-    )
-    report = ChaosRun(options).run()
-    print(report.to_markdown())
-    print(f"history and report written to {options.out}/")
-    return 0 if report.ok else 1
+    runs = max(1, getattr(args, "runs", 1))
+    reports = []
+    for seed in range(args.seed, args.seed + runs):
+        out = Path(args.out) if runs == 1 else Path(args.out) / f"seed-{seed}"
+        options = ChaosOptions(
+            shards=args.shards, duration=args.duration, nemeses=nemeses, seed=seed, out=out
+        )
+        print(
+            f"chaos: {args.shards} shard(s), {args.duration:.0f} s, nemeses {','.join(nemeses)}, seed {seed}"
+        )
+        report = ChaosRun(options).run()
+        reports.append(report)
+        print(report.to_markdown())
+        print(f"history and report written to {out}/", flush=True)
+    if runs > 1:
+        summary = aggregate(reports)
+        (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2))
+    return 0 if all(r.ok for r in reports) else 1
+
+
+def aggregate(reports: list[ChaosReport]) -> dict[str, Any]:
+    faults: Counter[str] = Counter()
+    anomalies: Counter[str] = Counter()
+    for r in reports:
+        faults.update(r.faults)
+        anomalies.update(r.anomalies)
+    return {
+        "runs": len(reports),
+        "passed": sum(r.ok for r in reports),
+        "operations_recorded": sum(r.ops_recorded for r in reports),
+        "operations_checked": sum(r.ops_checked for r in reports),
+        "indeterminate": sum(r.indeterminate for r in reports),
+        "faults": dict(faults),
+        "anomalies": dict(anomalies),
+        "lost_writes": sum(r.lost_writes for r in reports),
+        "not_converged": sum(not r.converged for r in reports),
+        "failed_seeds": [r.seed for r in reports if not r.ok],
+    }
