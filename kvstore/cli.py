@@ -31,6 +31,17 @@ def _add_cluster_commands(sub: Any) -> None:
     up.add_argument("--base-port", type=int, default=None, help="first port (default: free ports)")
     up.add_argument("--vnodes", type=int, default=256)
     up.add_argument("--timeout", type=float, default=60.0)
+    up.add_argument("--faults", action="store_true", help="put a fault proxy in front of every Raft port")
+    fault = cluster.add_parser("fault", help="cut, delay or heal Raft links (cluster started with --faults)")
+    fault.add_argument("--dir", required=True)
+    fault.add_argument("fault_action", metavar="action", choices=["isolate", "partition", "blackhole", "delay", "heal", "show"])
+    fault.add_argument(
+        "targets", nargs="*", help="isolate NODE | partition A,B C,D | blackhole SRC DST | delay SEC"
+    )
+    fault.add_argument("--src", default=None, help="delay: only links from this node")
+    fault.add_argument("--dst", default=None, help="delay: only links to this node")
+    proxies = cluster.add_parser("proxies", help=argparse.SUPPRESS)  # the proxy daemon itself
+    proxies.add_argument("--dir", required=True)
     status = cluster.add_parser("status", help="per shard: leader, replicas, indexes, key counts")
     status.add_argument("--dir", required=True)
     status.add_argument("--json", action="store_true")
@@ -168,7 +179,7 @@ def _cluster(args: argparse.Namespace) -> int:
     cluster = LocalCluster(args.dir)
     if args.action == "up":
         if not cluster.map_path.exists():
-            cluster.create(args.shards, args.replicas, args.base_port, args.vnodes)
+            cluster.create(args.shards, args.replicas, args.base_port, args.vnodes, faults=args.faults)
         cluster.start_all()
         try:
             shards = cluster.wait_for_leaders(args.timeout)
@@ -190,10 +201,40 @@ def _cluster(args: argparse.Namespace) -> int:
     elif args.action == "start":
         pid = cluster.start(args.node)
         print(f"started {args.node} (pid {pid})")
+    elif args.action == "fault":
+        _fault(cluster, args)
+    elif args.action == "proxies":
+        from kvstore.chaos.proxy_daemon import run as run_proxies
+
+        run_proxies(args.dir)
     elif args.action == "down":
         cluster.down()
         print(f"cluster at {args.dir} stopped (data kept under {cluster.dir / 'data'})")
     return 0
+
+
+def _fault(cluster: Any, args: argparse.Namespace) -> None:
+    from kvstore.chaos import proxy_daemon as pd
+
+    if not cluster.has_fault_proxies:
+        raise ValueError(f"{cluster.dir} has no fault proxies: create it with `cluster up --faults`")
+    faults = pd.read_faults(cluster.dir)
+    t = args.targets
+    if args.fault_action == "isolate" and len(t) == 1:
+        faults["isolate"].append(t[0])
+    elif args.fault_action == "partition" and len(t) == 2:
+        faults["partitions"].append([t[0].split(","), t[1].split(",")])
+    elif args.fault_action == "blackhole" and len(t) == 2:
+        faults["blackholes"].append([t[0], t[1]])
+    elif args.fault_action == "delay" and len(t) == 1:
+        faults["delays"].append([args.src, args.dst, float(t[0])])
+    elif args.fault_action == "heal":
+        faults = dict(pd.NO_FAULTS)
+    elif args.fault_action != "show":
+        raise ValueError(f"usage: cluster fault --dir D {args.fault_action} ... (see --help)")
+    if args.fault_action != "show":
+        pd.write_faults(cluster.dir, faults)
+    print(json.dumps(faults, indent=2))
 
 
 def _print_status(shards: list[dict[str, Any]]) -> None:

@@ -13,6 +13,7 @@ Every replica is its own process: pysyncobj's tick thread must not share a GIL w
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -31,6 +32,7 @@ from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.routing.cluster_map import ClusterMap, ReplicaInfo, ShardInfo
 
+PROXY_DAEMON = "fault-proxies"  # name of the proxy daemon's log and PID files
 ZONES = ("zone-a", "zone-b", "zone-c", "zone-d", "zone-e")
 SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "STOP": signal.SIGSTOP, "CONT": signal.SIGCONT}
 
@@ -112,6 +114,7 @@ class LocalCluster:
         storage: StorageSettings | None = None,
         advertise_for: Callable[[dict[str, str]], dict[str, str]] | None = None,
         server: ServerSettings | None = None,
+        faults: bool = False,
     ) -> ClusterMap:
         """Write the map and node configs.
 
@@ -127,6 +130,8 @@ class LocalCluster:
                 f"s{i // replicas}r{i % replicas}": f"127.0.0.1:{ports[2 * i + 1]}" for i in range(count)
             }
             proxied_raft = advertise_for(binds)
+        elif faults:
+            proxied_raft = self._plan_fault_proxies(count, replicas, ports)
         shard_infos = []
         configs = []
         for shard in range(shards):
@@ -163,6 +168,24 @@ class LocalCluster:
         cluster_map.save(self.map_path)
         return cluster_map
 
+    def _plan_fault_proxies(self, count: int, replicas: int, ports: list[int]) -> dict[str, str]:
+        """One proxy address per replica, recorded for the proxy daemon (kvstore.chaos.proxy_daemon)."""
+        proxy_ports = free_ports(count)
+        layout = {}
+        for i in range(count):
+            name = f"s{i // replicas}r{i % replicas}"
+            layout[name] = {
+                "listen": f"127.0.0.1:{proxy_ports[i]}",
+                "target": f"127.0.0.1:{ports[2 * i + 1]}",
+            }
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "proxies.json").write_text(json.dumps(layout, indent=2))
+        return {name: ends["listen"] for name, ends in layout.items()}
+
+    @property
+    def has_fault_proxies(self) -> bool:
+        return (self.dir / "proxies.json").exists()
+
     # ----- processes -----
 
     def pid(self, name: str) -> int | None:
@@ -175,16 +198,25 @@ class LocalCluster:
     def start(self, name: str) -> int:
         if self.pid(name):
             raise RuntimeError(f"{name} is already running (pid {self.pid(name)})")
+        return self._spawn(name, ["node", "--config", str(self._config_path(name))])
+
+    def _spawn(self, name: str, args: list[str]) -> int:
+        """Start `python -m kvstore ARGS` detached, output to logs/<name>.log, PID to run/<name>.pid."""
         log = open(self.log_path(name), "ab")
-        cmd = [sys.executable, "-m", "kvstore", "node", "--config", str(self._config_path(name))]
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            [sys.executable, "-m", "kvstore", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         log.close()
         self._pid_path(name).write_text(str(proc.pid))
         return proc.pid
 
     def start_all(self) -> None:
+        if self.has_fault_proxies and not self.pid(PROXY_DAEMON):
+            self._spawn(PROXY_DAEMON, ["cluster", "proxies", "--dir", str(self.dir)])
         for name in self.node_names():
             if not self.pid(name):
                 self.start(name)
@@ -202,7 +234,7 @@ class LocalCluster:
 
     def down(self, timeout: float = 10.0) -> None:
         """SIGTERM every node (SIGCONT first, in case it is paused), SIGKILL whatever lingers."""
-        pids = {name: self.pid(name) for name in self.node_names()}
+        pids = {name: self.pid(name) for name in [*self.node_names(), PROXY_DAEMON]}
         for pid in filter(None, pids.values()):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
