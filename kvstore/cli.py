@@ -34,7 +34,11 @@ def _add_cluster_commands(sub: Any) -> None:
     up.add_argument("--faults", action="store_true", help="put a fault proxy in front of every Raft port")
     fault = cluster.add_parser("fault", help="cut, delay or heal Raft links (cluster started with --faults)")
     fault.add_argument("--dir", required=True)
-    fault.add_argument("fault_action", metavar="action", choices=["isolate", "partition", "blackhole", "delay", "heal", "show"])
+    fault.add_argument(
+        "fault_action",
+        metavar="action",
+        choices=["isolate", "partition", "blackhole", "delay", "heal", "show"],
+    )
     fault.add_argument(
         "targets", nargs="*", help="isolate NODE | partition A,B C,D | blackhole SRC DST | delay SEC"
     )
