@@ -124,7 +124,10 @@ class ClientCore:
         return encode_session(self.session)
 
     def observe(self, header: pb.ResponseHeader) -> None:
-        """Raise the session token to what a response shows was seen or written."""
+        """Learn from a response: the shard's leader (a hint that follows failovers), and the
+        session token, raised to what the response shows was seen or written."""
+        if header.leader and not header.revisions:
+            self.leaders[header.shard] = header.leader
         if not self.track_session:
             return
         seen = dict(header.revisions) or {header.shard: header.revision}
@@ -276,10 +279,13 @@ class ClientCore:
             return (yield from self._via_router(method, request, is_write=False))
         deadline = self._deadline()
         last: errors.KvError | None = None
+        refusal: errors.KvError | None = None
         level = consistency
         for attempt in itertools.count():
             yield from self._ensure_map()
             shard = self._shard_of(keys, split=True) if keys is not None else self.cluster_map.shard(shard_id)
+            if shard.id not in self.leaders and self.read_policy in _LEADER_AWARE:
+                yield from self._discover_leader(shard, deadline)
             for address in self._read_targets(shard, self.read_policy):
                 request.read.CopyFrom(self._read_options(level, shard.id, session))
                 request.epoch = self.cluster_map.epoch
@@ -291,11 +297,15 @@ class ClientCore:
                     last = err
                     break
                 except errors.ReplicaBehind as err:
-                    last = err
+                    last = refusal = err
                     if level.level == BOUNDED:
                         level = Consistency.STRONG  # the leader's barrier is always within any bound
                     continue
-                except (errors.Unavailable, errors.UnknownOutcome, errors.NotLeader) as err:
+                except errors.UnknownOutcome as err:
+                    # For a read, "outcome unknown" only means no answer in time.
+                    last = errors.Timeout(f"read timed out at {address}: {err.message}")
+                    continue
+                except (errors.Unavailable, errors.NotLeader) as err:
                     last = err
                     if isinstance(err, errors.NotLeader) and err.leader:
                         self.leaders[shard.id] = err.leader
@@ -304,9 +314,25 @@ class ClientCore:
                 self.observe(response.header)
                 return response
             if time.monotonic() >= deadline:
-                raise last if last is not None else errors.Unavailable("no replica answered")
+                # Prefer what a server said (e.g. replica_behind) over the timeout that ended it.
+                raise refusal or last or errors.Unavailable("no replica answered")
             yield self._backoff(attempt)
         raise AssertionError("unreachable")
+
+    def _discover_leader(self, shard: ShardInfo, deadline: float) -> Plan:
+        """Ask the shard's replicas who leads, so leader-aware read policies start right (a client
+        that only reads would otherwise never learn it). Best effort: no answer leaves a guess."""
+        addresses = {r.address for r in shard.replicas}
+        for replica in shard.replicas:
+            try:
+                status = yield Call(
+                    replica.address, "Admin", "Status", pb.StatusRequest(), self._attempt_timeout(deadline)
+                )
+            except errors.KvError:
+                continue
+            if status.leader_address in addresses:
+                self.leaders[shard.id] = status.leader_address
+                return
 
     def _read_options(
         self, consistency: ReadConsistency, shard_id: int | None, session: dict[int, int] | None = None
@@ -530,3 +556,7 @@ def decode_session(token: str) -> dict[int, int]:
 
 
 Runner = Callable[[Plan], Any]
+
+
+# Read policies whose replica order depends on knowing the leader.
+_LEADER_AWARE = (ReadPolicy.LEADER, ReadPolicy.FOLLOWERS_ONLY)

@@ -35,7 +35,7 @@ class ReadOptions(_message.Message):
     def __init__(self, consistency: _Optional[_Union[Consistency, str]] = ..., session: _Optional[_Mapping[int, int]] = ..., max_staleness_seconds: _Optional[float] = ...) -> None: ...
 
 class ResponseHeader(_message.Message):
-    __slots__ = ("shard", "revision", "term", "epoch", "served_by", "revisions")
+    __slots__ = ("shard", "revision", "term", "epoch", "served_by", "revisions", "leader")
     class RevisionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -49,13 +49,15 @@ class ResponseHeader(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SERVED_BY_FIELD_NUMBER: _ClassVar[int]
     REVISIONS_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
     shard: int
     revision: int
     term: int
     epoch: int
     served_by: str
     revisions: _containers.ScalarMap[int, int]
-    def __init__(self, shard: _Optional[int] = ..., revision: _Optional[int] = ..., term: _Optional[int] = ..., epoch: _Optional[int] = ..., served_by: _Optional[str] = ..., revisions: _Optional[_Mapping[int, int]] = ...) -> None: ...
+    leader: str
+    def __init__(self, shard: _Optional[int] = ..., revision: _Optional[int] = ..., term: _Optional[int] = ..., epoch: _Optional[int] = ..., served_by: _Optional[str] = ..., revisions: _Optional[_Mapping[int, int]] = ..., leader: _Optional[str] = ...) -> None: ...
 
 class KeyValue(_message.Message):
     __slots__ = ("key", "value", "revision")

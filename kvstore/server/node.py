@@ -48,6 +48,7 @@ class NodeContext:
             term=self.shard.machine.raftCurrentTerm,
             epoch=self.cluster_map.epoch,
             served_by=self.config.name,
+            leader=self.shard.leader_client_address(),
         )
 
     def check_owned(self, keys: list[bytes]) -> None:
