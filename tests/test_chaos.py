@@ -2,7 +2,7 @@
 
 A checker is trusted only because it catches a planted bug: the first test turns on
 `ServerSettings.unsafe_local_strong_reads` (strong reads served by whoever believes it leads)
-and pauses leaders; the history must then fail the linearizability check. The same run without
+and cuts leaders off; the history must then fail the linearizability check. The same run without
 the bug, and runs with every nemesis, must show no anomaly at all.
 """
 
@@ -23,18 +23,20 @@ def _run(tmp_path: Path, **kwargs: object) -> object:
 
 
 def test_planted_stale_read_bug_is_caught(tmp_path: Path) -> None:
+    # Isolating the leader's Raft links leaves it serving clients while it still believes it leads
+    # (pysyncobj keeps that belief for leader_fallback_timeout), as the majority moves on.
     report = _run(
         tmp_path,
         shards=1,
         duration=20,
-        nemeses=("pause",),
+        nemeses=("partition",),
         seed=1,
         unsafe_local_strong_reads=True,
         leader_bias=1.0,
         fault_gap=(1.0, 2.0),
         fault_length=(3.0, 4.0),
     )
-    assert report.faults.get("pause", 0) >= 2
+    assert report.faults.get("partition", 0) >= 2
     assert not report.linearizable, "a deposed leader serving local reads must be caught"
     assert report.anomalies.get("not-linearizable", 0) >= 1
     assert (tmp_path / "chaos" / "history.jsonl").exists()

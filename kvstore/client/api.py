@@ -56,7 +56,9 @@ def make_core(
         consistency=consistency,
         read_policy=read_policy,
         session=session,
-        settings=ClientSettings(timeout=timeout, rpc_timeout=min(timeout, 5.0), zone=zone),
+        # An attempt that gets no answer moves on to another replica well before the deadline
+        # (a cut-off old leader accepts writes it can never commit).
+        settings=ClientSettings(timeout=timeout, rpc_timeout=min(5.0, max(0.5, timeout / 3)), zone=zone),
     )
 
 
