@@ -14,6 +14,7 @@ Only the standard library, tomli_w and kvstore itself are used: YAML is written 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import sys
@@ -38,6 +39,7 @@ CONFIG_MOUNT = "/etc/kvstore"  # where the rendered cluster.json and nodes/ are 
 DATA_MOUNT = "/data"  # the image's data volume
 APP = "kvstore"
 SHARD_LABEL = "kvstore.io/shard"
+CHECKSUM_ANNOTATION = "kvstore.io/config-sha256"
 COMPOSE_CONFIG_DIR = "compose"  # beside docker-compose.yml: cluster.json + nodes/<service>.toml
 DEFAULT_IMAGE = "kvstore:latest"
 
@@ -293,10 +295,18 @@ def _node_container(opts: Options) -> dict[str, Any]:
     }
 
 
-def statefulset(members: list[Placement], opts: Options) -> dict[str, Any]:
+def _config_checksum(files: dict[str, str], paths: list[str]) -> dict[str, str]:
+    """A pod-template annotation that changes with the pod's config files, so that applying re-rendered
+    settings rolls the pods one at a time (a ConfigMap change alone restarts nothing)."""
+    digest = hashlib.sha256("".join(f"{path}\n{files[path]}" for path in paths).encode()).hexdigest()
+    return {CHECKSUM_ANNOTATION: digest}
+
+
+def statefulset(members: list[Placement], files: dict[str, str], opts: Options) -> dict[str, Any]:
     shard = members[0].shard
     labels = _labels("node", shard)
     paths = ["cluster.json", *(f"nodes/{p.name}.toml" for p in members)]
+    annotations = _config_checksum(files, paths)
     # Spread a shard's replicas over machines: two on one machine lose the majority together.
     term = {"labelSelector": {"matchLabels": labels}, "topologyKey": "kubernetes.io/hostname"}
     spread = {"weight": 100, "podAffinityTerm": term}
@@ -318,18 +328,29 @@ def statefulset(members: list[Placement], opts: Options) -> dict[str, Any]:
         "metadata": _meta(statefulset_name(shard), opts, labels),
         "spec": {
             "serviceName": statefulset_name(shard),
-            "replicas": len(members),
+            "replicas": len(members),  # never `kubectl scale` it: membership is fixed in the configs
             # Start replicas together: OrderedReady starts pod N+1 only once pod N is Ready, which is slow
             # and would deadlock if readiness ever meant "has a leader" (a lone replica cannot elect one).
             "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": labels},
-            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+            "template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec},
             "volumeClaimTemplates": [claim],
         },
     }
 
 
-def router_manifests(opts: Options) -> list[dict[str, Any]]:
+def disruption_budget(shard: int, opts: Options) -> dict[str, Any]:
+    """Voluntary evictions (node drains, upgrades) take at most one replica of a shard at a time."""
+    labels = _labels("node", shard)
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(statefulset_name(shard), opts, labels),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels}},
+    }
+
+
+def router_manifests(files: dict[str, str], opts: Options) -> list[dict[str, Any]]:
     labels = _labels("router")
     container = {
         "name": "router",
@@ -350,7 +371,7 @@ def router_manifests(opts: Options) -> list[dict[str, Any]]:
             "replicas": opts.router_replicas,
             "selector": {"matchLabels": labels},
             "template": {
-                "metadata": {"labels": labels},
+                "metadata": {"labels": labels, "annotations": _config_checksum(files, ["cluster.json"])},
                 "spec": {
                     "enableServiceLinks": False,
                     "securityContext": _security(pod=True),
@@ -401,8 +422,12 @@ def k8s_documents(opts: Options) -> dict[str, list[dict[str, Any]]]:
     }
     for members in layout:
         shard = members[0].shard
-        docs[f"shard-{shard}.yaml"] = [headless_service(shard, opts), statefulset(members, opts)]
-    docs["router.yaml"] = router_manifests(opts)
+        docs[f"shard-{shard}.yaml"] = [
+            headless_service(shard, opts),
+            statefulset(members, files, opts),
+            disruption_budget(shard, opts),
+        ]
+    docs["router.yaml"] = router_manifests(files, opts)
     docs["networkpolicy.yaml"] = [network_policy(members[0].shard, opts) for members in layout]
     return docs
 
@@ -447,6 +472,13 @@ def _inline(value: Any) -> str:
     return _scalar(value)
 
 
+def _flow(value: Any) -> str:
+    """A short list of scalars on one line, as JSON (which YAML reads the same way): `["a", 1]`."""
+    if not isinstance(value, list) or not value or any(isinstance(v, dict | list | bool) for v in value):
+        return ""
+    return json.dumps(value)
+
+
 def _literal(value: Any) -> bool:
     """Multi-line text (TOML, JSON) is written as a `|` block so the ConfigMap stays readable. Only text
     that such a block reproduces exactly: one final newline, no leading space, nothing unprintable."""
@@ -462,6 +494,9 @@ def _literal(value: Any) -> bool:
 def _value_lines(prefix: str, value: Any, indent: int) -> list[str]:
     """`prefix` is `key:` or `-`; nested blocks are indented two spaces more than `indent`."""
     head = " " * indent + prefix
+    flow = _flow(value)
+    if flow and len(head) + len(flow) < 100:
+        return [f"{head} {flow}"]
     if isinstance(value, dict | list) and value:
         nested = _block(value, indent + 2)
         if prefix == "-" and isinstance(value, dict):  # a mapping in a list starts on the dash's line

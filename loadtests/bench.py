@@ -153,6 +153,17 @@ async def kvstore_suite(config: lib.BenchConfig, results: lib.Results, shards: i
                 unit = "ops" if per_call == 1 else "keys"
                 row = lib.Row("kvstore", scenario(op_name, shards, door), unit, per_call, m, ceiling, peer)
                 results.add(row)
+            if door == "smart":
+                # Strong reads again with every read at the leader, the client's default policy:
+                # shows what follower barriers (round robin above) cost or save.
+                leader_only = AsyncClient.from_cluster(cluster.dir, read_policy=ReadPolicy.LEADER)
+                clients.append(leader_only)
+                op = kv_ops(leader_only, config.keyspace, buckets, shards)[1][1]
+                m = await ceil.measure(config, op)
+                name = scenario("get strong, leader policy", shards, door)
+                results.add(
+                    lib.Row("kvstore", name, "ops", 1, m, ceil.ECHO_UNARY, ceil.ETCD_GET_LINEARIZABLE)
+                )
     finally:
         for kv in clients:
             with contextlib.suppress(Exception):

@@ -409,7 +409,11 @@ def _on_test_start(environment: Any, **_: Any) -> None:
     if not environment.host or not (Path(environment.host) / "cluster.json").exists():
         log.warning("fault schedule ignored: --host must be a local cluster directory")
         return
-    _fault_greenlet = gevent.spawn(_fault_cycle, environment, LocalCluster(environment.host), TRACKER)
+    cluster = LocalCluster(environment.host)
+    if opts.kv_kill_shard not in {s.id for s in cluster.cluster_map().shards}:
+        log.error("fault schedule ignored: the cluster has no shard %d", opts.kv_kill_shard)
+        return
+    _fault_greenlet = gevent.spawn(_fault_cycle, environment, cluster, TRACKER)
 
 
 def _preload(host: str, opts: Any) -> None:

@@ -180,3 +180,21 @@ def test_follower_redirects_writes_to_the_leader(shared_cluster: LocalCluster) -
     with Client([follower_address]) as kv:
         kv.put(b"api:redirect", b"x")
         assert kv.get(b"api:redirect") == b"x"
+
+
+def test_retried_write_with_the_same_request_id_applies_once(shared_cluster: LocalCluster) -> None:
+    with grpc.insecure_channel(_leader_address(shared_cluster)) as channel:
+        stub = pb_grpc.KVStub(channel)
+        first = stub.Put(pb.PutRequest(key=b"api:dedup", value=b"v1", request_id=b"req-A"))
+        second = stub.Put(pb.PutRequest(key=b"api:dedup", value=b"v2", request_id=b"req-B"))
+        retry = stub.Put(pb.PutRequest(key=b"api:dedup", value=b"v1", request_id=b"req-A"))
+        assert retry.header.revision == first.header.revision < second.header.revision
+        got = stub.Get(pb.GetRequest(key=b"api:dedup"))
+        assert (got.kv.value, got.kv.revision) == (b"v2", second.header.revision)
+        # A retried compare-and-set reports its first outcome instead of failing on its own write.
+        cas = pb.CompareAndSetRequest(
+            key=b"api:dedup", value=b"v3", expected_revision=second.header.revision, request_id=b"req-C"
+        )
+        done = stub.CompareAndSet(cas)
+        again = stub.CompareAndSet(cas)
+        assert done.succeeded and again.succeeded and again.header.revision == done.header.revision

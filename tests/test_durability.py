@@ -148,6 +148,24 @@ def test_paused_leader_never_serves_a_stale_strong_read(make_cluster: Callable[.
     assert leader != old_leader
 
 
+def test_sigterm_shuts_a_node_down_gracefully(make_cluster: Callable[..., LocalCluster]) -> None:
+    cluster = make_cluster()
+    leader = cluster.leader_of(0)
+    follower = next(n for n in cluster.node_names() if n != leader)
+    with Client.from_cluster(cluster.dir) as kv:
+        kv.put(b"term:a", b"1")
+        started = time.monotonic()
+        cluster.kill(follower, "TERM")
+        assert cluster.pid(follower) is None, "the node should exit on SIGTERM"
+        assert time.monotonic() - started < 10
+        assert "shutting down" in cluster.log_path(follower).read_text()
+        kv.put(b"term:b", b"2")  # the other two still form a majority
+        cluster.start(follower)
+        address = _address(cluster, follower)
+        wait_until(lambda: _applied(address) >= _applied(_address(cluster, leader)), 30)
+        assert _eventual_get(address, b"term:b") == b"2"
+
+
 # ----- helpers ---------------------------------------------------------------------------------
 
 
