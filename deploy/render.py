@@ -14,10 +14,13 @@ Only the standard library, tomli_w and kvstore itself are used: YAML is written 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import re
+import shlex
 import sys
+import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +78,7 @@ class Options:
     cluster_domain: str = "cluster.local"
     storage: str = "1Gi"
     router_replicas: int = 2
+    settings: tuple[str, ...] = ()  # "SECTION.KEY=VALUE" overrides of NodeConfig's defaults
 
     def command_line(self, target: str) -> str:
         """The command that reproduces these files (written into each YAML header)."""
@@ -83,7 +87,33 @@ class Options:
         if target == "k8s":
             args += [f"--namespace {self.namespace}", f"--cluster-domain {self.cluster_domain}"]
             args += [f"--storage {self.storage}", f"--router-replicas {self.router_replicas}"]
+        args += [f"--set {shlex.quote(setting)}" for setting in self.settings]
         return " ".join(args)
+
+
+def _sections() -> set[str]:
+    """NodeConfig's settings sections (limits, raft, storage, server): the only things --set may change."""
+    return {
+        f.name
+        for f in dataclasses.fields(NodeConfig)
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)
+    }
+
+
+def parse_settings(pairs: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """`raft.min_timeout=1.2` -> {"raft": {"min_timeout": 1.2}}; the value is read as TOML (numbers,
+    booleans, "strings"). Names are checked when NodeConfig is built; identity fields are not settable."""
+    settings: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        key, eq, raw = pair.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not eq or not dot or section not in _sections():
+            raise ValueError(f"--set wants SECTION.KEY=VALUE with SECTION in {sorted(_sections())}: {pair!r}")
+        try:
+            settings.setdefault(section, {})[name] = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"--set {pair!r}: not a TOML value ({err})") from None
+    return settings
 
 
 # ----- layouts: names and DNS addresses ----------------------------------------------------------
@@ -109,9 +139,12 @@ def k8s_layout(shards: int, replicas: int, namespace: str, domain: str) -> list[
 
 
 def build(
-    layout: list[list[Placement]], cluster_map_path: str, vnodes: int
+    layout: list[list[Placement]],
+    cluster_map_path: str,
+    vnodes: int,
+    settings: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[ClusterMap, list[NodeConfig]]:
-    """The cluster map and every replica's NodeConfig (defaults from kvstore.config)."""
+    """The cluster map and every replica's NodeConfig: kvstore.config's defaults, then `settings`."""
     shards = []
     configs = []
     for members in layout:
@@ -120,20 +153,20 @@ def build(
             ShardInfo(shard, tuple(ReplicaInfo(p.name, p.address, p.raft_address) for p in members))
         )
         for p in members:
-            configs.append(
-                NodeConfig(
-                    name=p.name,
-                    shard=shard,
-                    listen=f"{p.bind_host}:{p.grpc_port}",
-                    raft_bind=f"{p.bind_host}:{p.raft_port}",
-                    raft_advertise=p.raft_address,
-                    # pysyncobj matches peers by these exact strings: every replica must use the others'
-                    # advertised names, never an IP, or connections are not recognised.
-                    peers=[o.raft_address for o in members if o.name != p.name],
-                    data_dir=p.data_dir,
-                    cluster_map=cluster_map_path,
-                )
-            )
+            identity = {
+                "name": p.name,
+                "shard": shard,
+                "listen": f"{p.bind_host}:{p.grpc_port}",
+                "raft_bind": f"{p.bind_host}:{p.raft_port}",
+                "raft_advertise": p.raft_address,
+                # pysyncobj matches peers by these exact strings: every replica must use the others'
+                # advertised names, never an IP, or connections are not recognised.
+                "peers": [o.raft_address for o in members if o.name != p.name],
+                "data_dir": p.data_dir,
+                "cluster_map": cluster_map_path,
+            }
+            # from_dict rejects unknown setting names, as `kvstore node` would when loading the file.
+            configs.append(NodeConfig.from_dict({**identity, **(settings or {})}))
     return ClusterMap(epoch=1, shards=tuple(shards), vnodes_per_shard=vnodes), configs
 
 
@@ -194,7 +227,9 @@ def compose_file(layout: list[list[Placement]], opts: Options) -> dict[str, Any]
 
 def render_compose(opts: Options) -> dict[str, str]:
     layout = compose_layout(opts.shards, opts.replicas)
-    cluster_map, configs = build(layout, f"{CONFIG_MOUNT}/cluster.json", opts.vnodes)
+    cluster_map, configs = build(
+        layout, f"{CONFIG_MOUNT}/cluster.json", opts.vnodes, parse_settings(opts.settings)
+    )
     files = {
         f"{COMPOSE_CONFIG_DIR}/{path}": text for path, text in config_files(cluster_map, configs).items()
     }
@@ -414,7 +449,9 @@ def network_policy(shard: int, opts: Options) -> dict[str, Any]:
 def k8s_documents(opts: Options) -> dict[str, list[dict[str, Any]]]:
     """File name -> the manifests in it."""
     layout = k8s_layout(opts.shards, opts.replicas, opts.namespace, opts.cluster_domain)
-    cluster_map, configs = build(layout, f"{CONFIG_MOUNT}/cluster.json", opts.vnodes)
+    cluster_map, configs = build(
+        layout, f"{CONFIG_MOUNT}/cluster.json", opts.vnodes, parse_settings(opts.settings)
+    )
     files = config_files(cluster_map, configs)
     docs: dict[str, list[dict[str, Any]]] = {
         "namespace.yaml": [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": opts.namespace}}],
@@ -574,6 +611,14 @@ def parse_args(argv: list[str] | None) -> tuple[str, Options, Path]:
     parser.add_argument("--storage", default=defaults.storage, help="k8s: PersistentVolumeClaim size")
     parser.add_argument("--router-replicas", type=int, default=defaults.router_replicas, help="k8s")
     parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a node setting, e.g. --set raft.min_timeout=1.2 --set storage.fsync=false",
+    )
+    parser.add_argument(
         "--out", type=Path, default=None, help="default: deploy/ (compose), deploy/k8s/ (k8s)"
     )
     args = parser.parse_args(argv)
@@ -586,13 +631,18 @@ def parse_args(argv: list[str] | None) -> tuple[str, Options, Path]:
         cluster_domain=args.cluster_domain,
         storage=args.storage,
         router_replicas=args.router_replicas,
+        settings=tuple(args.settings),
     )
     return args.target, opts, args.out or DEFAULT_OUT[args.target]
 
 
 def main(argv: list[str] | None = None) -> int:
     target, opts, out = parse_args(argv)
-    files = render(target, opts)
+    try:
+        files = render(target, opts)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     write(out, files, target)
     print(f"wrote {len(files)} file(s) under {out}")
     return 0

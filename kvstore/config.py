@@ -46,6 +46,13 @@ class RaftSettings:
     # Compact the log (LMDB snapshot) after this many entries, or this many seconds.
     compaction_min_entries: int = 20_000
     compaction_min_time: float = 300.0
+    # Peers are dialled by name: re-resolve soon, so a restarted pod with a new IP is found
+    # (pysyncobj's defaults cache answers for 600 s).
+    dns_cache_time: float = 5.0
+    dns_fail_cache_time: float = 1.0
+    # Encrypts and authenticates Raft traffic (pysyncobj's Fernet); without it, anyone who reaches a
+    # Raft port can run code in the node. Needs the `cryptography` package (extra: kvstore[secure]).
+    password: str = ""
 
 
 @dataclass

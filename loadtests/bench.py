@@ -266,11 +266,12 @@ async def rss_run(
 
     bound = config.max_calls * 100
     print(f"  RSS run: {config.rss_warmup:.0f}s warm-up, then {config.rss_seconds:.0f}s of puts", flush=True)
-    profiler = start_profile(config, pids.get(leader)) if profile else None
+    recorders = start_profile(config, pids.get(leader)) if profile else []
     await lib.drive(put, concurrency=config.concurrency, max_calls=bound, max_seconds=config.rss_warmup)
-    profile_result = await finish_profile(profiler)
-    if profile_result is not None:
-        results.sections["profile"] = {"node": leader, "role": "leader", **profile_result}
+    profiles = await finish_profile(recorders)
+    if profiles is not None:
+        load = f"single-key puts, {config.concurrency} in flight, smart client, 1x3"
+        results.sections["profile"] = {"node": leader, "role": "leader", "load": load, **profiles}
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in pids}
     writer = asyncio.ensure_future(
         lib.drive(put, concurrency=config.concurrency, max_calls=bound, max_seconds=config.rss_seconds)
@@ -317,31 +318,49 @@ def py_spy() -> str | None:
     return str(local) if local.exists() else shutil.which("py-spy")
 
 
-def start_profile(config: lib.BenchConfig, pid: int | None) -> tuple[Any, Path] | None:
+def start_profile(config: lib.BenchConfig, pid: int | None) -> list[tuple[str, Any, Path]]:
+    """Two py-spy recorders on the leader: `cpu` samples only the thread holding the GIL (where Python
+    spends CPU), `wall` every non-idle thread (also shows time blocked in fsync, sends, ...)."""
     binary = py_spy()
     if binary is None or pid is None:
         print("  profile: skipped (py-spy not found; `pip install py-spy` to get one)", flush=True)
-        return None
-    out = config.work / "profile.txt"
+        return []
     seconds = max(1, int(min(config.profile_seconds, config.rss_warmup)))
-    # --nonblocking: sample without pausing the node (it must keep up with its Raft peers).
-    cmd = [binary, "record", "--nonblocking", "--threads", "-r", "100", "-d", str(seconds)]
-    cmd += ["-f", "raw", "-o", str(out), "-p", str(pid)]
-    return lib.spawn(cmd, config.work / "logs/py-spy.log"), out
+    recorders = []
+    for kind, extra in (("cpu", ["--gil"]), ("wall", [])):
+        out = config.work / f"profile-{kind}.txt"
+        # --nonblocking: sample without pausing the node (it must keep up with its Raft peers).
+        cmd = [binary, "record", "--nonblocking", "--threads", "-r", "100", "-d", str(seconds), *extra]
+        cmd += ["-f", "raw", "-o", str(out), "-p", str(pid)]
+        recorders.append((kind, lib.spawn(cmd, config.work / f"logs/py-spy-{kind}.log"), out))
+    return recorders
 
 
-async def finish_profile(profiler: tuple[Any, Path] | None) -> dict[str, Any] | None:
-    if profiler is None:
-        return None
-    proc, out = profiler
-    deadline = time.monotonic() + 30.0
-    while proc.poll() is None and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
-    lib.stop(proc)
-    if not out.exists():
-        print("  profile: py-spy wrote nothing (see logs/py-spy.log)", flush=True)
-        return None
-    return summarize_profile(out.read_text())
+async def finish_profile(recorders: list[tuple[str, Any, Path]]) -> dict[str, Any] | None:
+    found: dict[str, Any] = {}
+    for kind, proc, out in recorders:
+        deadline = time.monotonic() + 30.0
+        while proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        lib.stop(proc)
+        if out.exists():
+            found[kind] = summarize_profile(out.read_text())
+        else:
+            print(f"  profile: py-spy ({kind}) wrote nothing (see logs/py-spy-{kind}.log)", flush=True)
+    return found or None
+
+
+# Frames every stack goes through: they say nothing about where the time goes.
+_BOILERPLATE = (
+    "(threading.py)",
+    "(<frozen runpy>)",
+    "(kvstore/cli.py)",
+    "(kvstore/__main__.py)",
+    "(asyncio/runners.py)",
+    "(uvloop/__init__.py)",
+    "run (kvstore/server/node.py)",
+    "_autoTickThread (pysyncobj/syncobj.py)",
+)
 
 
 def _frame_name(frame: str) -> str:
@@ -366,18 +385,18 @@ def summarize_profile(collapsed: str, top: int = 15) -> dict[str, Any]:
             continue
         count = int(count_text)
         frames = stack.split(";")
-        thread, frames = (
-            (frames[0], frames[1:]) if frames[0].startswith(("thread", "process")) else ("", frames)
-        )
-        if frames and frames[0].startswith("thread"):
+        thread = ""
+        while frames and frames[0].startswith(("thread ", "process ")):
             thread, frames = frames[0], frames[1:]
         total += count
+        thread = thread.split(": ", 1)[-1] if thread else "?"
         threads[thread] = threads.get(thread, 0) + count
         names = [_frame_name(f) for f in frames]
         if names:
             own[names[-1]] = own.get(names[-1], 0) + count
         for name in set(names):
-            inclusive[name] = inclusive.get(name, 0) + count
+            if not name.endswith(_BOILERPLATE):
+                inclusive[name] = inclusive.get(name, 0) + count
 
     def ranked(counts: dict[str, int]) -> list[dict[str, Any]]:
         items = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
@@ -516,7 +535,11 @@ async def run(config: lib.BenchConfig, options: argparse.Namespace) -> dict[str,
             await run_section(f"kvstore {shards}x3", results, kvstore_suite(config, results, shards))
     if "growth" in only:
         await run_section("growth", results, growth(config, results, options.profile))
-    found = targets(results)
+    return build_document(config, results, started)
+
+
+def build_document(config: lib.BenchConfig, results: lib.Results, started: float) -> dict[str, Any]:
+    """Everything one run measured, as the JSON written to --out."""
     return {
         "schema": "kvstore-bench/1",
         "mode": "quick" if config.quick else "full",
@@ -534,7 +557,7 @@ async def run(config: lib.BenchConfig, options: argparse.Namespace) -> dict[str,
         },
         "config": config.as_dict(),
         "rows": results.as_dicts(),
-        "targets": found,
+        "targets": targets(results),
         "table_markdown": results.table(),
         **results.sections,
     }
@@ -562,11 +585,17 @@ async def etcd_section(config: lib.BenchConfig, results: lib.Results, wanted: bo
 def print_profile(profile: dict[str, Any] | None) -> None:
     if not profile:
         return
-    print(f"\nProfile of the leader ({profile['node']}) under write load, {profile['samples']} samples:")
-    for label in ("threads", "self", "inclusive"):
-        print(f"  {label}:")
-        for entry in profile[label][:10]:
-            print(f"    {100 * entry['share']:5.1f}%  {entry['function']}")
+    print(f"\nProfile of the leader ({profile['node']}) under {profile['load']}:")
+    for kind in ("cpu", "wall"):
+        if kind not in profile:
+            continue
+        p = profile[kind]
+        print(
+            f"  {kind} ({p['samples']} samples; {'GIL holder only' if kind == 'cpu' else 'non-idle threads'})"
+        )
+        for label in ("threads", "self", "inclusive"):
+            entries = ", ".join(f"{100 * e['share']:.1f}% {e['function']}" for e in p[label][:8])
+            print(f"    {label}: {entries}")
 
 
 def main(args: argparse.Namespace) -> int:

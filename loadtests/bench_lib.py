@@ -371,7 +371,7 @@ class BenchConfig:
     keyspace: int = 10_000  # keys preloaded and read/overwritten by the kvstore scenarios
     growth_small: int = 10_000
     growth_large: int = 1_000_000
-    load_seconds: float = 400.0  # bound on loading the large growth keyspace
+    load_seconds: float = 300.0  # bound on loading the large growth keyspace
     rss_warmup: float = 30.0
     rss_seconds: float = 300.0
     rss_interval: float = 5.0
@@ -382,8 +382,8 @@ class BenchConfig:
         config = cls(quick=quick, work=work)
         if quick:
             config.seconds, config.warmup_seconds = 1.5, 0.4
-            config.growth_large, config.load_seconds = 100_000, 60.0
-            config.rss_warmup, config.rss_seconds, config.rss_interval = 6.0, 25.0, 2.0
+            config.growth_large, config.load_seconds = 100_000, 40.0
+            config.rss_warmup, config.rss_seconds, config.rss_interval = 6.0, 20.0, 2.0
             config.profile_seconds = 5.0
         if concurrency:
             config.concurrency = concurrency

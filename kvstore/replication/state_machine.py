@@ -98,6 +98,9 @@ class ShardStateMachine(PatchedSyncObj):
             logCompactionMinEntries=raft.compaction_min_entries,
             logCompactionMinTime=raft.compaction_min_time,
             dynamicMembershipChange=False,
+            dnsCacheTime=raft.dns_cache_time,
+            dnsFailCacheTime=raft.dns_fail_cache_time,
+            password=raft.password or None,
         )
         # The tick thread starts inside this call and may replay the journal at once: everything
         # apply_entry needs is set up above.

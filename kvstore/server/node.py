@@ -182,7 +182,7 @@ class AdminServicer(pb_grpc.AdminServicer):
             staleness_seconds=status["staleness_seconds"],
             epoch=self.ctx.cluster_map.epoch,
             key_count=status["key_count"],
-            address=config.listen,
+            address=self.ctx.cluster_map.replica(config.name)[1].address,
             zone=config.zone,
             raft_log_size=status["raft_log_size"],
         )
