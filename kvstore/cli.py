@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="start a 3x3 cluster, run the Locust phases, print a summary")
     demo.add_argument("--phase-seconds", type=float, default=25.0)
     demo.add_argument("--users", type=int, default=24)
-    demo.add_argument("--dir", default=".kvstore/demo")
+    demo.add_argument("--dir", default=".kvstore/demo-run", help="the demo's own cluster (replaced each run)")
     demo.add_argument("--results", default="results/demo")
     bench = sub.add_parser("bench", help="benchmark against ceilings measured in the same run")
     bench.add_argument("--quick", action="store_true")
