@@ -370,15 +370,21 @@ class _Link:
         if self._aborted or self._proxy.controller.is_cut(self.src, self.dst):
             self.abort()
             return
-        to_target = _Pipe(self._proxy, (self.src, self.dst), (self._client[0], self._upstream[1]),
-                          framed, pass_first=True)
-        to_dialer = _Pipe(self._proxy, (self.dst, self.src), (self._upstream[0], self._client[1]),
-                          framed, pass_first=False)
+        to_target = _Pipe(
+            self._proxy, (self.src, self.dst), (self._client[0], self._upstream[1]), framed, pass_first=True
+        )
+        to_dialer = _Pipe(
+            self._proxy, (self.dst, self.src), (self._upstream[0], self._client[1]), framed, pass_first=False
+        )
         failed = False
         try:
             async with asyncio.TaskGroup() as group:
-                for coro in (to_target.read_loop(head), to_target.write_loop(),
-                             to_dialer.read_loop(b""), to_dialer.write_loop()):
+                for coro in (
+                    to_target.read_loop(head),
+                    to_target.write_loop(),
+                    to_dialer.read_loop(b""),
+                    to_dialer.write_loop(),
+                ):
                     self._tasks.append(group.create_task(coro))
         except* (OSError, _LinkCut):  # a reset on either side, or a cut: drop both sides at once
             failed = True
@@ -535,8 +541,9 @@ class FaultProxy:
 class ProxyCluster:
     """N proxies, one per replica, on an event loop in a background thread (for synchronous callers)."""
 
-    def __init__(self, replicas: dict[str, str], *, listen_host: str = "127.0.0.1",
-                 identify_timeout: float = 1.0) -> None:
+    def __init__(
+        self, replicas: dict[str, str], *, listen_host: str = "127.0.0.1", identify_timeout: float = 1.0
+    ) -> None:
         self.controller = LinkController()
         self.proxies: dict[str, FaultProxy] = {}
         self._replicas = dict(replicas)
@@ -550,8 +557,9 @@ class ProxyCluster:
         if self._thread is not None:
             raise RuntimeError("proxy cluster already started")
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run_loop, args=(self._loop,),
-                                        name="fault-proxy-loop", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run_loop, args=(self._loop,), name="fault-proxy-loop", daemon=True
+        )
         self._thread.start()
         try:
             return self._call(self._start_all())
@@ -595,8 +603,13 @@ class ProxyCluster:
 
     async def _start_all(self) -> dict[str, str]:
         for name, real in self._replicas.items():
-            proxy = FaultProxy(name, (self._listen_host, 0), _host_port(real), self.controller,
-                               identify_timeout=self._identify_timeout)
+            proxy = FaultProxy(
+                name,
+                (self._listen_host, 0),
+                _host_port(real),
+                self.controller,
+                identify_timeout=self._identify_timeout,
+            )
             self.proxies[name] = proxy  # before start(), so stop() cleans up a partial start
             await proxy.start()
         return {name: proxy.listen_address for name, proxy in self.proxies.items()}

@@ -214,6 +214,12 @@ class _Pipeline:
         self._client = client
         self._address = address
         self._pending: list[tuple[Call, asyncio.Future[Any]]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()  # asyncio keeps only weak references to tasks
+
+    def _keep(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def submit(self, call: Call) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
@@ -227,10 +233,10 @@ class _Pipeline:
         batch, self._pending = self._pending, []
         if len(batch) == 1:
             call, future = batch[0]
-            task = asyncio.ensure_future(self._client._call(call))
+            task = self._keep(asyncio.ensure_future(self._client._call(call)))
             task.add_done_callback(lambda t: _copy(t, future))
         else:
-            asyncio.ensure_future(self._send(batch))
+            self._keep(asyncio.ensure_future(self._send(batch)))
 
     async def _send(self, batch: list[tuple[Call, asyncio.Future[Any]]]) -> None:
         request = pb.BatchRequest(

@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -114,6 +115,7 @@ class ClientCore:
         self.settings = settings or ClientSettings()
         self.track_session = track_session
         self.session: dict[int, int] = decode_session(session) if session else {}
+        self._session_lock = threading.Lock()
         self.leaders: dict[int, str] = {}
         self.latency: dict[str, float] = {}
         self._rr = itertools.count()
@@ -121,7 +123,8 @@ class ClientCore:
     # ----- session tokens --------------------------------------------------------------------
 
     def session_token(self) -> str:
-        return encode_session(self.session)
+        with self._session_lock:
+            return encode_session(dict(self.session))
 
     def observe(self, header: pb.ResponseHeader) -> None:
         """Learn from a response: the shard's leader (a hint that follows failovers), and the
@@ -131,9 +134,10 @@ class ClientCore:
         if not self.track_session:
             return
         seen = dict(header.revisions) or {header.shard: header.revision}
-        for shard, revision in seen.items():
-            if revision > self.session.get(shard, 0):
-                self.session[shard] = revision
+        with self._session_lock:  # Client threads share it; a token must never move backwards
+            for shard, revision in seen.items():
+                if revision > self.session.get(shard, 0):
+                    self.session[shard] = revision
 
     def record_latency(self, address: str, seconds: float) -> None:
         old = self.latency.get(address)
@@ -229,11 +233,14 @@ class ClientCore:
         """Send a write to its shard's leader until it is applied, definitely failed, or time is up.
 
         Retries reuse the request's id, so a write that did apply is not applied twice."""
+        if not request.request_id:
+            request.request_id = new_request_id()  # e.g. a bare gRPC client through the router
         if self.router:
             return (yield from self._via_router(method, request, is_write=True))
         deadline = self._deadline()
         ambiguous = False
         last: errors.KvError | None = None
+        free_redirects = 2  # a redirect to a named leader or a new map is retried at once, twice
         for attempt in itertools.count():
             yield from self._ensure_map()
             shard = self._shard_of(keys, split)
@@ -247,13 +254,16 @@ class ClientCore:
             except errors.WrongShard as err:
                 yield from self.refresh_map(err.epoch)
                 last = err
-                continue
+                if free_redirects > 0 and time.monotonic() < deadline:
+                    free_redirects -= 1
+                    continue
             except errors.NotLeader as err:
                 self.leaders[shard.id] = err.leader or self._next_replica(shard, address)
                 last = err
-                if err.leader:
+                if err.leader and free_redirects > 0 and time.monotonic() < deadline:
+                    free_redirects -= 1
                     continue
-            except (errors.Unavailable, errors.UnknownOutcome, errors.ReplicaBehind) as err:
+            except (errors.Unavailable, errors.UnknownOutcome) as err:
                 ambiguous = ambiguous or isinstance(err, errors.UnknownOutcome) or not err.from_server
                 self.leaders[shard.id] = self._next_replica(shard, address)
                 last = err
@@ -425,20 +435,26 @@ class ClientCore:
         combined.deleted = sum(r.deleted for r in responses)
         return combined
 
-    def _per_shard(self, keys: list[bytes], atomic: bool, part: Callable[[int, list[bytes]], Plan]) -> Plan:
-        """Run `part` once per shard's group of keys, concurrently. A part whose keys turn out to
-        span shards under a refreshed map is regrouped and run again (only its keys)."""
+    def _per_shard(
+        self, keys: list[bytes], atomic: bool, part: Callable[[int, list[bytes]], Plan], writes: bool = True
+    ) -> Plan:
+        """Run `part` once per shard's group of keys, concurrently, and wait for every part. A part
+        whose keys turn out to span shards under a refreshed map is regrouped and run again (only
+        its keys). If a part fails, a write is reported as failed only if no part may have applied."""
         yield from self._ensure_map()
         remaining, responses = list(keys), []
         for _ in range(_MAX_REGROUPS):
             groups = self.cluster_map.ring.shards_for(remaining)
             if atomic and len(groups) > 1:
                 self._shard_of(remaining)  # raises CrossShardWrite with the explanation
-            results = yield Parallel([_regroup_marker(part(shard, group)) for shard, group in groups.items()])
+            results = yield Parallel([_outcome_of(part(shard, group)) for shard, group in groups.items()])
             remaining = [
                 k for group, r in zip(groups.values(), results, strict=True) if r is _REGROUP for k in group
             ]
-            responses += [r for r in results if r is not _REGROUP]
+            failures = [r for r in results if isinstance(r, errors.KvError)]
+            responses += [r for r in results if r is not _REGROUP and not isinstance(r, errors.KvError)]
+            if failures:
+                raise _combined_failure(failures, succeeded=len(responses), is_write=writes)
             if not remaining:
                 return responses
         raise errors.Unavailable("the cluster map kept changing while keys were split by shard")
@@ -458,7 +474,7 @@ class ClientCore:
         def part(shard: int, group: list[bytes]) -> Plan:
             return self.read(group, None, "MultiGet", pb.MultiGetRequest(keys=group), level, session)
 
-        responses = yield from self._per_shard(keys, False, part)
+        responses = yield from self._per_shard(keys, False, part, writes=False)
         found = {kv.key: kv for r in responses for kv in r.kvs}
         combined = _combine(pb.MultiGetResponse(), responses)
         combined.kvs.extend(found[k] for k in keys if k in found)
@@ -478,6 +494,8 @@ class ClientCore:
         """Keys in order across every shard. The continuation is the last key returned, so it
         stays valid when the cluster map changes between pages."""
         level = consistency or self.consistency
+        if limit <= 0:
+            raise errors.InvalidArgument(f"scan limit must be positive (got {limit})")
 
         def request() -> pb.ScanRequest:
             return pb.ScanRequest(start=start, end=end, prefix=prefix, limit=limit, continuation=continuation)
@@ -535,11 +553,28 @@ _REGROUP = object()
 _MAX_REGROUPS = 5
 
 
-def _regroup_marker(plan: Plan) -> Plan:
+def _outcome_of(plan: Plan) -> Plan:
+    """Run a part of a split operation, returning its error instead of raising it, so that the
+    other parts are waited for and a partial write is never reported as a clean failure."""
     try:
         return (yield from plan)
     except _MapChanged:
         return _REGROUP
+    except errors.KvError as err:
+        return err
+
+
+def _combined_failure(failures: list[errors.KvError], succeeded: int, is_write: bool) -> errors.KvError:
+    first = failures[0]
+    if not is_write:
+        return first
+    ambiguous = any(isinstance(f, errors.UnknownOutcome) or not f.from_server for f in failures)
+    if succeeded or ambiguous:
+        return errors.UnknownOutcome(
+            f"{succeeded} shard part(s) applied, {len(failures)} failed ({first.message}): the write is "
+            "partly applied; retry it to complete it (each part applies at most once per request id)"
+        )
+    return first
 
 
 def encode_session(session: dict[int, int]) -> str:

@@ -80,7 +80,14 @@ class AppliedIndexWatcher:
             await asyncio.wait_for(fut, timeout)
             return True
         except TimeoutError:
+            self._drop_cancelled()
             return False
+
+    def _drop_cancelled(self) -> None:
+        # Waiters for an index never reached would otherwise stay in the heap forever.
+        if sum(1 for _, _, f in self._waiters if f.done()) > len(self._waiters) // 2:
+            self._waiters = [w for w in self._waiters if not w[2].done()]
+            heapq.heapify(self._waiters)
 
 
 class Shard:

@@ -86,6 +86,8 @@ class SnapshotManager:
             raft_meta = pickle.loads(f.read(meta_len))
             lmdb_len = struct.unpack(">Q", f.read(8))[0]
             if applied > self._storage.applied_index():
+                # LMDB may not be closed under a transaction: let our own snapshot copy finish.
+                self.wait_idle(300.0)
                 log.info("installing snapshot at applied index %d from %s", applied, path)
                 self._storage.install_snapshot(f, lmdb_len)
                 self.snapshots_installed += 1

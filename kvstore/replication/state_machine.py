@@ -50,13 +50,19 @@ class ReplicaSettings:
 
 
 class _FreshnessStampingTransport(TCPTransport):
-    """Adds to every append-entries message the wall-clock time at which the sender was last
-    confirmed leader by a majority (see `ShardStateMachine.leader_confirmed_at`). Followers use it
-    to bound their staleness; pysyncobj ignores unknown message keys."""
+    """Carries what bounded-staleness reads need (pysyncobj ignores unknown message keys):
+    - on append-entries from the leader: `sent_at`, its wall-clock send time, and `confirmed_at`,
+      the latest send time a majority has acknowledged (see `leader_confirmed_at`);
+    - on the follower's acknowledgement: `echo`, the (sent_at, term) of the append it answers."""
 
     def send(self, node: Any, message: Any) -> bool:
-        if isinstance(message, dict) and message.get("type") == "append_entries":
-            message["confirmed_at"] = self._syncObj.leader_confirmed_at()
+        if isinstance(message, dict):
+            kind = message.get("type")
+            if kind == "append_entries":
+                message["sent_at"] = time.time()
+                message["confirmed_at"] = self._syncObj.leader_confirmed_at()
+            elif kind == "next_node_idx" and self._syncObj.answering is not None:
+                message["echo"] = self._syncObj.answering
         return super().send(node, message)
 
 
@@ -73,10 +79,15 @@ class ShardStateMachine(PatchedSyncObj):
         self._stored_applied = storage.applied_index()  # index of the last entry LMDB holds
         self._completions: list[Completion] = []
         self._apply_failed = False
+        self._map_full = False
         self._dirty = False
         # Freshness for bounded-staleness reads: (wall time the leader was confirmed, its commit index).
         self._freshness_pending: list[tuple[float, int]] = []
         self.fresh_as_of = 0.0
+        self.answering: tuple[float, int] | None = None  # (sent_at, term) of the append being handled
+        self._acked_sent_at: dict[Any, tuple[int, float]] = {}  # follower -> (term, latest echoed sent_at)
+        self._last_reported = 0
+        self._last_storage_error = 0.0
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         dump = settings.data_dir / "raft.dump"
         self.snapshots = SnapshotManager(storage, dump, self._on_snapshot_installed)
@@ -117,11 +128,10 @@ class ShardStateMachine(PatchedSyncObj):
         try:
             results = [self._apply_proposal(index, p) for p in proposals]
             self._storage.set_applied(index)
-        except lmdb.Error:
+        except lmdb.Error as exc:
             # Never raise from apply (pysyncobj would retry this entry forever). Stop applying;
             # _after_tick rolls back this tick and has pysyncobj re-apply it from LMDB's index.
-            log.exception("storage error applying entry %d", index)
-            self._apply_failed = True
+            self._storage_failed(exc, f"applying entry {index}")
             return None
         self._stored_applied = index
         self._dirty = True
@@ -163,17 +173,18 @@ class ShardStateMachine(PatchedSyncObj):
     # ----- tick thread ------------------------------------------------------------------------
 
     def _after_tick(self) -> None:
+        if self._dirty and not self._apply_failed:
+            try:
+                self._storage.commit()
+                self._dirty = False
+            except lmdb.Error as exc:
+                self._storage_failed(exc, "committing an apply batch")
         if self._apply_failed:
             self._recover_from_storage_error()
-        elif self._dirty:
-            self._storage.commit()
-            self._dirty = False
         self._track_freshness()
         if self._completions or self._index_moved():
             completions, self._completions = self._completions, []
             self._on_applied(completions, self.visible_index)
-
-    _last_reported = 0
 
     def _index_moved(self) -> bool:
         index = self.visible_index
@@ -181,9 +192,18 @@ class ShardStateMachine(PatchedSyncObj):
         self._last_reported = index
         return moved
 
+    def _storage_failed(self, exc: lmdb.Error, doing: str) -> None:
+        self._apply_failed = True
+        self._map_full = isinstance(exc, lmdb.MapFullError)
+        if time.monotonic() - self._last_storage_error > 1.0:  # a broken disk fails every tick
+            log.error("storage error %s: %r (rolling back the batch, re-applying from LMDB)", doing, exc)
+            self._last_storage_error = time.monotonic()
+
     def _recover_from_storage_error(self) -> None:
+        """Undo the failed batch everywhere: nothing in it was committed, nobody is told it was."""
         self._storage.abort()
-        self._storage.grow()
+        if self._map_full:
+            self._storage.grow()
         self._stored_applied = self._storage.applied_index()
         # Entries after LMDB's index were rolled back with the transaction: re-apply them.
         self._SyncObj__raftLastApplied = self._stored_applied  # noqa: SLF001 (pysyncobj private)
@@ -199,34 +219,44 @@ class ShardStateMachine(PatchedSyncObj):
     # ----- freshness (bounded staleness) -----------------------------------------------------
 
     def leader_confirmed_at(self) -> float:
-        """Wall time when a majority last acknowledged this node as leader (0 if not leader).
+        """The latest wall-clock time T at which this node provably was the only leader: a
+        majority acknowledged appends we sent at T or later in our current term (0: none yet).
 
-        An acknowledgement from a follower proves no other leader was elected before it (the
-        follower would have rejected our term), so every write acknowledged to a client before
-        that moment is within our commit index."""
+        A follower that answers an append sent at T was still in our term after T, so no other
+        leader could have been elected before T; every write acknowledged to a client before T was
+        acknowledged by us, so it is within our commit index."""
         if not self._isLeader():
             return 0.0
         noop_index = self._SyncObj__noopIDx
         if noop_index is None or self.raftCommitIndex < noop_index:
             return 0.0  # until our term commits an entry, our commit index may lag the true one
-        response_times = sorted(self._SyncObj__lastResponseTime.values(), reverse=True)
-        needed = (len(self._settings.peers) + 1) // 2  # acks needed besides our own
+        needed = (len(self._settings.peers) + 1) // 2  # acknowledgements needed besides our own
         if needed == 0:
             return time.time()
-        if len(response_times) < needed:
-            return 0.0
-        confirmed_mono = response_times[needed - 1]
-        return time.time() - (time.monotonic() - confirmed_mono)
+        term = self.raftCurrentTerm
+        stamps = sorted((t for term_of, t in self._acked_sent_at.values() if term_of == term), reverse=True)
+        return stamps[needed - 1] if len(stamps) >= needed else 0.0
 
     def _SyncObj__onMessageReceived(self, node: Any, message: Any) -> None:  # noqa: N802
-        if (
-            isinstance(message, dict)
-            and message.get("type") == "append_entries"
-            and message.get("term", -1) >= self.raftCurrentTerm
-            and message.get("confirmed_at")
-        ):
-            self._freshness_pending.append((message["confirmed_at"], message["commit_index"]))
-        super()._SyncObj__onMessageReceived(node, message)
+        if not isinstance(message, dict):
+            super()._SyncObj__onMessageReceived(node, message)
+            return
+        kind = message.get("type")
+        if kind == "append_entries" and message.get("term", -1) >= self.raftCurrentTerm:
+            if message.get("confirmed_at"):
+                self._freshness_pending.append((message["confirmed_at"], message["commit_index"]))
+                del self._freshness_pending[:-1000]  # bounded even while applying is stuck
+            if "sent_at" in message:
+                self.answering = (message["sent_at"], message["term"])
+        elif kind == "next_node_idx" and isinstance(message.get("echo"), tuple | list):
+            sent_at, term = message["echo"]
+            previous = self._acked_sent_at.get(node, (0, 0.0))
+            if (term, sent_at) > previous:
+                self._acked_sent_at[node] = (term, sent_at)
+        try:
+            super()._SyncObj__onMessageReceived(node, message)
+        finally:
+            self.answering = None
 
     def _track_freshness(self) -> None:
         if self._isLeader():
@@ -239,7 +269,7 @@ class ShardStateMachine(PatchedSyncObj):
         caught_up = [stamp for stamp, commit in pending if commit <= visible]
         if caught_up:
             self.fresh_as_of = max(self.fresh_as_of, max(caught_up))
-            self._freshness_pending = [(s, c) for s, c in pending if c > visible][-1000:]
+            self._freshness_pending = [(s, c) for s, c in pending if c > visible]
 
     def staleness(self) -> float:
         """Seconds since this replica provably held every write acknowledged at that moment."""

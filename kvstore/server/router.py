@@ -90,7 +90,10 @@ class RouterServicer(pb_grpc.KVServicer):
 
 
 def make_router_client(cluster_map: ClusterMap | None, seeds: list[str]) -> AsyncClient:
-    core = ClientCore(seeds=seeds, cluster_map=cluster_map, track_session=False, settings=ClientSettings())
+    # Short attempts: the router must move off a cut-off leader well within one attempt of its
+    # caller (a thin client tries each router call for a third of its deadline).
+    settings = ClientSettings(timeout=8.0, rpc_timeout=1.0)
+    core = ClientCore(seeds=seeds, cluster_map=cluster_map, track_session=False, settings=settings)
     return AsyncClient(_core=core)
 
 

@@ -68,7 +68,10 @@ class Storage:
         self._txn: lmdb.Transaction | None = None
         self._txn_bytes = 0
         self._snapshots_running = 0
-        self._open(self.path / "lmdb")
+        live, old = self.path / "lmdb", self.path / "lmdb.old"
+        if not live.exists() and old.exists():
+            os.replace(old, live)  # crashed between the two renames of install_snapshot
+        self._open(live)
 
     # ----- lifecycle -----
 
@@ -236,7 +239,9 @@ class Storage:
             self._env.set_mapsize(new_size)
 
     def grow(self) -> None:
-        """Double the map now (after a MapFullError)."""
+        """Double the map now (after a MapFullError); not while a snapshot holds a transaction."""
+        if self._snapshots_running:
+            return  # the batch is re-applied next tick; the map grows once the snapshot is done
         with self._env_lock:
             self._env.set_mapsize(self._env.info()["map_size"] * 2)
 
@@ -271,12 +276,15 @@ class Storage:
             _copy_exact(source, f, length)
             f.flush()
             os.fsync(f.fileno())
-        with self._env_lock:
+        live, old = self.path / "lmdb", self.path / "lmdb.old"
+        shutil.rmtree(old, ignore_errors=True)
+        with self._env_lock:  # readers wait only for two renames, not for copying or deleting
             self._env.close()
-            live = self.path / "lmdb"
-            shutil.rmtree(live, ignore_errors=True)
+            os.replace(live, old)
             os.replace(staging, live)
+            _fsync_dir(self.path)  # a crash now leaves either the old store or the new one
             self._open(live)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _iterate(cursor: lmdb.Cursor, positioned: bool) -> Iterator[tuple[bytes, bytes]]:
@@ -286,6 +294,14 @@ def _iterate(cursor: lmdb.Cursor, positioned: bool) -> Iterator[tuple[bytes, byt
         yield cursor.key(), cursor.value()
         if not cursor.next():
             return
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _existing_size(env_path: Path) -> int:
