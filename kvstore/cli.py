@@ -44,8 +44,6 @@ def _add_cluster_commands(sub: Any) -> None:
     )
     fault.add_argument("--src", default=None, help="delay: only links from this node")
     fault.add_argument("--dst", default=None, help="delay: only links to this node")
-    proxies = cluster.add_parser("proxies", help=argparse.SUPPRESS)  # the proxy daemon itself
-    proxies.add_argument("--dir", required=True)
     status = cluster.add_parser("status", help="per shard: leader, replicas, indexes, key counts")
     status.add_argument("--dir", required=True)
     status.add_argument("--json", action="store_true")
@@ -134,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     except errors.KvError as err:
         print(f"error ({err.kind}): {err.message}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, TimeoutError, RuntimeError, ValueError, KeyError) as err:
+    except KeyError as err:
+        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError, TimeoutError, RuntimeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -184,6 +185,16 @@ def _cluster(args: argparse.Namespace) -> int:
     if args.action == "up":
         if not cluster.map_path.exists():
             cluster.create(args.shards, args.replicas, args.base_port, args.vnodes, faults=args.faults)
+        else:
+            existing = cluster.cluster_map()
+            shape = (len(existing.shards), len(existing.shards[0].replicas), cluster.has_fault_proxies)
+            if shape != (args.shards, args.replicas, args.faults):
+                print(
+                    f"note: {args.dir} already holds a cluster of {shape[0]} shard(s) x {shape[1]} replica(s)"
+                    f"{' with fault proxies' if shape[2] else ''}; starting it as it is "
+                    "(remove the directory to create another)",
+                    file=sys.stderr,
+                )
         cluster.start_all()
         try:
             shards = cluster.wait_for_leaders(args.timeout)
@@ -207,10 +218,6 @@ def _cluster(args: argparse.Namespace) -> int:
         print(f"started {args.node} (pid {pid})")
     elif args.action == "fault":
         _fault(cluster, args)
-    elif args.action == "proxies":
-        from kvstore.chaos.proxy_daemon import run as run_proxies
-
-        run_proxies(args.dir)
     elif args.action == "down":
         cluster.down()
         print(f"cluster at {args.dir} stopped (data kept under {cluster.dir / 'data'})")
@@ -322,9 +329,15 @@ def _kv(args: argparse.Namespace) -> int:
 def _ring(args: argparse.Namespace) -> int:
     from kvstore.client.api import load_cluster_map
 
-    if not args.cluster:
-        raise ValueError("ring needs --cluster DIR")
-    cluster_map = load_cluster_map(args.cluster)
+    if args.cluster:
+        cluster_map = load_cluster_map(args.cluster)
+    elif args.endpoints:
+        from kvstore import Client
+
+        with Client(args.endpoints.split(",")) as kv:
+            cluster_map = kv.cluster_map()
+    else:
+        raise ValueError("ring needs --cluster DIR or --endpoints A,B (a router holds no ring of its own)")
     why = cluster_map.ring.explain(args.key.encode())
     shard = cluster_map.shard(why["shard"])
     print(f"key:          {args.key}")

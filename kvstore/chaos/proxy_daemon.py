@@ -1,6 +1,6 @@
 """Fault proxies for a local cluster started with `kvstore cluster up --faults`.
 
-One detached process (`kvstore cluster proxies --dir D`, started by `cluster up --faults`) runs a
+One detached process (`python -m kvstore.chaos.proxy_daemon --dir D`, started by `cluster up --faults`) runs a
 `FaultProxy` in front of every replica's Raft port, on the addresses the replicas advertise
 (`<dir>/proxies.json`). The link rules live in `<dir>/faults.json`, written by
 `kvstore cluster fault ...`; the daemon applies the file whenever it changes. A file is the control
@@ -90,3 +90,11 @@ async def serve(directory: Path) -> None:
 def run(directory: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(Path(directory)))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="fault proxies of a local cluster (see module docstring)")
+    parser.add_argument("--dir", required=True)
+    run(parser.parse_args().dir)

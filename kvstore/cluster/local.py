@@ -170,7 +170,8 @@ class LocalCluster:
 
     def _plan_fault_proxies(self, count: int, replicas: int, ports: list[int]) -> dict[str, str]:
         """One proxy address per replica, recorded for the proxy daemon (kvstore.chaos.proxy_daemon)."""
-        proxy_ports = free_ports(count)
+        taken = set(ports)
+        proxy_ports = [p for p in free_ports(2 * count) if p not in taken][:count]
         layout = {}
         for i in range(count):
             name = f"s{i // replicas}r{i % replicas}"
@@ -193,18 +194,22 @@ class LocalCluster:
         if not path.exists():
             return None
         pid = int(path.read_text().strip() or 0)
-        return pid if pid and _alive(pid) else None
+        # A PID file outlives its process, and the PID may be reused: trust it only if that
+        # process is still one of ours.
+        return pid if pid and _alive(pid) and _is_kvstore_process(pid) else None
 
     def start(self, name: str) -> int:
+        if name not in self.node_names():
+            raise KeyError(f"no node named {name!r} in {self.dir} (nodes: {', '.join(self.node_names())})")
         if self.pid(name):
             raise RuntimeError(f"{name} is already running (pid {self.pid(name)})")
-        return self._spawn(name, ["node", "--config", str(self._config_path(name))])
+        return self._spawn(name, ["kvstore", "node", "--config", str(self._config_path(name))])
 
-    def _spawn(self, name: str, args: list[str]) -> int:
-        """Start `python -m kvstore ARGS` detached, output to logs/<name>.log, PID to run/<name>.pid."""
+    def _spawn(self, name: str, module_args: list[str]) -> int:
+        """Start `python -m MODULE ARGS` detached, output to logs/<name>.log, PID to run/<name>.pid."""
         log = open(self.log_path(name), "ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kvstore", *args],
+            [sys.executable, "-m", *module_args],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -216,12 +221,14 @@ class LocalCluster:
 
     def start_all(self) -> None:
         if self.has_fault_proxies and not self.pid(PROXY_DAEMON):
-            self._spawn(PROXY_DAEMON, ["cluster", "proxies", "--dir", str(self.dir)])
+            self._spawn(PROXY_DAEMON, ["kvstore.chaos.proxy_daemon", "--dir", str(self.dir)])
         for name in self.node_names():
             if not self.pid(name):
                 self.start(name)
 
     def kill(self, name: str, sig: str = "KILL") -> int:
+        if name not in self.node_names():
+            raise KeyError(f"no node named {name!r} in {self.dir} (nodes: {', '.join(self.node_names())})")
         pid = self.pid(name)
         if pid is None:
             raise RuntimeError(f"{name} is not running")
@@ -302,7 +309,7 @@ class LocalCluster:
         )
 
     def wait_for_leaders(self, timeout: float = 30.0) -> list[dict[str, Any]]:
-        """Block until every shard has a leader whose no-op is applied everywhere reachable."""
+        """Block until every shard has a replica that reports itself leader."""
         deadline = time.monotonic() + timeout
         while True:
             shards = self.status(timeout=0.5)
@@ -333,6 +340,14 @@ def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _is_kvstore_process(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"kvstore" in f.read()
     except OSError:
         return False
 
