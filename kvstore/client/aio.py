@@ -53,17 +53,7 @@ class AsyncClient:
 
     @classmethod
     def from_cluster(cls, directory: str | Path, **kwargs: Any) -> AsyncClient:
-        cluster_map = api.load_cluster_map(directory)
-        core = api.make_core(
-            None,
-            None,
-            cluster_map,
-            kwargs.pop("consistency", Consistency.STRONG),
-            kwargs.pop("read_policy", ReadPolicy.LEADER),
-            kwargs.pop("session", None),
-            kwargs.pop("timeout", 10.0),
-            kwargs.pop("zone", ""),
-        )
+        core = api.core_from_cluster(directory, kwargs)
         return cls(_core=core, **kwargs)
 
     # ----- running plans ---------------------------------------------------------------------

@@ -62,6 +62,21 @@ def make_core(
     )
 
 
+def core_from_cluster(directory: str | Path, options: dict[str, Any]) -> ClientCore:
+    """The core of `Client.from_cluster` / `AsyncClient.from_cluster`: the map read from disk.
+    Pops the core's options from `options`, leaving the front door's own."""
+    return make_core(
+        None,
+        None,
+        load_cluster_map(directory),
+        options.pop("consistency", Consistency.STRONG),
+        options.pop("read_policy", ReadPolicy.LEADER),
+        options.pop("session", None),
+        options.pop("timeout", 10.0),
+        options.pop("zone", ""),
+    )
+
+
 def load_cluster_map(directory: str | Path) -> ClusterMap:
     path = Path(directory) / "cluster.json"
     if not path.exists():

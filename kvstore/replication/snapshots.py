@@ -52,11 +52,11 @@ class SnapshotManager:
 
     def serialize(self, tmp_path: str, raft_meta: Any) -> None:
         txn = self._storage.begin_snapshot()
-        applied = self._storage_applied(txn)
+        applied = self._storage.applied_index_in(txn)
         side_path = Path(str(self._dump_path) + ".writing")
         if not self._dump_path.exists():
             self._write(txn, applied, raft_meta, Path(tmp_path))
-            self._finish(SERIALIZER_STATE.SUCCESS)
+            self._set_state(SERIALIZER_STATE.SUCCESS)
             return
         if os.path.exists(tmp_path):
             os.unlink(tmp_path)
@@ -100,10 +100,10 @@ class SnapshotManager:
         try:
             self._write(txn, applied, raft_meta, side_path)
             os.replace(side_path, self._dump_path)
-            self._finish(SERIALIZER_STATE.SUCCESS)
+            self._set_state(SERIALIZER_STATE.SUCCESS)
         except Exception:
             log.exception("snapshot failed")
-            self._finish(SERIALIZER_STATE.FAILED)
+            self._set_state(SERIALIZER_STATE.FAILED)
 
     def _write(self, txn: Any, applied: int, raft_meta: Any, path: Path) -> None:
         meta = pickle.dumps(raft_meta)
@@ -122,15 +122,9 @@ class SnapshotManager:
             os.fsync(f.fileno())
         self.snapshots_written += 1
 
-    def _storage_applied(self, txn: Any) -> int:
-        return self._storage.applied_index_in(txn)
-
     def _set_state(self, state: int) -> None:
         with self._lock:
             self._state = state
-
-    def _finish(self, state: int) -> None:
-        self._set_state(state)
 
     def wait_idle(self, timeout: float) -> None:
         if self._thread is not None:

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 from kvstore.config import Limits
 from kvstore.errors import InvalidArgument
+from kvstore.proto import kvstore_pb2 as pb
 
 MAX_STALENESS_SECONDS = 3600.0
 
@@ -44,9 +45,9 @@ def check_request_id(request_id: bytes, limits: Limits) -> None:
 
 
 def check_read(consistency: int, max_staleness: float) -> None:
-    if consistency not in (0, 1, 2, 3):
+    if consistency not in pb.Consistency.values():
         raise InvalidArgument(f"unknown consistency level {consistency}")
-    if consistency == 2 and not (0 < max_staleness <= MAX_STALENESS_SECONDS):
+    if consistency == pb.BOUNDED and not (0 < max_staleness <= MAX_STALENESS_SECONDS):
         raise InvalidArgument(
             f"bounded reads need 0 < max_staleness_seconds <= {MAX_STALENESS_SECONDS} (got {max_staleness})"
         )
