@@ -337,10 +337,11 @@ def machine() -> dict[str, Any]:
         "grpcio": grpc.__version__,
         "lmdb": f"py-lmdb {lmdb.__version__}, LMDB {'.'.join(map(str, lmdb.version()))}",
     }
-    for module in ("google.protobuf", "uvloop", "pysyncobj"):
-        with contextlib.suppress(Exception):
-            mod = __import__(module, fromlist=["__version__"])
-            info[module.split(".")[-1]] = getattr(mod, "__version__", "?")
+    from importlib import metadata
+
+    for dist in ("protobuf", "uvloop", "pysyncobj"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            info[dist] = metadata.version(dist)
     with contextlib.suppress(OSError):
         info["cpu"] = next(
             (

@@ -125,6 +125,10 @@ class ShardStateMachine(PatchedSyncObj):
         index = self.raftLastApplied + 1  # pysyncobj advances the counter after we return
         if index <= self._stored_applied or self._apply_failed:
             return None  # replayed after a restart (LMDB already holds it), or see _after_tick
+        if all(op[0] == commands.BARRIER for _, op in proposals):
+            # Read barriers change nothing: no LMDB transaction, no fsync. LMDB's applied index
+            # stays behind; replaying a barrier after a restart is harmless.
+            return [(index, None)] * len(proposals)
         try:
             results = [self._apply_proposal(index, p) for p in proposals]
             self._storage.set_applied(index)
