@@ -163,10 +163,17 @@ class Ring:
         return self._owners[self._slot_for_hash(key_hash(routing_key(key)))[0]]
 
     def shards_for(self, keys: Iterable[bytes]) -> dict[int, list[bytes]]:
-        """Group keys by shard; order within each group is the input order (duplicates kept)."""
+        """Group keys by shard; order within each group is the input order (duplicates kept).
+
+        Keys sharing a hash tag are routed once (a batch of tagged keys is one lookup)."""
         groups: dict[int, list[bytes]] = {}
+        routed: dict[bytes, int] = {}
         for key in keys:
-            groups.setdefault(self.shard_for(key), []).append(key)
+            rk = routing_key(key)
+            shard = routed.get(rk)
+            if shard is None:
+                shard = routed[rk] = self.shard_for_hash(key_hash(rk))
+            groups.setdefault(shard, []).append(key)
         return groups
 
     def explain(self, key: bytes) -> dict[str, Any]:

@@ -52,10 +52,9 @@ class NodeContext:
         )
 
     def check_owned(self, keys: list[bytes]) -> None:
-        ring = self.cluster_map.ring
-        for key in keys:
-            if ring.shard_for(key) != self.config.shard:
-                raise errors.WrongShard(epoch=self.cluster_map.epoch)
+        owners = self.cluster_map.ring.shards_for(keys)
+        if len(owners) > 1 or self.config.shard not in owners:
+            raise errors.WrongShard(epoch=self.cluster_map.epoch)
 
 
 class KVServicer(pb_grpc.KVServicer):
