@@ -46,6 +46,10 @@ class RaftSettings:
     # Compact the log (LMDB snapshot) after this many entries, or this many seconds.
     compaction_min_entries: int = 20_000
     compaction_min_time: float = 300.0
+    # ... or once this many bytes of keys and values have been applied since the last snapshot:
+    # pysyncobj keeps the whole log in memory (and in its journal file) until a snapshot, so this
+    # is what keeps a replica's memory flat under sustained writes.
+    compaction_max_bytes: int = 16 << 20
     # Peers are dialled by name: re-resolve soon, so a restarted pod with a new IP is found
     # (pysyncobj's defaults cache answers for 600 s).
     dns_cache_time: float = 5.0

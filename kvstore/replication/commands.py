@@ -83,3 +83,15 @@ def _compare_and_set(
         return False, current
     storage.put(key, value, revision)
     return True, None
+
+
+def payload_bytes(op: Op) -> int:
+    """Bytes of keys and values an op carries (what it costs to keep in the Raft log)."""
+    kind = op[0]
+    if kind in (PUT, CAS):
+        return len(op[1]) + len(op[2])
+    if kind == MULTI_PUT:
+        return sum(len(k) + len(v) for k, v in op[1])
+    if kind == DELETE:
+        return sum(len(k) for k in op[1])
+    return 0

@@ -294,7 +294,7 @@ def _group_into_entries(queue: list[_Pending], max_proposals: int, max_bytes: in
     size = 0
     for pending in queue:
         touched = commands.touched_keys(pending.op)
-        op_size = sum(len(k) for k in touched) + _value_bytes(pending.op)
+        op_size = commands.payload_bytes(pending.op)
         if current and (
             len(current) >= max_proposals or size + op_size > max_bytes or not keys.isdisjoint(touched)
         ):
@@ -306,11 +306,3 @@ def _group_into_entries(queue: list[_Pending], max_proposals: int, max_bytes: in
     if current:
         entries.append(current)
     return entries
-
-
-def _value_bytes(op: commands.Op) -> int:
-    if op[0] == commands.PUT or op[0] == commands.CAS:
-        return len(op[2])
-    if op[0] == commands.MULTI_PUT:
-        return sum(len(v) for _, v in op[1])
-    return 0

@@ -79,6 +79,7 @@ class ShardStateMachine(PatchedSyncObj):
         self._stored_applied = storage.applied_index()  # index of the last entry LMDB holds
         self._completions: list[Completion] = []
         self._apply_failed = False
+        self._bytes_since_snapshot = 0
         self._map_full = False
         self._dirty = False
         # Freshness for bounded-staleness reads: (wall time the leader was confirmed, its commit index).
@@ -139,7 +140,14 @@ class ShardStateMachine(PatchedSyncObj):
             return None
         self._stored_applied = index
         self._dirty = True
+        self._count_log_bytes(proposals)
         return results
+
+    def _count_log_bytes(self, proposals: list[commands.Proposal]) -> None:
+        self._bytes_since_snapshot += sum(commands.payload_bytes(op) for _, op in proposals)
+        if self._bytes_since_snapshot > self._settings.raft.compaction_max_bytes:
+            self._bytes_since_snapshot = 0
+            self.forceLogCompaction()  # taken at pysyncobj's next compaction check
 
     def _apply_proposal(self, index: int, proposal: commands.Proposal) -> commands.Result:
         request_id, op = proposal
