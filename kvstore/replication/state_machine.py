@@ -95,6 +95,11 @@ class ShardStateMachine(PatchedSyncObj):
         raft = settings.raft
         conf = SyncObjConf(
             appendEntriesUseBatch=False,  # replicate at once: batching adds ~100 ms per write
+            # One message per entry: larger entries would go out in 64 KiB "transmission" chunks,
+            # each acknowledged separately (and bypassing the raft_fixes follower fix).
+            appendEntriesBatchSizeBytes=16 << 20,
+            sendBufferSize=1 << 21,  # socket buffers sized for batched entries (default 64 KiB)
+            recvBufferSize=1 << 21,
             journalFile=str(settings.data_dir / "raft.journal"),
             fullDumpFile=str(dump),  # always with journalFile, or state is lost after compaction
             serializer=self.snapshots.serialize,
