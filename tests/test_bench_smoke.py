@@ -121,9 +121,17 @@ def test_profile_summary_ranks_self_and_inclusive_time() -> None:
 
 
 def test_rss_summary_reports_deviation_from_first_sample() -> None:
-    samples = {"s0r0": [{"t": 0, "VmRSS": 100_000}, {"t": 5, "VmRSS": 130_000}, {"t": 10, "VmRSS": 90_000}]}
+    samples = {
+        "s0r0": [
+            {"t": 0, "VmRSS": 100_000, "RssAnon": 50_000},
+            {"t": 5, "VmRSS": 130_000, "RssAnon": 55_000},
+            {"t": 10, "VmRSS": 90_000, "RssAnon": 45_000},
+        ]
+    }
     summary = bench.summarize_rss(samples, "s0r0")
     replica = summary["replicas"]["s0r0"]
     assert replica["max_deviation_from_first"] == pytest.approx(0.3)
     assert replica["spread"] == pytest.approx(40_000 / 90_000, abs=1e-4)
     assert summary["worst_deviation"] == pytest.approx(0.3)
+    assert replica["anon_max_deviation_from_first"] == pytest.approx(0.1)
+    assert summary["worst_anon_deviation"] == pytest.approx(0.1)
