@@ -576,10 +576,31 @@ async def run(config: lib.BenchConfig, options: argparse.Namespace) -> dict[str,
     return build_document(config, results, started)
 
 
+def code_version() -> dict[str, Any]:
+    """Which commit was measured, and whether kvstore/ had uncommitted changes."""
+    import subprocess
+
+    root = str(Path(__file__).resolve().parents[1])
+
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD")
+    return {
+        "commit": commit or None,
+        "dirty": bool(git("status", "--porcelain", "--", "kvstore")) if commit else None,
+    }
+
+
 def build_document(config: lib.BenchConfig, results: lib.Results, started: float) -> dict[str, Any]:
     """Everything one run measured, as the JSON written to --out."""
     return {
         "schema": "kvstore-bench/1",
+        "code": code_version(),
         "mode": "quick" if config.quick else "full",
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "duration_seconds": round(time.time() - started, 1),

@@ -92,6 +92,7 @@ async def test_bench_slice_produces_rates_and_well_formed_json(tmp_path: Path, m
     )
 
     assert document["client_model"]["in_flight"] == 8
+    assert set(document["code"]) == {"commit", "dirty"}
     assert document["machine"]["nproc"] >= 1 and document["machine"]["grpcio"]
     verdicts = {t["target"]: t["verdict"] for t in document["targets"]}
     assert set(verdicts.values()) <= {"MET", "NOT MET", "NOT MEASURED"}

@@ -24,22 +24,40 @@ def _run(tmp_path: Path, **kwargs: object) -> object:
 
 def test_planted_stale_read_bug_is_caught(tmp_path: Path) -> None:
     # Isolating the leader's Raft links leaves it serving clients while it still believes it leads
-    # (pysyncobj keeps that belief for leader_fallback_timeout), as the majority moves on.
+    # (pysyncobj keeps that belief for leader_fallback_timeout, 30 s by its default), as the
+    # majority elects a new leader and moves on: seconds of stale local reads per fault.
     report = _run(
         tmp_path,
         shards=1,
-        duration=20,
+        duration=24,
         nemeses=("partition",),
         seed=1,
         unsafe_local_strong_reads=True,
         leader_bias=1.0,
+        leader_fallback_timeout=8.0,
         fault_gap=(1.0, 2.0),
-        fault_length=(3.0, 4.0),
+        fault_length=(5.0, 6.0),
     )
     assert report.faults.get("partition", 0) >= 2
     assert not report.linearizable, "a deposed leader serving local reads must be caught"
     assert report.anomalies.get("not-linearizable", 0) >= 1
     assert (tmp_path / "chaos" / "history.jsonl").exists()
+
+
+def test_same_partitions_without_the_bug_pass(tmp_path: Path) -> None:
+    report = _run(
+        tmp_path,
+        shards=1,
+        duration=24,
+        nemeses=("partition",),
+        seed=1,
+        leader_bias=1.0,
+        leader_fallback_timeout=8.0,
+        fault_gap=(1.0, 2.0),
+        fault_length=(5.0, 6.0),
+    )
+    assert report.faults.get("partition", 0) >= 2
+    assert report.ok, report.to_markdown()
 
 
 def test_same_pauses_without_the_bug_pass(tmp_path: Path) -> None:

@@ -59,6 +59,8 @@ class ChaosOptions:
     fault_gap: tuple[float, float] = (2.0, 5.0)  # quiet time before each fault
     fault_length: tuple[float, float] = (1.5, 4.0)
     leader_bias: float = 0.6  # chance that kill/pause/partition picks a shard leader as its victim
+    # How long a cut-off leader keeps believing it leads (pysyncobj's own default is 30 s).
+    leader_fallback_timeout: float = 2.5
     unsafe_local_strong_reads: bool = False  # the planted bug (see ServerSettings)
 
 
