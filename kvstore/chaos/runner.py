@@ -142,7 +142,10 @@ class ChaosRun:
             shards=self.o.shards,
             replicas=self.o.replicas,
             raft=RaftSettings(
-                min_timeout=0.8, max_timeout=1.6, leader_fallback_timeout=2.5, connection_retry=0.3
+                min_timeout=0.8,
+                max_timeout=1.6,
+                leader_fallback_timeout=self.o.leader_fallback_timeout,
+                connection_retry=0.3,
             ),
             server=ServerSettings(unsafe_local_strong_reads=self.o.unsafe_local_strong_reads),
             advertise_for=via_proxies,
