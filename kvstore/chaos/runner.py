@@ -135,8 +135,14 @@ class ChaosRun:
         cluster = LocalCluster(cluster_dir)
 
         def via_proxies(binds: dict[str, str]) -> dict[str, str]:
-            self.proxies = ProxyCluster(binds)
-            return self.proxies.start()
+            for _ in range(10):
+                proxies = ProxyCluster(binds)
+                addresses = proxies.start()
+                if not {int(a.rsplit(":", 1)[1]) for a in addresses.values()} & cluster.reserved_ports:
+                    self.proxies = proxies
+                    return addresses
+                proxies.stop()  # a proxy took a port a node is about to bind: try again
+            raise RuntimeError("could not place fault proxies away from the nodes' ports")
 
         cluster.create(
             shards=self.o.shards,

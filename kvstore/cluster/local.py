@@ -74,6 +74,7 @@ class ReplicaStatus:
 class LocalCluster:
     def __init__(self, directory: str | Path) -> None:
         self.dir = Path(directory).absolute()
+        self.reserved_ports: set[int] = set()  # chosen by create() for nodes not yet started
 
     # ----- paths -----
 
@@ -125,6 +126,9 @@ class LocalCluster:
             raise FileExistsError(f"a cluster already exists at {self.dir}")
         count = shards * replicas
         ports = [base_port + i for i in range(2 * count)] if base_port else free_ports(2 * count)
+        # Ports handed out above are free but unbound until the nodes start: whoever binds next
+        # (a fault proxy on port 0) must not take one of them.
+        self.reserved_ports = set(ports)
         if advertise_for is not None:
             binds = {
                 f"s{i // replicas}r{i % replicas}": f"127.0.0.1:{ports[2 * i + 1]}" for i in range(count)
