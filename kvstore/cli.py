@@ -344,9 +344,10 @@ def _ring(args: argparse.Namespace) -> int:
     print(
         f"routing key:  {why['routing_key']!r}  (hash tags: only the text inside the first {{...}} is hashed)"
     )
-    print(f"hash:         {why['hash']:#018x}")
+    print(f"slot:         {why['slot']} of 65536  (CRC-32 of the routing key, low 16 bits)")
     vnode = f"vnode #{why['vnode_owner_index']} of shard {why['shard']}"
-    print(f"vnode point:  {why['vnode_point']:#018x} ({vnode}, nearest of {len(why['probes'])} probes)")
+    probes = f"nearest of {len(why['probes'])} probes from the slot's ring position"
+    print(f"vnode point:  {why['vnode_point']:#018x} ({vnode}, {probes})")
     ring_info = f"map epoch {cluster_map.epoch}, {cluster_map.vnodes_per_shard} vnodes/shard"
     print(f"shard:        {why['shard']} ({ring_info})")
     for replica in shard.replicas:

@@ -71,8 +71,9 @@ class Bench:
         backend_port = self.backend.sockets[0].getsockname()[1]
         self.controller = LinkController()
         self.controller.register("cli", CLI_ADDR)
-        self.proxy = FaultProxy("srv", ("127.0.0.1", 0), ("127.0.0.1", backend_port), self.controller,
-                                identify_timeout=0.5)
+        self.proxy = FaultProxy(
+            "srv", ("127.0.0.1", 0), ("127.0.0.1", backend_port), self.controller, identify_timeout=0.5
+        )
         await self.proxy.start()
         self.writers: list[asyncio.StreamWriter] = []
         return self
@@ -397,9 +398,16 @@ def start_nodes(advertised: dict[str, str], real: dict[str, str]) -> dict[str, C
     nodes: dict[str, Counter] = {}
     for name, address in advertised.items():
         # validate() asserts raftMinTimeout > 3 * appendEntriesPeriod (default 0.1): 0.3 needs < 0.1.
-        conf = SyncObjConf(autoTick=True, appendEntriesUseBatch=False, appendEntriesPeriod=0.05,
-                           raftMinTimeout=0.3, raftMaxTimeout=0.6, connectionRetryTime=0.2,
-                           leaderFallbackTimeout=1.5, bindAddress=real[name])
+        conf = SyncObjConf(
+            autoTick=True,
+            appendEntriesUseBatch=False,
+            appendEntriesPeriod=0.05,
+            raftMinTimeout=0.3,
+            raftMaxTimeout=0.6,
+            connectionRetryTime=0.2,
+            leaderFallbackTimeout=1.5,
+            bindAddress=real[name],
+        )
         others = [a for n, a in advertised.items() if n != name]
         nodes[name] = Counter(address, others, conf)
     return nodes
@@ -424,8 +432,9 @@ def test_raft_cluster_through_proxies_survives_leader_isolation() -> None:
 
         # Every proxy identified its dialers: exactly the nodes whose address string is greater.
         expected = {n: {m for m in advertised if advertised[m] > advertised[n]} for n in advertised}
-        assert wait_for(lambda: {n: {src for src, _, _ in links} for n, links in cluster.links().items()}
-                        == expected, 5.0), cluster.links()
+        assert wait_for(
+            lambda: {n: {src for src, _, _ in links} for n, links in cluster.links().items()} == expected, 5.0
+        ), cluster.links()
 
         old_name = name_of[agreed_leader(everyone) or ""]
         old = nodes[old_name]
@@ -450,8 +459,9 @@ def test_raft_cluster_through_proxies_survives_leader_isolation() -> None:
         assert sum(s["cut"] for s in stats) >= 1 and sum(s["refused"] for s in stats) >= 1, stats
 
         cluster.controller.heal()
-        assert wait_for(lambda: [n.count() for n in everyone] == [10, 10, 10], 10.0), \
-            [n.count() for n in everyone]
+        assert wait_for(lambda: [n.count() for n in everyone] == [10, 10, 10], 10.0), [
+            n.count() for n in everyone
+        ]
         assert wait_for(lambda: agreed_leader(everyone) is not None, 5.0)
         new.incr(sync=True, timeout=3.0)  # traffic flows again to all three
         assert wait_for(lambda: [n.count() for n in everyone] == [11, 11, 11], 5.0)

@@ -1,7 +1,7 @@
 """Tests for kvstore.routing.ring: balance, minimal movement, hash tags, determinism, partitioning.
 
-The balance/movement tests route 1M deterministic keys. Each key is hashed once (``key_hash`` of its
-``routing_key``) and routed with ``Ring.shard_for_hash``; ``test_shard_for_is_hash_then_route`` pins
+The balance/movement tests route 1M deterministic keys. Each key is hashed once to its slot
+(``slot_of``) and routed with ``Ring.shard_for_slot``; ``test_shard_for_is_slot_then_route`` pins
 that this is exactly what ``shard_for`` does, so the fast path tests the real mapping.
 """
 
@@ -13,6 +13,7 @@ import random
 import re
 import subprocess
 import sys
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,22 +22,31 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvstore.routing.ring import RING_SIZE, Ring, key_hash, probe_hashes, routing_key
+from kvstore.routing.ring import (
+    RING_SIZE,
+    SLOT_COUNT,
+    Ring,
+    key_hash,
+    probe_hashes,
+    routing_key,
+    slot_of,
+    slot_point,
+)
 
 N_KEYS = 1_000_000
 SEED = 20240601
 
 
 @pytest.fixture(scope="module")
-def key_hashes() -> list[int]:
+def key_slots() -> list[int]:
     rng = random.Random(SEED)
-    return [key_hash(routing_key(rng.randbytes(16))) for _ in range(N_KEYS)]
+    return [slot_of(rng.randbytes(16)) for _ in range(N_KEYS)]
 
 
 @pytest.fixture(scope="module")
-def owners8(key_hashes: list[int]) -> list[int]:
+def owners8(key_slots: list[int]) -> list[int]:
     ring = Ring(range(8), vnodes_per_shard=256)
-    return [ring.shard_for_hash(h) for h in key_hashes]
+    return [ring.shard_for_slot(s) for s in key_slots]
 
 
 def _max_over_mean(owners: Sequence[int], n_shards: int) -> float:
@@ -55,9 +65,9 @@ def test_balance_8_shards_1m_keys(owners8: list[int]) -> None:
 
 
 @pytest.mark.parametrize("n_shards", [3, 5, 8, 16])
-def test_balance_other_shard_counts_200k_keys(key_hashes: list[int], n_shards: int) -> None:
+def test_balance_other_shard_counts_200k_keys(key_slots: list[int], n_shards: int) -> None:
     ring = Ring(range(n_shards))
-    ratio = _max_over_mean([ring.shard_for_hash(h) for h in key_hashes[:200_000]], n_shards)
+    ratio = _max_over_mean([ring.shard_for_slot(s) for s in key_slots[:200_000]], n_shards)
     print(f"{n_shards} shards, 200k keys: max/mean = {ratio:.4f}")
     assert ratio <= 1.15
 
@@ -73,7 +83,7 @@ def test_ownership_matches_sampled_load(owners8: list[int]) -> None:
 
 
 def test_exact_balance_holds_across_shard_counts() -> None:
-    # Noise-free check of the scheme for every shard count 2..32 (ownership() integrates exactly).
+    # Noise-free check of the scheme for every shard count 2..32 (ownership() counts every slot).
     worst = {}
     for n in range(2, 33):
         worst[n] = max(Ring(range(n)).ownership().values()) * n
@@ -82,8 +92,9 @@ def test_exact_balance_holds_across_shard_counts() -> None:
 
 
 def test_single_probe_ownership_is_arc_length() -> None:
-    # With probes=1 the ring is the classic successor ring: a shard owns exactly the arcs that end at
-    # its points. Computed here independently from vnode_points().
+    # With probes=1 the ring is the classic successor ring: a shard owns the arcs that end at its
+    # points. Computed here independently from vnode_points(); slots quantise each arc to whole
+    # slots, so a shard's share may be off by up to one slot per arc.
     ring = Ring([2, 5, 11], vnodes_per_shard=32, probes=1)
     points = sorted((p, s) for s in ring.shard_ids for p in ring.vnode_points(s))
     arcs = Counter[int]()
@@ -92,20 +103,20 @@ def test_single_probe_ownership_is_arc_length() -> None:
         arcs[s] += p - prev
         prev = p
     for shard, fraction in ring.ownership().items():
-        assert fraction == pytest.approx(arcs[shard] / RING_SIZE, rel=1e-9)
+        assert fraction == pytest.approx(arcs[shard] / RING_SIZE, abs=32 / SLOT_COUNT)
 
 
 # -- 2. movement --------------------------------------------------------------------------------------
 
 
 def test_adding_ninth_shard_moves_about_one_ninth_only_to_it(
-    key_hashes: list[int], owners8: list[int]
+    key_slots: list[int], owners8: list[int]
 ) -> None:
     ring9 = Ring(range(8)).with_shard(8)
     moved_to = Counter(
         after
-        for h, before in zip(key_hashes, owners8, strict=True)
-        if (after := ring9.shard_for_hash(h)) != before
+        for s, before in zip(key_slots, owners8, strict=True)
+        if (after := ring9.shard_for_slot(s)) != before
     )
     fraction = sum(moved_to.values()) / N_KEYS
     print(f"adding shard 8: moved {fraction:.4f} of keys (1/9 = {1 / 9:.4f})")
@@ -215,7 +226,8 @@ def test_placement_golden_values() -> None:
     # wrong shard. Change them only together with a data-migration plan.
     ring = Ring(range(8))
     assert ring.vnode_points(0)[:2] == [15770187708444666702, 13365080852966793814]
-    assert [ring.shard_for(k) for k in (b"", b"a", b"user:42", b"\xff\x00")] == [6, 4, 2, 7]
+    assert [slot_of(k) for k in (b"", b"a", b"user:42", b"{user:42}:x")] == [0, 48707, 3462, 3462]
+    assert [ring.shard_for(k) for k in (b"", b"a", b"user:42", b"\xff\x00")] == [2, 2, 2, 7]
 
 
 def test_same_ring_regardless_of_input_order() -> None:
@@ -245,10 +257,19 @@ def test_mapping_is_stable_across_processes() -> None:
     assert outputs == {str([ring.shard_for(b"k%d" % i) for i in range(300)]) + "\n"}
 
 
-def test_shard_for_is_hash_then_route() -> None:
+def test_shard_for_is_slot_then_route() -> None:
     for i in range(2000):
         key = b"{t%d}x" % (i % 50) if i % 3 == 0 else b"key-%d" % i
-        assert RING8.shard_for(key) == RING8.shard_for_hash(key_hash(routing_key(key)))
+        assert slot_of(key) == zlib.crc32(routing_key(key)) & 0xFFFF
+        assert RING8.shard_for(key) == RING8.shard_for_slot(slot_of(key))
+
+
+def test_slots_spread_sequential_keys() -> None:
+    # CRC-32 is linear, so check it does not cluster the keys people actually write.
+    for pattern in (b"key-%d", b"user:%08d"):
+        slots = Counter(slot_of(pattern % i) for i in range(N_KEYS))
+        assert len(slots) == SLOT_COUNT  # every slot used (random keys: ~15 per slot)
+        assert max(slots.values()) < 3 * N_KEYS / SLOT_COUNT  # seen: 30 of a mean 15
 
 
 # -- 5. properties ------------------------------------------------------------------------------------
@@ -262,14 +283,16 @@ _rings = st.builds(
 
 
 def _brute_force_owner(ring: Ring, key: bytes) -> tuple[int, int, int]:
-    """Oracle: over every probe and every vnode, the smallest clockwise distance wins.
+    """Oracle: the key's slot is its routing key's CRC-32 mod 2**16; over every probe of the slot's point
+    and every vnode, the smallest clockwise distance wins.
 
     Ties break by probe order, then by (point, shard, vnode index) -- the documented rule.
     Returns (shard, vnode index, winning probe).
     """
     vnodes = sorted((p, s, i) for s in ring.shard_ids for i, p in enumerate(ring.vnode_points(s)))
     candidates = []
-    for j, probe in enumerate(probe_hashes(key_hash(routing_key(key)), ring.probes)):
+    slot = zlib.crc32(routing_key(key)) % SLOT_COUNT
+    for j, probe in enumerate(probe_hashes(slot * (RING_SIZE // SLOT_COUNT), ring.probes)):
         dist, _, shard, index = min(((p - probe) % RING_SIZE, p, s, i) for p, s, i in vnodes)
         candidates.append((dist, j, shard, index))
     dist, j, shard, index = min(candidates)
@@ -288,7 +311,7 @@ def test_shard_for_matches_brute_force_and_explain(ring: Ring, keys: list[bytes]
         )
         assert info["shard"] == shard
         assert info["key"] == key and info["routing_key"] == routing_key(key)
-        assert info["hash"] == key_hash(info["routing_key"]) == info["probes"][0]
+        assert info["slot"] == slot_of(key) and info["probes"][0] == slot_point(info["slot"])
         assert info["vnode_point"] == ring.vnode_points(shard)[info["vnode_owner_index"]]
 
 
@@ -301,6 +324,13 @@ def test_shards_for_partitions_input_preserving_order(ring: Ring, keys: list[byt
     assert sorted(k for g in groups.values() for k in g) == sorted(keys)  # a partition, duplicates kept
     for shard, group in groups.items():
         assert group == [k for k in keys if ring.shard_for(k) == shard]
+
+
+@settings(max_examples=60, deadline=None)
+@given(ring=_rings, keys=st.lists(st.binary(max_size=8), max_size=8))
+def test_all_on_is_every_key_on_that_shard(ring: Ring, keys: list[bytes]) -> None:
+    for shard in ring.shard_ids:
+        assert ring.all_on(shard, keys) == all(ring.shard_for(k) == shard for k in keys)
 
 
 def test_shards_for_accepts_iterators() -> None:

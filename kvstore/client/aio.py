@@ -154,7 +154,8 @@ class AsyncClient:
     async def multi_get(
         self, keys: list[bytes], *, consistency: ReadConsistency | None = None
     ) -> dict[bytes, bytes]:
-        return api.multi_get_result(await self._run(self.core.multi_get(list(keys), consistency)))
+        keys = list(keys)
+        return api.multi_get_result(keys, await self._run(self.core.multi_get(keys, consistency)))
 
     async def scan(
         self,

@@ -103,8 +103,12 @@ def cas_result(response: pb.CompareAndSetResponse) -> CasResult:
     return CasResult(response.succeeded, response.header.revision if response.succeeded else 0, current)
 
 
-def multi_get_result(response: pb.MultiGetResponse) -> dict[bytes, bytes]:
-    return {kv.key: kv.value for kv in response.kvs}
+def multi_get_result(keys: list[bytes], responses: list[pb.MultiGetResponse]) -> dict[bytes, bytes]:
+    """The found keys, in request order. Reads each shard's answer once, copying no messages."""
+    found = {kv.key: kv.value for r in responses for kv in r.kvs}
+    if len(responses) == 1:
+        return found  # one shard: the node answered in request order
+    return {k: found[k] for k in keys if k in found}
 
 
 def scan_result(response: pb.ScanResponse) -> ScanPage:

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from kvstore import errors
 from kvstore.client.plans import Call, Parallel, Plan, Sleep
@@ -90,6 +90,13 @@ class ClientSettings:
     backoff_initial: float = 0.02
     backoff_max: float = 0.5
     zone: str = ""  # NEAREST prefers replicas with this zone label
+
+
+class Routed(NamedTuple):
+    """The shard a group of keys was routed to, and the map epoch that routing used."""
+
+    shard: int
+    epoch: int
 
 
 class ClientCore:
@@ -174,10 +181,15 @@ class ClientCore:
             return self.cluster_map
         raise errors.Unavailable(f"could not fetch the cluster map from any of {candidates}: {last_error}")
 
-    def _shard_of(self, keys: list[bytes], split: bool = False) -> ShardInfo:
+    def _shard_of(self, keys: list[bytes], split: bool = False, routed: Routed | None = None) -> ShardInfo:
         """The one shard owning `keys`. If they span shards: a part of a split operation must be
-        regrouped (`_MapChanged`); an atomic write is refused (`CrossShardWrite`)."""
+        regrouped (`_MapChanged`); an atomic write is refused (`CrossShardWrite`).
+
+        `routed` is what grouping the keys found; it stands while the map is the one it came from,
+        so a split operation hashes each key once, not once per part and attempt."""
         assert self.cluster_map is not None
+        if routed is not None and routed.epoch == self.cluster_map.epoch:
+            return self.cluster_map.shard(routed.shard)
         groups = self.cluster_map.ring.shards_for(keys)
         if len(groups) > 1:
             if split:
@@ -229,7 +241,9 @@ class ClientCore:
         ceiling = min(self.settings.backoff_max, self.settings.backoff_initial * (2**attempt))
         return Sleep(random.uniform(ceiling / 2, ceiling))
 
-    def write(self, keys: list[bytes], method: str, request: Any, split: bool = False) -> Plan:
+    def write(
+        self, keys: list[bytes], method: str, request: Any, split: bool = False, routed: Routed | None = None
+    ) -> Plan:
         """Send a write to its shard's leader until it is applied, definitely failed, or time is up.
 
         Retries reuse the request's id, so a write that did apply is not applied twice."""
@@ -243,7 +257,7 @@ class ClientCore:
         free_redirects = 2  # a redirect to a named leader or a new map is retried at once, twice
         for attempt in itertools.count():
             yield from self._ensure_map()
-            shard = self._shard_of(keys, split)
+            shard = self._shard_of(keys, split, routed)
             address = self._leader_guess(shard)
             request.epoch = self.cluster_map.epoch
             try:
@@ -282,6 +296,7 @@ class ClientCore:
         request: Any,
         consistency: ReadConsistency,
         session: dict[int, int] | None = None,
+        routed: Routed | None = None,
     ) -> Plan:
         """Send a read to a replica that can serve it at `consistency`; fall back towards the leader."""
         if self.router:
@@ -293,7 +308,10 @@ class ClientCore:
         level = consistency
         for attempt in itertools.count():
             yield from self._ensure_map()
-            shard = self._shard_of(keys, split=True) if keys is not None else self.cluster_map.shard(shard_id)
+            if keys is None:
+                shard = self.cluster_map.shard(shard_id)
+            else:
+                shard = self._shard_of(keys, split=True, routed=routed)
             if shard.id not in self.leaders and self.read_policy in _LEADER_AWARE:
                 yield from self._discover_leader(shard, deadline)
             for address in self._read_targets(shard, self.read_policy):
@@ -409,11 +427,11 @@ class ClientCore:
             return (yield from self.write([], "MultiPut", request))
         by_key = dict(items)
 
-        def part(shard: int, keys: list[bytes]) -> Plan:
+        def part(routed: Routed, keys: list[bytes]) -> Plan:
             entries = [pb.KeyValue(key=k, value=by_key[k]) for k in keys]
-            sub_id = _sub_request_id(request_id, shard, keys, len(keys) == len(items))
+            sub_id = _sub_request_id(request_id, routed.shard, keys, len(keys) == len(items))
             request = pb.MultiPutRequest(entries=entries, request_id=sub_id)
-            return self.write(keys, "MultiPut", request, split=not atomic)
+            return self.write(keys, "MultiPut", request, split=not atomic, routed=routed)
 
         responses = yield from self._per_shard([k for k, _ in items], atomic, part)
         return _combine(pb.MultiPutResponse(), responses)
@@ -424,11 +442,10 @@ class ClientCore:
             request = pb.DeleteRequest(keys=keys, request_id=request_id, non_atomic=not atomic)
             return (yield from self.write([], "Delete", request))
 
-        def part(shard: int, group: list[bytes]) -> Plan:
-            sub_id = _sub_request_id(request_id, shard, group, len(group) == len(keys))
-            return self.write(
-                group, "Delete", pb.DeleteRequest(keys=group, request_id=sub_id), split=not atomic
-            )
+        def part(routed: Routed, group: list[bytes]) -> Plan:
+            sub_id = _sub_request_id(request_id, routed.shard, group, len(group) == len(keys))
+            request = pb.DeleteRequest(keys=group, request_id=sub_id)
+            return self.write(group, "Delete", request, split=not atomic, routed=routed)
 
         responses = yield from self._per_shard(keys, atomic, part)
         combined = _combine(pb.DeleteResponse(), responses)
@@ -436,7 +453,11 @@ class ClientCore:
         return combined
 
     def _per_shard(
-        self, keys: list[bytes], atomic: bool, part: Callable[[int, list[bytes]], Plan], writes: bool = True
+        self,
+        keys: list[bytes],
+        atomic: bool,
+        part: Callable[[Routed, list[bytes]], Plan],
+        writes: bool = True,
     ) -> Plan:
         """Run `part` once per shard's group of keys, concurrently, and wait for every part. A part
         whose keys turn out to span shards under a refreshed map is regrouped and run again (only
@@ -444,10 +465,12 @@ class ClientCore:
         yield from self._ensure_map()
         remaining, responses = list(keys), []
         for _ in range(_MAX_REGROUPS):
+            epoch = self.cluster_map.epoch
             groups = self.cluster_map.ring.shards_for(remaining)
             if atomic and len(groups) > 1:
                 self._shard_of(remaining)  # raises CrossShardWrite with the explanation
-            results = yield Parallel([_outcome_of(part(shard, group)) for shard, group in groups.items()])
+            parts = [part(Routed(shard, epoch), group) for shard, group in groups.items()]
+            results = yield Parallel([_outcome_of(p) for p in parts])
             remaining = [
                 k for group, r in zip(groups.values(), results, strict=True) if r is _REGROUP for k in group
             ]
@@ -465,20 +488,17 @@ class ClientCore:
         consistency: ReadConsistency | None = None,
         session: dict[int, int] | None = None,
     ) -> Plan:
+        """One response per shard read (the caller merges them: `combine_multi_get` or a dict)."""
         level = consistency or self.consistency
         if self.router:
-            return (
-                yield from self.read(None, None, "MultiGet", pb.MultiGetRequest(keys=keys), level, session)
-            )
+            request = pb.MultiGetRequest(keys=keys)
+            return [(yield from self.read(None, None, "MultiGet", request, level, session))]
 
-        def part(shard: int, group: list[bytes]) -> Plan:
-            return self.read(group, None, "MultiGet", pb.MultiGetRequest(keys=group), level, session)
+        def part(routed: Routed, group: list[bytes]) -> Plan:
+            request = pb.MultiGetRequest(keys=group)
+            return self.read(group, None, "MultiGet", request, level, session, routed)
 
-        responses = yield from self._per_shard(keys, False, part, writes=False)
-        found = {kv.key: kv for r in responses for kv in r.kvs}
-        combined = _combine(pb.MultiGetResponse(), responses)
-        combined.kvs.extend(found[k] for k in keys if k in found)
-        return combined
+        return (yield from self._per_shard(keys, False, part, writes=False))
 
     def scan(
         self,
@@ -527,6 +547,16 @@ def _combine(target: Any, responses: list[Any]) -> Any:
     if len(responses) == 1:
         target.header.CopyFrom(responses[0].header)
     return target
+
+
+def combine_multi_get(keys: list[bytes], responses: list[pb.MultiGetResponse]) -> pb.MultiGetResponse:
+    """One MultiGetResponse with the found keys in request order (what the router answers)."""
+    if len(responses) == 1:
+        return responses[0]
+    found = {kv.key: kv for r in responses for kv in r.kvs}
+    combined = _combine(pb.MultiGetResponse(), responses)
+    combined.kvs.extend(found[k] for k in keys if k in found)
+    return combined
 
 
 def new_request_id() -> bytes:

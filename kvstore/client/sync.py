@@ -155,7 +155,8 @@ class Client:
     def multi_get(
         self, keys: list[bytes], *, consistency: ReadConsistency | None = None
     ) -> dict[bytes, bytes]:
-        return api.multi_get_result(self._run(self.core.multi_get(list(keys), consistency)))
+        keys = list(keys)
+        return api.multi_get_result(keys, self._run(self.core.multi_get(keys, consistency)))
 
     def scan(
         self,

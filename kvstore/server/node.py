@@ -52,8 +52,7 @@ class NodeContext:
         )
 
     def check_owned(self, keys: list[bytes]) -> None:
-        owners = self.cluster_map.ring.shards_for(keys)
-        if len(owners) > 1 or self.config.shard not in owners:
+        if not self.cluster_map.ring.all_on(self.config.shard, keys):
             raise errors.WrongShard(epoch=self.cluster_map.epoch)
 
 
@@ -135,9 +134,12 @@ class KVServicer(pb_grpc.KVServicer):
         self.ctx.check_owned(keys)
         await self._fresh(request.read)
         records, applied = self.shard.storage.get_many(keys)
-        return pb.MultiGetResponse(
-            header=self.ctx.header(applied), kvs=[_kv(r) for r in records if r is not None]
-        )
+        response = pb.MultiGetResponse(header=self.ctx.header(applied))
+        add = response.kvs.add  # ~2x faster than building KeyValue messages and copying them in
+        for record in records:
+            if record is not None:
+                add(key=record.key, value=record.value, revision=record.revision)
+        return response
 
     @rpc_errors
     async def Batch(self, request: pb.BatchRequest, context: grpc.aio.ServicerContext) -> pb.BatchResponse:

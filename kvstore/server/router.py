@@ -16,7 +16,7 @@ import signal
 import grpc
 
 from kvstore.client.aio import AsyncClient
-from kvstore.client.core import ClientCore, ClientSettings, ReadConsistency
+from kvstore.client.core import ClientCore, ClientSettings, ReadConsistency, combine_multi_get
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.routing.cluster_map import ClusterMap
@@ -68,8 +68,9 @@ class RouterServicer(pb_grpc.KVServicer):
     async def MultiGet(
         self, request: pb.MultiGetRequest, context: grpc.aio.ServicerContext
     ) -> pb.MultiGetResponse:
-        plan = self.core.multi_get(list(request.keys), _consistency(request.read), dict(request.read.session))
-        return await self.client._run(plan)
+        keys = list(request.keys)
+        plan = self.core.multi_get(keys, _consistency(request.read), dict(request.read.session))
+        return combine_multi_get(keys, await self.client._run(plan))
 
     @rpc_errors
     async def Batch(self, request: pb.BatchRequest, context: grpc.aio.ServicerContext) -> pb.BatchResponse:
