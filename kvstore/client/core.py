@@ -419,18 +419,15 @@ class ClientCore:
         """Atomic: one shard, one Raft entry (else CrossShardWrite). Non-atomic: one write per shard."""
         request_id = request_id or new_request_id()
         if self.router:
-            request = pb.MultiPutRequest(
-                entries=[pb.KeyValue(key=k, value=v) for k, v in items],
-                request_id=request_id,
-                non_atomic=not atomic,
-            )
+            request = _multi_put_request(items, request_id)
+            request.non_atomic = not atomic
             return (yield from self.write([], "MultiPut", request))
         by_key = dict(items)
 
         def part(routed: Routed, keys: list[bytes]) -> Plan:
-            entries = [pb.KeyValue(key=k, value=by_key[k]) for k in keys]
-            sub_id = _sub_request_id(request_id, routed.shard, keys, len(keys) == len(items))
-            request = pb.MultiPutRequest(entries=entries, request_id=sub_id)
+            whole = len(keys) == len(items)
+            sub_id = _sub_request_id(request_id, routed.shard, keys, whole)
+            request = _multi_put_request(items if whole else [(k, by_key[k]) for k in keys], sub_id)
             return self.write(keys, "MultiPut", request, split=not atomic, routed=routed)
 
         responses = yield from self._per_shard([k for k, _ in items], atomic, part)
@@ -557,6 +554,14 @@ def combine_multi_get(keys: list[bytes], responses: list[pb.MultiGetResponse]) -
     combined = _combine(pb.MultiGetResponse(), responses)
     combined.kvs.extend(found[k] for k in keys if k in found)
     return combined
+
+
+def _multi_put_request(items: list[tuple[bytes, bytes]], request_id: bytes) -> pb.MultiPutRequest:
+    request = pb.MultiPutRequest(request_id=request_id)
+    add = request.entries.add  # ~2x faster than building KeyValue messages and copying them in
+    for key, value in items:
+        add(key=key, value=value)
+    return request
 
 
 def new_request_id() -> bytes:

@@ -62,8 +62,7 @@ def apply_op(storage: Storage, revision: int, op: Op) -> Any:
         storage.put(op[1], op[2], revision)
         return None
     if kind == MULTI_PUT:
-        for key, value in op[1]:
-            storage.put(key, value, revision)
+        storage.put_many(op[1], revision)
         return None
     if kind == DELETE:
         return sum(1 for key in op[1] if storage.delete(key))

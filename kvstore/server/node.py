@@ -87,12 +87,11 @@ class KVServicer(pb_grpc.KVServicer):
     async def MultiPut(
         self, request: pb.MultiPutRequest, context: grpc.aio.ServicerContext
     ) -> pb.MultiPutResponse:
-        keys = check.check_keys((e.key for e in request.entries), self.limits)
+        items = [(e.key, e.value) for e in request.entries]  # read each message field once
+        keys = check.check_keys([k for k, _ in items], self.limits)
         check.check_unique(keys)
-        for entry in request.entries:
-            check.check_value(entry.value, self.limits)
-        op = commands.multi_put((e.key, e.value) for e in request.entries)
-        revision, _ = await self._write(keys, op, request.request_id)
+        check.check_values([v for _, v in items], self.limits)
+        revision, _ = await self._write(keys, commands.multi_put(items), request.request_id)
         return pb.MultiPutResponse(header=self.ctx.header(revision))
 
     @rpc_errors

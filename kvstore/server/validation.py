@@ -23,14 +23,22 @@ def check_value(value: bytes, limits: Limits) -> None:
         raise InvalidArgument(f"value is {len(value)} bytes; the limit is {limits.max_value_bytes}")
 
 
+def check_values(values: list[bytes], limits: Limits) -> None:
+    if values and max(map(len, values)) > limits.max_value_bytes:
+        for value in values:
+            check_value(value, limits)  # raises with the offending size
+
+
 def check_keys(keys: Iterable[bytes], limits: Limits) -> list[bytes]:
     keys = list(keys)
     if not keys:
         raise InvalidArgument("at least one key is required")
     if len(keys) > limits.max_batch_keys:
         raise InvalidArgument(f"{len(keys)} keys in one request; the limit is {limits.max_batch_keys}")
-    for key in keys:
-        check_key(key, limits)
+    lengths = list(map(len, keys))  # checked in C first; the per-key loop only finds the culprit
+    if min(lengths) == 0 or max(lengths) > limits.max_key_bytes:
+        for key in keys:
+            check_key(key, limits)
     return keys
 
 

@@ -23,9 +23,8 @@ import shutil
 import struct
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import lmdb
 
@@ -39,8 +38,8 @@ _GROW_AT_FRACTION = 0.5
 _MAX_TXN_BYTES = 64 << 20
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):
+    # A NamedTuple, not a frozen dataclass: built once per key read, and ~3x cheaper to create.
     key: bytes
     value: bytes
     revision: int
@@ -175,6 +174,13 @@ class Storage:
     def put(self, key: bytes, value: bytes, revision: int) -> None:
         self._write_txn().put(key, _pack(revision, value), db=self._data)
         self._txn_bytes += len(key) + len(value) + 64
+
+    def put_many(self, items: tuple[tuple[bytes, bytes], ...], revision: int) -> None:
+        """Every (key, value) at one revision: one C loop (`putmulti`) instead of a put per key."""
+        prefix = _U64.pack(revision)
+        txn = self._write_txn()
+        txn.cursor(db=self._data).putmulti([(k, prefix + v) for k, v in items])
+        self._txn_bytes += sum(len(k) + len(v) + 64 for k, v in items)
 
     def delete(self, key: bytes) -> bool:
         return self._write_txn().delete(key, db=self._data)
