@@ -67,8 +67,10 @@ def _echo_server_main(argv: list[str]) -> None:
             return pb.PutResponse(header=header())
 
         async def MultiGet(self, request: Any, context: Any) -> Any:  # noqa: N802
-            kvs = [pb.KeyValue(key=k, value=lib.VALUE, revision=12345) for k in request.keys]
-            return pb.MultiGetResponse(header=header(), kvs=kvs)
+            n = len(request.keys)
+            return pb.MultiGetResponse(
+                header=header(), keys=request.keys, values=[lib.VALUE] * n, revisions=[12345] * n
+            )
 
         async def MultiPut(self, request: Any, context: Any) -> Any:  # noqa: N802
             return pb.MultiPutResponse(header=header())

@@ -104,10 +104,10 @@ def cas_result(response: pb.CompareAndSetResponse) -> CasResult:
 
 
 def multi_get_result(keys: list[bytes], responses: list[pb.MultiGetResponse]) -> dict[bytes, bytes]:
-    """The found keys, in request order. Reads each shard's answer once, copying no messages."""
-    found = {kv.key: kv.value for r in responses for kv in r.kvs}
+    """The found keys, in request order (one shard's node answers in request order already)."""
     if len(responses) == 1:
-        return found  # one shard: the node answered in request order
+        return dict(zip(responses[0].keys, responses[0].values, strict=True))
+    found = {k: v for r in responses for k, v in zip(r.keys, r.values, strict=True)}
     return {k: found[k] for k in keys if k in found}
 
 

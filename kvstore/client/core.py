@@ -550,9 +550,12 @@ def combine_multi_get(keys: list[bytes], responses: list[pb.MultiGetResponse]) -
     """One MultiGetResponse with the found keys in request order (what the router answers)."""
     if len(responses) == 1:
         return responses[0]
-    found = {kv.key: kv for r in responses for kv in r.kvs}
+    found = {k: (v, rev) for r in responses for k, v, rev in zip(r.keys, r.values, r.revisions, strict=True)}
+    ordered = [k for k in keys if k in found]
     combined = _combine(pb.MultiGetResponse(), responses)
-    combined.kvs.extend(found[k] for k in keys if k in found)
+    combined.keys.extend(ordered)
+    combined.values.extend(found[k][0] for k in ordered)
+    combined.revisions.extend(found[k][1] for k in ordered)
     return combined
 
 

@@ -156,12 +156,16 @@ class MultiGetRequest(_message.Message):
     def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., read: _Optional[_Union[ReadOptions, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class MultiGetResponse(_message.Message):
-    __slots__ = ("header", "kvs")
+    __slots__ = ("header", "keys", "values", "revisions")
     HEADER_FIELD_NUMBER: _ClassVar[int]
-    KVS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    REVISIONS_FIELD_NUMBER: _ClassVar[int]
     header: ResponseHeader
-    kvs: _containers.RepeatedCompositeFieldContainer[KeyValue]
-    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., kvs: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ...) -> None: ...
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    values: _containers.RepeatedScalarFieldContainer[bytes]
+    revisions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., keys: _Optional[_Iterable[bytes]] = ..., values: _Optional[_Iterable[bytes]] = ..., revisions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ScanRequest(_message.Message):
     __slots__ = ("start", "end", "prefix", "limit", "continuation", "read", "epoch")

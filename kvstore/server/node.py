@@ -133,12 +133,13 @@ class KVServicer(pb_grpc.KVServicer):
         self.ctx.check_owned(keys)
         await self._fresh(request.read)
         records, applied = self.shard.storage.get_many(keys)
-        response = pb.MultiGetResponse(header=self.ctx.header(applied))
-        add = response.kvs.add  # ~2x faster than building KeyValue messages and copying them in
-        for record in records:
-            if record is not None:
-                add(key=record.key, value=record.value, revision=record.revision)
-        return response
+        found = [r for r in records if r is not None]
+        return pb.MultiGetResponse(
+            header=self.ctx.header(applied),
+            keys=[r.key for r in found],
+            values=[r.value for r in found],
+            revisions=[r.revision for r in found],
+        )
 
     @rpc_errors
     async def Batch(self, request: pb.BatchRequest, context: grpc.aio.ServicerContext) -> pb.BatchResponse:
