@@ -86,9 +86,17 @@ def keys_by_shard(cluster: LocalCluster, keyspace: int) -> list[list[bytes]]:
 
 
 def kv_ops(
-    kv: AsyncClient, keyspace: int, buckets: list[list[bytes]], seed: int
+    kv: AsyncClient,
+    keyspace: int,
+    buckets: list[list[bytes]],
+    seed: int,
+    strong_kv: AsyncClient | None = None,
 ) -> list[tuple[str, Callable[[int], Awaitable[Any]], int, str, str]]:
-    """(op name, op, keys per call, ceiling, etcd peer) for one client."""
+    """(op name, op, keys per call, ceiling, etcd peer) for one client.
+
+    `strong_kv` serves the strong multi_get: the client's default read policy (the leader) rather
+    than `kv`'s round robin, whose follower reads each forward a barrier to the leader."""
+    strong_kv = strong_kv or kv
     rng = random.Random(seed)
     rand = rng.randrange
 
@@ -108,7 +116,7 @@ def kv_ops(
 
     async def multi_get(i: int) -> None:
         keys = [lib.key(j) for j in rng.sample(range(keyspace), lib.BATCH)]
-        await kv.multi_get(keys, consistency=Consistency.STRONG)
+        await strong_kv.multi_get(keys, consistency=Consistency.STRONG)
 
     ops: list[tuple[str, Callable[[int], Awaitable[Any]], int, str, str]] = [
         ("put", put, 1, ceil.SYNCOBJ_SET, ceil.ETCD_PUT)
@@ -147,8 +155,12 @@ async def kvstore_suite(config: lib.BenchConfig, results: lib.Results, shards: i
         routed = AsyncClient(router=router_address)
         clients.append(routed)
         buckets = keys_by_shard(cluster, config.keyspace)
+        # The client's default policy for strong reads: every read at the leader.
+        leader_only = AsyncClient.from_cluster(cluster.dir, read_policy=ReadPolicy.LEADER)
+        clients.append(leader_only)
         for door, kv in (("smart", smart), ("router", routed)):
-            for op_name, op, per_call, ceiling, peer in kv_ops(kv, config.keyspace, buckets, shards):
+            strong = leader_only if door == "smart" else None  # the router reads at leaders anyway
+            for op_name, op, per_call, ceiling, peer in kv_ops(kv, config.keyspace, buckets, shards, strong):
                 m = await ceil.measure(config, op)
                 unit = "ops" if per_call == 1 else "keys"
                 row = lib.Row("kvstore", scenario(op_name, shards, door), unit, per_call, m, ceiling, peer)
@@ -156,8 +168,6 @@ async def kvstore_suite(config: lib.BenchConfig, results: lib.Results, shards: i
             if door == "smart":
                 # Strong reads again with every read at the leader, the client's default policy:
                 # shows what follower barriers (round robin above) cost or save.
-                leader_only = AsyncClient.from_cluster(cluster.dir, read_policy=ReadPolicy.LEADER)
-                clients.append(leader_only)
                 op = kv_ops(leader_only, config.keyspace, buckets, shards)[1][1]
                 m = await ceil.measure(config, op)
                 name = scenario("get strong, leader policy", shards, door)

@@ -53,7 +53,7 @@ class ReplicaSettings:
     peers: list[str]
     data_dir: Path
     raft: RaftSettings
-    dedup_window: int = 200_000
+    dedup_window: int = 100_000  # request ids kept (StorageSettings.dedup_window_ids)
 
 
 class _FreshnessStampingTransport(TCPTransport):

@@ -211,7 +211,7 @@ async def serve(config: NodeConfig) -> None:
         peers=config.peers,
         data_dir=data_dir,
         raft=config.raft,
-        dedup_window=config.storage.dedup_window_entries,
+        dedup_window=config.storage.dedup_window_ids,
     )
     shard = Shard(config.shard, storage, replica, config.server, cluster_map.client_address_of_raft)
     ctx = NodeContext(config, shard, cluster_map)

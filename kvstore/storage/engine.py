@@ -195,11 +195,15 @@ class Storage:
         if self._txn_bytes > _MAX_TXN_BYTES:
             self.commit()
 
-    def remember_request(self, request_id: bytes, revision: int, result: Any, window: int) -> None:
+    def remember_request(self, request_id: bytes, revision: int, result: Any, keep: int) -> None:
+        """Record a write's outcome under its request id; forget the oldest beyond the newest `keep`.
+
+        Counted in ids, not revisions: group commit puts dozens of writes in one log entry, and a
+        window in revisions never filled in a 5-minute run (the table, and RSS, grew all along)."""
         txn = self._write_txn()
         txn.put(request_id, _U64.pack(revision) + pickle.dumps(result), db=self._requests)
         txn.put(_U64.pack(revision) + request_id, b"", db=self._req_by_index)
-        self._expire_requests(txn, revision - window)
+        self._expire_requests(txn, keep)
 
     def recall_request(self, request_id: bytes) -> tuple[int, Any] | None:
         raw = self._write_txn().get(request_id, db=self._requests)
@@ -207,16 +211,15 @@ class Storage:
             return None
         return _U64.unpack_from(raw)[0], pickle.loads(raw[8:])
 
-    def _expire_requests(self, txn: lmdb.Transaction, below: int) -> None:
-        # Bounded work per call: a few expired ids per new one keeps the table at `window` entries.
+    def _expire_requests(self, txn: lmdb.Transaction, keep: int) -> None:
+        # Bounded work per call: up to a few of the oldest ids per new one, so the table settles
+        # at `keep` entries (and shrinks back to it if `keep` was lowered).
+        excess = txn.stat(self._requests)["entries"] - keep
         cursor = txn.cursor(db=self._req_by_index)
-        for _ in range(4):
+        for _ in range(min(excess, 4)):
             if not cursor.first():
                 return
-            index_key = cursor.key()
-            if _U64.unpack_from(index_key)[0] >= below:
-                return
-            txn.delete(index_key[8:], db=self._requests)
+            txn.delete(cursor.key()[8:], db=self._requests)
             cursor.delete()
 
     def commit(self) -> bool:
