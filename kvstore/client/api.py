@@ -107,7 +107,9 @@ def multi_get_result(keys: list[bytes], responses: list[pb.MultiGetResponse]) ->
     """The found keys, in request order (one shard's node answers in request order already)."""
     if len(responses) == 1:
         return dict(zip(responses[0].keys, responses[0].values, strict=True))
-    found = {k: v for r in responses for k, v in zip(r.keys, r.values, strict=True)}
+    found: dict[bytes, bytes] = {}
+    for response in responses:
+        found.update(zip(response.keys, response.values, strict=True))
     return {k: found[k] for k in keys if k in found}
 
 
