@@ -108,6 +108,9 @@ class Shard:
         self._queue: list[_Pending] = []
         self._flush_scheduled = False
         self._barrier_in_flight: asyncio.Future[int] | None = None
+        # The in-flight barrier while its proposal still waits in the queue: a reader arriving now
+        # still precedes the proposal, so it may share that barrier instead of the next one.
+        self._barrier_open: asyncio.Future[int] | None = None
         self._barrier_next: asyncio.Future[int] | None = None
         self.machine = ShardStateMachine(storage, replica, self._on_applied_threadsafe)
 
@@ -156,6 +159,7 @@ class Shard:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._barrier_open = None  # its proposal goes out now: later readers need a later one
         queue, self._queue = self._queue, []
         limits = (self._server.max_entry_proposals, self._server.max_entry_bytes)
         for entry in _group_into_entries(queue, *limits):
@@ -219,12 +223,13 @@ class Shard:
     async def barrier(self) -> int:
         """Linearizable read point: index of a no-op entry proposed after this call, applied here.
 
-        Coalesced: while one barrier is in flight, every new reader waits for the *next* one
-        (the in-flight one may have been proposed before they arrived), so one Raft round serves
-        all the reads that arrive during the previous round."""
-        if self._barrier_in_flight is None:
-            self._barrier_in_flight = self._start_barrier()
-            future = self._barrier_in_flight
+        Coalesced: readers share the barrier whose proposal has not gone out yet (it was made in
+        this loop iteration); once it has, new readers wait for the *next* one, so one Raft round
+        serves all the reads that arrive during the previous round."""
+        if self._barrier_open is not None:
+            future = self._barrier_open
+        elif self._barrier_in_flight is None:
+            future = self._barrier_in_flight = self._barrier_open = self._start_barrier()
         else:
             if self._barrier_next is None:
                 self._barrier_next = self._loop.create_future()
@@ -262,7 +267,7 @@ class Shard:
         waiting, self._barrier_next = self._barrier_next, None
         self._barrier_in_flight = None
         if waiting is not None:
-            self._barrier_in_flight = self._start_barrier()
+            self._barrier_in_flight = self._barrier_open = self._start_barrier()
             self._barrier_in_flight.add_done_callback(lambda f: _copy_outcome(f, waiting))
 
     # ----- status ----------------------------------------------------------------------------
