@@ -26,7 +26,7 @@ proto: $(STAMP)
 	$(BIN)/python -m kvstore.proto.generate
 
 bench: $(STAMP)
-	$(BIN)/kvstore bench
+	$(BIN)/kvstore bench --etcd
 
 chaos: $(STAMP)
 	$(BIN)/kvstore chaos --shards 2 --duration 60 --nemesis kill,pause,partition,delay

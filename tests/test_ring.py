@@ -31,6 +31,7 @@ from kvstore.routing.ring import (
     routing_key,
     slot_of,
     slot_point,
+    slots_of,
 )
 
 N_KEYS = 1_000_000
@@ -262,6 +263,8 @@ def test_shard_for_is_slot_then_route() -> None:
         key = b"{t%d}x" % (i % 50) if i % 3 == 0 else b"key-%d" % i
         assert slot_of(key) == zlib.crc32(routing_key(key)) & 0xFFFF
         assert RING8.shard_for(key) == RING8.shard_for_slot(slot_of(key))
+    keys = [b"{t%d}x" % i if i % 3 == 0 else b"key-%d" % i for i in range(200)]
+    assert slots_of(keys) == [slot_of(k) for k in keys]
 
 
 def test_slots_spread_sequential_keys() -> None:
