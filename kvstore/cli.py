@@ -328,6 +328,7 @@ def _kv(args: argparse.Namespace) -> int:
 
 def _ring(args: argparse.Namespace) -> int:
     from kvstore.client.api import load_cluster_map
+    from kvstore.routing.ring import SLOT_COUNT
 
     if args.cluster:
         cluster_map = load_cluster_map(args.cluster)
@@ -344,7 +345,7 @@ def _ring(args: argparse.Namespace) -> int:
     print(
         f"routing key:  {why['routing_key']!r}  (hash tags: only the text inside the first {{...}} is hashed)"
     )
-    print(f"slot:         {why['slot']} of 65536  (CRC-32 of the routing key, low 16 bits)")
+    print(f"slot:         {why['slot']} of {SLOT_COUNT}  (CRC-32 of the routing key, low 16 bits)")
     vnode = f"vnode #{why['vnode_owner_index']} of shard {why['shard']}"
     probes = f"nearest of {len(why['probes'])} probes from the slot's ring position"
     print(f"vnode point:  {why['vnode_point']:#018x} ({vnode}, {probes})")

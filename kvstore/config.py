@@ -67,6 +67,7 @@ class StorageSettings:
     # How many of the latest request ids are remembered for de-duplicating retried writes. A
     # retry is recognised while fewer than this many other writes applied since its first try:
     # ~15 s of writes at 7k/s, above the SDK's 10 s operation timeout; raise it for faster hosts.
+    # Every replica of a shard must use the same value, or they could disagree on a retry.
     dedup_window_ids: int = 100_000
 
 
@@ -119,9 +120,14 @@ class NodeConfig:
         return tomli_w.dumps(dataclasses.asdict(self))
 
 
+_RENAMED = {"dedup_window_entries": "dedup_window_ids (now counted in request ids, not log entries)"}
+
+
 def _build(cls: type, data: dict[str, Any]) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - known
+    for old in unknown & set(_RENAMED):
+        raise ValueError(f"{cls.__name__} setting {old} was renamed {_RENAMED[old]}")
     if unknown:
         raise ValueError(f"unknown {cls.__name__} setting(s): {', '.join(sorted(unknown))}")
     return cls(**data)

@@ -151,7 +151,7 @@ def test_raw_invalid_requests_get_invalid_argument(shared_cluster: LocalCluster)
 def test_malformed_message_and_garbage_bytes(shared_cluster: LocalCluster, kv: Client) -> None:
     address = _leader_address(shared_cluster)
     with grpc.insecure_channel(address) as channel:
-        raw_put = channel.unary_unary("/kvstore.v1.KV/Put")  # no serializer: bytes go as they are
+        raw_put = channel.unary_unary("/kvstore.v2.KV/Put")  # no serializer: bytes go as they are
         with pytest.raises(grpc.RpcError) as info:
             raw_put(b"\xff\xfe\x00garbage-that-is-not-protobuf", timeout=5)
         assert info.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT)

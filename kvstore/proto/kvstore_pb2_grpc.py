@@ -15,42 +15,42 @@ class KVStub(object):
             channel: A grpc.Channel.
         """
         self.Put = channel.unary_unary(
-                '/kvstore.v1.KV/Put',
+                '/kvstore.v2.KV/Put',
                 request_serializer=kvstore__pb2.PutRequest.SerializeToString,
                 response_deserializer=kvstore__pb2.PutResponse.FromString,
                 )
         self.Get = channel.unary_unary(
-                '/kvstore.v1.KV/Get',
+                '/kvstore.v2.KV/Get',
                 request_serializer=kvstore__pb2.GetRequest.SerializeToString,
                 response_deserializer=kvstore__pb2.GetResponse.FromString,
                 )
         self.Delete = channel.unary_unary(
-                '/kvstore.v1.KV/Delete',
+                '/kvstore.v2.KV/Delete',
                 request_serializer=kvstore__pb2.DeleteRequest.SerializeToString,
                 response_deserializer=kvstore__pb2.DeleteResponse.FromString,
                 )
         self.MultiPut = channel.unary_unary(
-                '/kvstore.v1.KV/MultiPut',
+                '/kvstore.v2.KV/MultiPut',
                 request_serializer=kvstore__pb2.MultiPutRequest.SerializeToString,
                 response_deserializer=kvstore__pb2.MultiPutResponse.FromString,
                 )
         self.MultiGet = channel.unary_unary(
-                '/kvstore.v1.KV/MultiGet',
+                '/kvstore.v2.KV/MultiGet',
                 request_serializer=kvstore__pb2.MultiGetRequest.SerializeToString,
                 response_deserializer=kvstore__pb2.MultiGetResponse.FromString,
                 )
         self.Scan = channel.unary_unary(
-                '/kvstore.v1.KV/Scan',
+                '/kvstore.v2.KV/Scan',
                 request_serializer=kvstore__pb2.ScanRequest.SerializeToString,
                 response_deserializer=kvstore__pb2.ScanResponse.FromString,
                 )
         self.CompareAndSet = channel.unary_unary(
-                '/kvstore.v1.KV/CompareAndSet',
+                '/kvstore.v2.KV/CompareAndSet',
                 request_serializer=kvstore__pb2.CompareAndSetRequest.SerializeToString,
                 response_deserializer=kvstore__pb2.CompareAndSetResponse.FromString,
                 )
         self.Batch = channel.unary_unary(
-                '/kvstore.v1.KV/Batch',
+                '/kvstore.v2.KV/Batch',
                 request_serializer=kvstore__pb2.BatchRequest.SerializeToString,
                 response_deserializer=kvstore__pb2.BatchResponse.FromString,
                 )
@@ -152,7 +152,7 @@ def add_KVServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'kvstore.v1.KV', rpc_method_handlers)
+            'kvstore.v2.KV', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
 
 
@@ -171,7 +171,7 @@ class KV(object):
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(request, target, '/kvstore.v1.KV/Put',
+        return grpc.experimental.unary_unary(request, target, '/kvstore.v2.KV/Put',
             kvstore__pb2.PutRequest.SerializeToString,
             kvstore__pb2.PutResponse.FromString,
             options, channel_credentials,
@@ -188,7 +188,7 @@ class KV(object):
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(request, target, '/kvstore.v1.KV/Get',
+        return grpc.experimental.unary_unary(request, target, '/kvstore.v2.KV/Get',
             kvstore__pb2.GetRequest.SerializeToString,
             kvstore__pb2.GetResponse.FromString,
             options, channel_credentials,
@@ -205,7 +205,7 @@ class KV(object):
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(request, target, '/kvstore.v1.KV/Delete',
+        return grpc.experimental.unary_unary(request, target, '/kvstore.v2.KV/Delete',
             kvstore__pb2.DeleteRequest.SerializeToString,
             kvstore__pb2.DeleteResponse.FromString,
             options, channel_credentials,
@@ -222,7 +222,7 @@ class KV(object):
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(request, target, '/kvstore.v1.KV/MultiPut',
+        return grpc.experimental.unary_unary(request, target, '/kvstore.v2.KV/MultiPut',
             kvstore__pb2.MultiPutRequest.SerializeToString,
             kvstore__pb2.MultiPutResponse.FromString,
             options, channel_credentials,
@@ -239,7 +239,7 @@ class KV(object):
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(request, target, '/kvstore.v1.KV/MultiGet',
+        return grpc.experimental.unary_unary(request, target, '/kvstore.v2.KV/MultiGet',
             kvstore__pb2.MultiGetRequest.SerializeToString,
             kvstore__pb2.MultiGetResponse.FromString,
             options, channel_credentials,
@@ -256,7 +256,7 @@ class KV(object):
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(request, target, '/kvstore.v1.KV/Scan',
+        return grpc.experimental.unary_unary(request, target, '/kvstore.v2.KV/Scan',
             kvstore__pb2.ScanRequest.SerializeToString,
             kvstore__pb2.ScanResponse.FromString,
             options, channel_credentials,
@@ -273,7 +273,7 @@ class KV(object):
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(request, target, '/kvstore.v1.KV/CompareAndSet',
+        return grpc.experimental.unary_unary(request, target, '/kvstore.v2.KV/CompareAndSet',
             kvstore__pb2.CompareAndSetRequest.SerializeToString,
             kvstore__pb2.CompareAndSetResponse.FromString,
             options, channel_credentials,
@@ -290,7 +290,7 @@ class KV(object):
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(request, target, '/kvstore.v1.KV/Batch',
+        return grpc.experimental.unary_unary(request, target, '/kvstore.v2.KV/Batch',
             kvstore__pb2.BatchRequest.SerializeToString,
             kvstore__pb2.BatchResponse.FromString,
             options, channel_credentials,
@@ -307,12 +307,12 @@ class AdminStub(object):
             channel: A grpc.Channel.
         """
         self.Status = channel.unary_unary(
-                '/kvstore.v1.Admin/Status',
+                '/kvstore.v2.Admin/Status',
                 request_serializer=kvstore__pb2.StatusRequest.SerializeToString,
                 response_deserializer=kvstore__pb2.StatusResponse.FromString,
                 )
         self.ClusterMap = channel.unary_unary(
-                '/kvstore.v1.Admin/ClusterMap',
+                '/kvstore.v2.Admin/ClusterMap',
                 request_serializer=kvstore__pb2.ClusterMapRequest.SerializeToString,
                 response_deserializer=kvstore__pb2.ClusterMapResponse.FromString,
                 )
@@ -348,7 +348,7 @@ def add_AdminServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'kvstore.v1.Admin', rpc_method_handlers)
+            'kvstore.v2.Admin', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
 
 
@@ -367,7 +367,7 @@ class Admin(object):
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(request, target, '/kvstore.v1.Admin/Status',
+        return grpc.experimental.unary_unary(request, target, '/kvstore.v2.Admin/Status',
             kvstore__pb2.StatusRequest.SerializeToString,
             kvstore__pb2.StatusResponse.FromString,
             options, channel_credentials,
@@ -384,7 +384,7 @@ class Admin(object):
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(request, target, '/kvstore.v1.Admin/ClusterMap',
+        return grpc.experimental.unary_unary(request, target, '/kvstore.v2.Admin/ClusterMap',
             kvstore__pb2.ClusterMapRequest.SerializeToString,
             kvstore__pb2.ClusterMapResponse.FromString,
             options, channel_credentials,

@@ -164,7 +164,16 @@ class Shard:
         limits = (self._server.max_entry_proposals, self._server.max_entry_bytes)
         for entry in _group_into_entries(queue, *limits):
             timer = self._loop.call_later(self._server.write_timeout, self._time_out, entry)
-            self.machine.propose([(p.request_id, p.op) for p in entry], self._completion_for(entry, timer))
+            try:
+                self.machine.propose(
+                    [(p.request_id, p.op) for p in entry], self._completion_for(entry, timer)
+                )
+            except Exception as exc:  # never leave a proposer waiting for an entry that was not made
+                log.exception("proposing an entry failed")
+                timer.cancel()
+                for pending in entry:
+                    if not pending.future.done():
+                        pending.future.set_exception(errors.Unavailable(f"not proposed: {exc}"))
 
     def _time_out(self, entry: list[_Pending]) -> None:
         for pending in entry:
@@ -261,6 +270,11 @@ class Shard:
         if not barrier.done():
             barrier.set_exception(errors.Unavailable("no quorum confirmed a read barrier in time"))
             if self._barrier_in_flight is barrier:
+                # The readers queued behind it fail now too, rather than wait for a whole new
+                # round: no reader waits much longer than read_barrier_timeout for an answer.
+                waiting, self._barrier_next = self._barrier_next, None
+                if waiting is not None and not waiting.done():
+                    waiting.set_exception(errors.Unavailable("no quorum confirmed a read barrier in time"))
                 self._barrier_finished()
 
     def _barrier_finished(self) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from kvstore import errors
 from kvstore.proto import kvstore_pb2 as pb
-from kvstore.routing.ring import Ring
+from kvstore.routing.ring import PLACEMENT, Ring
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,7 @@ class ClusterMap:
 
     def to_json(self) -> str:
         data = {
+            "placement": PLACEMENT,
             "epoch": self.epoch,
             "vnodes_per_shard": self.vnodes_per_shard,
             "shards": [{"id": s.id, "replicas": [asdict(r) for r in s.replicas]} for s in self.shards],
@@ -86,6 +87,14 @@ class ClusterMap:
     @classmethod
     def from_json(cls, text: str) -> ClusterMap:
         data = json.loads(text)
+        placement = data.get("placement", "")
+        if placement != PLACEMENT:
+            # Keys would be looked up on other shards than they were written to: refuse loudly.
+            raise errors.KvError(
+                f"this cluster map uses key placement {placement or '(none: before slots)'!r}, but this "
+                f"kvstore places keys by {PLACEMENT!r}; its data would be looked up on the wrong "
+                "shards. Create a new cluster (kvstore cluster up) and copy the data over"
+            )
         shards = tuple(
             ShardInfo(s["id"], tuple(ReplicaInfo(**r) for r in s["replicas"])) for s in data["shards"]
         )

@@ -53,6 +53,7 @@ from zlib import crc32
 __all__ = [
     "DEFAULT_PROBES",
     "DEFAULT_VNODES",
+    "PLACEMENT",
     "SLOT_COUNT",
     "Ring",
     "key_hash",
@@ -67,6 +68,9 @@ DEFAULT_VNODES = 256
 DEFAULT_PROBES = 3
 RING_SIZE = 1 << 64
 _MASK = RING_SIZE - 1
+# The name of the key -> shard scheme, saved in every cluster map: a map made under another scheme
+# is refused, since its keys would be looked up on the wrong shards.
+PLACEMENT = "crc32-slots-65536/blake2b-multiprobe-ring"
 SLOT_BITS = 16
 SLOT_COUNT = 1 << SLOT_BITS
 _SLOT_MASK = SLOT_COUNT - 1

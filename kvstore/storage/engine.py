@@ -209,7 +209,14 @@ class Storage:
         raw = self._write_txn().get(request_id, db=self._requests)
         if raw is None:
             return None
-        return _U64.unpack_from(raw)[0], pickle.loads(raw[8:])
+        revision = _U64.unpack_from(raw)[0]
+        try:
+            return revision, pickle.loads(raw[8:])
+        except Exception as exc:  # e.g. written by an older version: still a retry, never re-applied
+            return revision, (
+                "error",
+                f"retry of a write applied at {revision}; its result is unreadable: {exc}",
+            )
 
     def _expire_requests(self, txn: lmdb.Transaction, keep: int) -> None:
         # Bounded work per call: up to a few of the oldest ids per new one, so the table settles
