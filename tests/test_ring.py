@@ -379,3 +379,26 @@ def test_eq_and_repr() -> None:
     assert ring != Ring([1, 3, 4], vnodes_per_shard=8, probes=2)
     assert ring != (1, 3)
     assert ring.vnodes_per_shard == 8 and len(ring.vnode_points(1)) == 8
+
+
+# -- the cluster map records its placement ------------------------------------------------------------
+
+
+def test_cluster_maps_record_their_placement_and_refuse_another() -> None:
+    import json
+
+    from kvstore.errors import KvError
+    from kvstore.routing.cluster_map import ClusterMap, ReplicaInfo, ShardInfo
+    from kvstore.routing.ring import PLACEMENT
+
+    cluster_map = ClusterMap(3, (ShardInfo(0, (ReplicaInfo("s0r0", "127.0.0.1:1", "127.0.0.1:2"),)),))
+    saved = json.loads(cluster_map.to_json())
+    assert saved["placement"] == PLACEMENT
+    assert ClusterMap.from_json(json.dumps(saved)) == cluster_map
+    for placement in (None, "blake2b-ring"):  # a map from before slots has no placement at all
+        if placement is None:
+            del saved["placement"]
+        else:
+            saved["placement"] = placement
+        with pytest.raises(KvError, match="wrong shards"):
+            ClusterMap.from_json(json.dumps(saved))
