@@ -123,3 +123,21 @@ def test_map_grows_before_it_fills(tmp_path: Path) -> None:
         s.set_applied(batch + 1)
         s.commit()
     assert s.applied_index() == 40 and s.key_count() == 4000
+
+
+def test_get_columns_matches_get_many(tmp_path: Path) -> None:
+    s = Storage(tmp_path, fsync=False)
+    for i in range(0, 20, 2):
+        s.put(b"k%02d" % i, b"v%d" % i, 100 + i)
+    s.set_applied(42)
+    s.commit()
+    keys = [b"k%02d" % i for i in (5, 4, 0, 19, 18, 4)]  # misses, hits, a duplicate, any order
+    records, applied = s.get_many(keys)
+    found = [r for r in records if r is not None]
+    assert s.get_columns(keys) == (
+        [r.key for r in found],
+        [r.value for r in found],
+        [r.revision for r in found],
+        applied,
+    )
+    assert applied == 42 and [r.key for r in found] == [b"k04", b"k00", b"k18", b"k04"]

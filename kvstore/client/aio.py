@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,12 @@ class AsyncClient:
     async def _run(self, plan: Plan) -> Any:
         try:
             step = next(plan)
+        except StopIteration as done:
+            return done.value
+        return await self._run_from(plan, step)
+
+    async def _run_from(self, plan: Plan, step: Any) -> Any:
+        try:
             while True:
                 try:
                     outcome = await self._perform(step)
@@ -80,8 +86,49 @@ class AsyncClient:
             await asyncio.sleep(step.seconds)
             return None
         if isinstance(step, Parallel):
-            return list(await asyncio.gather(*(self._run(p) for p in step.plans)))
+            return await self._run_parallel(step.plans)
         raise TypeError(f"unknown plan step {step!r}")
+
+    def _start(self, call: Call) -> Awaitable[Any]:
+        if self.pipelining and call.service == "KV" and call.method in _BATCH_FIELDS:
+            return self._pipeline(call.address).submit(call)  # a future: no task of its own
+        return asyncio.ensure_future(self._call(call))
+
+    async def _run_parallel(self, plans: list[Plan]) -> list[Any]:
+        """Run plans concurrently. The usual plan (one shard's part of a split operation) is a
+        single call: every plan's first call is submitted now and awaited as plain futures, and
+        only a plan that needs more steps (a retry, a redirect) continues as a task. A task per
+        part cost ~10% of a client's CPU on multi-shard multi_get."""
+        results: list[Any] = [None] * len(plans)
+        started: list[tuple[int, Plan, Awaitable[Any]]] = []
+        for i, plan in enumerate(plans):
+            try:
+                step = next(plan)
+            except StopIteration as done:
+                results[i] = done.value
+                continue
+            first = (
+                self._start(step) if isinstance(step, Call) else asyncio.ensure_future(self._perform(step))
+            )
+            started.append((i, plan, first))
+        outcomes = await asyncio.gather(*(first for _, _, first in started), return_exceptions=True)
+        more: list[tuple[int, Awaitable[Any]]] = []
+        for (i, plan, _), outcome in zip(started, outcomes, strict=True):
+            try:
+                if isinstance(outcome, errors.KvError):
+                    step = plan.throw(outcome)
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+                else:
+                    step = plan.send(outcome)
+            except StopIteration as done:
+                results[i] = done.value
+                continue
+            more.append((i, self._run_from(plan, step)))
+        if more:
+            for (i, _), value in zip(more, await asyncio.gather(*(rest for _, rest in more)), strict=True):
+                results[i] = value
+        return results
 
     async def _call(self, step: Call) -> Any:
         stub = self._stub(step.address, step.service)

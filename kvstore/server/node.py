@@ -132,13 +132,9 @@ class KVServicer(pb_grpc.KVServicer):
         keys = check.check_keys(request.keys, self.limits)
         self.ctx.check_owned(keys)
         await self._fresh(request.read)
-        records, applied = self.shard.storage.get_many(keys)
-        found = [r for r in records if r is not None]
+        found, values, revisions, applied = self.shard.storage.get_columns(keys)
         return pb.MultiGetResponse(
-            header=self.ctx.header(applied),
-            keys=[r.key for r in found],
-            values=[r.value for r in found],
-            revisions=[r.revision for r in found],
+            header=self.ctx.header(applied), keys=found, values=values, revisions=revisions
         )
 
     @rpc_errors
