@@ -110,8 +110,9 @@ async def echo_ceilings(config: lib.BenchConfig, results: lib.Results) -> None:
             return stub.MultiGet(pb.MultiGetRequest(keys=keys, read=read), timeout=5.0)
 
         def multi_put(i: int) -> Any:
-            entries = [pb.KeyValue(key=lib.key(rand(n)), value=lib.VALUE) for _ in range(lib.BATCH)]
-            return stub.MultiPut(pb.MultiPutRequest(entries=entries, request_id=b"r" * 16), timeout=5.0)
+            keys = [lib.key(rand(n)) for _ in range(lib.BATCH)]
+            request = pb.MultiPutRequest(keys=keys, values=[lib.VALUE] * lib.BATCH, request_id=b"r" * 16)
+            return stub.MultiPut(request, timeout=5.0)
 
         for name, op, per_call in (
             (ECHO_UNARY, get, 1),

@@ -130,11 +130,8 @@ def test_raw_invalid_requests_get_invalid_argument(shared_cluster: LocalCluster)
         cases = [
             lambda: stub.Put(pb.PutRequest(key=b"", value=b"x")),
             lambda: stub.MultiPut(pb.MultiPutRequest()),
-            lambda: stub.MultiPut(
-                pb.MultiPutRequest(
-                    entries=[pb.KeyValue(key=b"d", value=b"1"), pb.KeyValue(key=b"d", value=b"2")]
-                )
-            ),
+            lambda: stub.MultiPut(pb.MultiPutRequest(keys=[b"d", b"d"], values=[b"1", b"2"])),
+            lambda: stub.MultiPut(pb.MultiPutRequest(keys=[b"d", b"e"], values=[b"1"])),  # unpaired
             lambda: stub.Get(pb.GetRequest(key=b"k", read=pb.ReadOptions(consistency=pb.BOUNDED))),
             lambda: stub.Get(pb.GetRequest(key=b"k", read=pb.ReadOptions(consistency=9))),
             lambda: stub.Put(pb.PutRequest(key=b"k", value=b"x", request_id=b"r" * 65)),

@@ -626,3 +626,14 @@ def test_killing_one_shards_leader_only_disturbs_that_shard(
         )
 
     wait_until(caught_up, 30, interval=0.5)
+
+
+def test_router_rejects_unpaired_multi_put_lists(router: str, kv: Client) -> None:
+    with grpc.insecure_channel(router) as channel:
+        stub = pb_grpc.KVStub(channel)
+        request = pb.MultiPutRequest(keys=[b"unpaired-a", b"unpaired-b"], values=[b"1"], non_atomic=True)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.MultiPut(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert "pair up" in info.value.details()
+    assert kv.multi_get([b"unpaired-a", b"unpaired-b"]) == {}

@@ -7,7 +7,8 @@ that string, so peers dial R's proxy and the proxy forwards to R's real port.
 Who is dialing: in pysyncobj 0.3.17 only the node with the greater address string dials
 (``TCPTransport._shouldConnect``) and, without a password, its first message is its own advertised address
 (``TCPTransport._sendSelfAddress``), framed by ``TcpConnection.send`` as
-``struct.pack('i', len(data)) + data`` with ``data = zlib.compress(pickle.dumps(address, 2), 3)``.
+``struct.pack('i', len(data)) + data`` with ``data = zlib.compress(pickle.dumps(address), 3)``
+(pysyncobj's pickler: protocol 2, or 5 once kvstore's state machine module is imported).
 The proxy reads that one frame before it connects upstream, decodes it with an unpickler that refuses every
 global (so peer bytes can only build plain str/list/tuple, never run code), maps the address to a replica
 name through the ``LinkController`` registry, then forwards the frame unchanged.
@@ -39,6 +40,8 @@ import threading
 import zlib
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
+
+from pysyncobj import pickle as pysyncobj_pickle
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +119,9 @@ def _looks_encrypted(buf: bytes) -> bool:
 
 
 def encode_frame(message: object) -> bytes:
-    """Frame a message exactly as pysyncobj 0.3.17 ``TcpConnection.send`` does without a password."""
-    data = zlib.compress(pickle.dumps(message, 2), 3)
+    """Frame a message exactly as pysyncobj 0.3.17 ``TcpConnection.send`` does without a password
+    (with pysyncobj's own pickler, whose protocol kvstore's state machine raises to 5)."""
+    data = zlib.compress(pysyncobj_pickle.dumps(message), 3)
     return _FRAME_HEADER.pack(len(data)) + data
 
 

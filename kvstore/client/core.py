@@ -560,11 +560,7 @@ def combine_multi_get(keys: list[bytes], responses: list[pb.MultiGetResponse]) -
 
 
 def _multi_put_request(items: list[tuple[bytes, bytes]], request_id: bytes) -> pb.MultiPutRequest:
-    request = pb.MultiPutRequest(request_id=request_id)
-    add = request.entries.add  # ~2x faster than building KeyValue messages and copying them in
-    for key, value in items:
-        add(key=key, value=value)
-    return request
+    return pb.MultiPutRequest(keys=[k for k, _ in items], values=[v for _, v in items], request_id=request_id)
 
 
 def new_request_id() -> bytes:

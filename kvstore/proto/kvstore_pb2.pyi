@@ -128,16 +128,18 @@ class DeleteResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., deleted: _Optional[int] = ...) -> None: ...
 
 class MultiPutRequest(_message.Message):
-    __slots__ = ("entries", "request_id", "epoch", "non_atomic")
-    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("keys", "values", "request_id", "epoch", "non_atomic")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     NON_ATOMIC_FIELD_NUMBER: _ClassVar[int]
-    entries: _containers.RepeatedCompositeFieldContainer[KeyValue]
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    values: _containers.RepeatedScalarFieldContainer[bytes]
     request_id: bytes
     epoch: int
     non_atomic: bool
-    def __init__(self, entries: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ..., request_id: _Optional[bytes] = ..., epoch: _Optional[int] = ..., non_atomic: bool = ...) -> None: ...
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., values: _Optional[_Iterable[bytes]] = ..., request_id: _Optional[bytes] = ..., epoch: _Optional[int] = ..., non_atomic: bool = ...) -> None: ...
 
 class MultiPutResponse(_message.Message):
     __slots__ = ("header",)

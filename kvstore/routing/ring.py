@@ -239,7 +239,11 @@ class Ring:
 
     def all_on(self, shard: int, keys: Iterable[bytes]) -> bool:
         """Whether every key belongs to ``shard`` (a node's ownership check, once per request)."""
-        return all(self.shard_for_slot(slot) == shard for slot in slots_of(keys))
+        slots, owners = slots_of(keys), self._slot_owners
+        seen = {owners[slot] for slot in slots}
+        if -1 in seen:  # some slot not routed yet
+            seen = {self.shard_for_slot(slot) for slot in slots}
+        return seen <= {shard}
 
     def explain(self, key: bytes) -> dict[str, Any]:
         """Why ``key`` lives where it does, for the CLI.

@@ -87,11 +87,10 @@ class KVServicer(pb_grpc.KVServicer):
     async def MultiPut(
         self, request: pb.MultiPutRequest, context: grpc.aio.ServicerContext
     ) -> pb.MultiPutResponse:
-        items = [(e.key, e.value) for e in request.entries]  # read each message field once
-        keys = check.check_keys([k for k, _ in items], self.limits)
+        keys, values = check.check_pairs(request.keys, request.values, self.limits)
         check.check_unique(keys)
-        check.check_values([v for _, v in items], self.limits)
-        revision, _ = await self._write(keys, commands.multi_put(items), request.request_id)
+        op = commands.multi_put(zip(keys, values, strict=True))
+        revision, _ = await self._write(keys, op, request.request_id)
         return pb.MultiPutResponse(header=self.ctx.header(revision))
 
     @rpc_errors

@@ -15,6 +15,7 @@ import signal
 
 import grpc
 
+from kvstore import errors
 from kvstore.client.aio import AsyncClient
 from kvstore.client.core import ClientCore, ClientSettings, ReadConsistency, combine_multi_get
 from kvstore.proto import kvstore_pb2 as pb
@@ -48,7 +49,11 @@ class RouterServicer(pb_grpc.KVServicer):
     async def MultiPut(
         self, request: pb.MultiPutRequest, context: grpc.aio.ServicerContext
     ) -> pb.MultiPutResponse:
-        items = [(e.key, e.value) for e in request.entries]
+        if len(request.keys) != len(request.values):  # the nodes check everything else
+            raise errors.InvalidArgument(
+                f"{len(request.keys)} keys but {len(request.values)} values: they must pair up"
+            )
+        items = list(zip(request.keys, request.values, strict=True))
         plan = self.core.multi_put(items, atomic=not request.non_atomic, request_id=request.request_id)
         return await self.client._run(plan)
 

@@ -23,6 +23,17 @@ def check_value(value: bytes, limits: Limits) -> None:
         raise InvalidArgument(f"value is {len(value)} bytes; the limit is {limits.max_value_bytes}")
 
 
+def check_pairs(
+    keys: Iterable[bytes], values: Iterable[bytes], limits: Limits
+) -> tuple[list[bytes], list[bytes]]:
+    """A multi-put's parallel lists: as many values as keys, each within its limit."""
+    keys, values = check_keys(keys, limits), list(values)
+    if len(values) != len(keys):
+        raise InvalidArgument(f"{len(keys)} keys but {len(values)} values: they must pair up")
+    check_values(values, limits)
+    return keys, values
+
+
 def check_values(values: list[bytes], limits: Limits) -> None:
     if values and max(map(len, values)) > limits.max_value_bytes:
         for value in values:
