@@ -277,9 +277,10 @@ class _Pipeline:
             self._keep(asyncio.ensure_future(self._send(batch)))
 
     async def _send(self, batch: list[tuple[Call, asyncio.Future[Any]]]) -> None:
-        request = pb.BatchRequest(
-            ops=[pb.BatchOp(**{_BATCH_FIELDS[call.method]: call.request}) for call, _ in batch]
-        )
+        request = pb.BatchRequest()
+        add = request.ops.add  # copies each op's request once (BatchOp(...) then ops=[...] copied twice)
+        for call, _ in batch:
+            add(**{_BATCH_FIELDS[call.method]: call.request})
         timeout = max(call.timeout for call, _ in batch)
         try:
             response = await self._client._stub(self._address, "KV").Batch(request, timeout=timeout)

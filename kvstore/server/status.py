@@ -96,13 +96,14 @@ async def run_batch(servicer: Any, request: pb.BatchRequest) -> pb.BatchResponse
     Running them concurrently is what lets the shard coalesce the writes into one Raft entry and
     the strong reads behind one barrier."""
 
-    async def one(op: pb.BatchOp) -> pb.BatchResult:
+    async def one(op: pb.BatchOp) -> dict[str, Any]:
+        """The op's result as the keyword for `BatchResult` (built once, in the response)."""
         kind = op.WhichOneof("op")
         if kind is None:
             return _error_result(errors.InvalidArgument("empty batch op"))
         method = getattr(type(servicer), _BATCH_METHODS[kind]).__wrapped__
         try:
-            return pb.BatchResult(**{kind: await method(servicer, getattr(op, kind), None)})
+            return {kind: await method(servicer, getattr(op, kind), None)}
         except errors.KvError as err:
             return _error_result(err)
         except Exception:
@@ -111,9 +112,13 @@ async def run_batch(servicer: Any, request: pb.BatchRequest) -> pb.BatchResponse
 
     if len(request.ops) > MAX_BATCH_OPS:
         raise errors.InvalidArgument(f"{len(request.ops)} ops in one batch; the limit is {MAX_BATCH_OPS}")
-    return pb.BatchResponse(results=await asyncio.gather(*(one(op) for op in request.ops)))
+    response = pb.BatchResponse()
+    add = response.results.add  # copies each op's response once
+    for result in await asyncio.gather(*(one(op) for op in request.ops)):
+        add(**result)
+    return response
 
 
-def _error_result(err: errors.KvError) -> pb.BatchResult:
+def _error_result(err: errors.KvError) -> dict[str, Any]:
     code, details, metadata = errors.to_grpc_status(err)
-    return pb.BatchResult(error=pb.OpError(code=code.value[0], message=details, metadata=dict(metadata)))
+    return {"error": pb.OpError(code=code.value[0], message=details, metadata=dict(metadata))}
