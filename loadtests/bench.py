@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -679,6 +680,9 @@ def main(args: argparse.Namespace) -> int:
     config = lib.BenchConfig.make(options.quick, work, options.concurrency)
     (work / "logs").mkdir(parents=True, exist_ok=True)
     failed = True
+    # SIGTERM (a CI timeout, `kill`) ends the run like Ctrl-C: the running scenario is cancelled
+    # and its `finally` blocks stop every cluster and process it started.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         document = uvloop.run(run(config, options))
         print("\n" + document["table_markdown"])
