@@ -39,6 +39,7 @@ class ClusterMap:
     epoch: int
     shards: tuple[ShardInfo, ...]
     vnodes_per_shard: int = 256
+    placement: str = PLACEMENT  # the key -> shard scheme the map was made under
     _by_id: dict[int, ShardInfo] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -46,6 +47,14 @@ class ClusterMap:
 
     @cached_property
     def ring(self) -> Ring:
+        if self.placement != PLACEMENT:
+            # Keys would be looked up on other shards than they were written to: refuse loudly.
+            # Only routing refuses: an old cluster can still be listed, stopped and removed.
+            raise errors.KvError(
+                f"this cluster map uses key placement {self.placement or '(none: before slots)'!r}, "
+                f"but this kvstore places keys by {PLACEMENT!r}; its data would be looked up on the "
+                "wrong shards. Create a new cluster (kvstore cluster up) and copy the data over"
+            )
         return Ring([s.id for s in self.shards], self.vnodes_per_shard)
 
     def shard(self, shard_id: int) -> ShardInfo:
@@ -77,7 +86,7 @@ class ClusterMap:
 
     def to_json(self) -> str:
         data = {
-            "placement": PLACEMENT,
+            "placement": self.placement,
             "epoch": self.epoch,
             "vnodes_per_shard": self.vnodes_per_shard,
             "shards": [{"id": s.id, "replicas": [asdict(r) for r in s.replicas]} for s in self.shards],
@@ -87,18 +96,10 @@ class ClusterMap:
     @classmethod
     def from_json(cls, text: str) -> ClusterMap:
         data = json.loads(text)
-        placement = data.get("placement", "")
-        if placement != PLACEMENT:
-            # Keys would be looked up on other shards than they were written to: refuse loudly.
-            raise errors.KvError(
-                f"this cluster map uses key placement {placement or '(none: before slots)'!r}, but this "
-                f"kvstore places keys by {PLACEMENT!r}; its data would be looked up on the wrong "
-                "shards. Create a new cluster (kvstore cluster up) and copy the data over"
-            )
         shards = tuple(
             ShardInfo(s["id"], tuple(ReplicaInfo(**r) for r in s["replicas"])) for s in data["shards"]
         )
-        return cls(data["epoch"], shards, data.get("vnodes_per_shard", 256))
+        return cls(data["epoch"], shards, data.get("vnodes_per_shard", 256), data.get("placement", ""))
 
     def save(self, path: str | Path) -> None:
         tmp = Path(str(path) + ".tmp")

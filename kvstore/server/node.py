@@ -198,6 +198,7 @@ def grpc_options(config: NodeConfig) -> list[tuple[str, int]]:
 async def serve(config: NodeConfig) -> None:
     """Run the node until SIGTERM or SIGINT, then shut down gracefully."""
     cluster_map = ClusterMap.load(config.cluster_map)
+    cluster_map.ring  # noqa: B018 (a map from another key placement must stop the node here, not per request)
     data_dir = Path(config.data_dir)
     storage = Storage(data_dir, map_size=config.storage.map_size_bytes, fsync=config.storage.fsync)
     replica = ReplicaSettings(
