@@ -79,9 +79,7 @@ class AsyncClient:
 
     async def _perform(self, step: Any) -> Any:
         if isinstance(step, Call):
-            if self.pipelining and step.service == "KV" and step.method in _BATCH_FIELDS:
-                return await self._pipeline(step.address).submit(step)
-            return await self._call(step)
+            return await self._start(step)
         if isinstance(step, Sleep):
             await asyncio.sleep(step.seconds)
             return None
@@ -90,9 +88,10 @@ class AsyncClient:
         raise TypeError(f"unknown plan step {step!r}")
 
     def _start(self, call: Call) -> Awaitable[Any]:
+        """The call under way: a pipelined one is a plain future (no task of its own)."""
         if self.pipelining and call.service == "KV" and call.method in _BATCH_FIELDS:
-            return self._pipeline(call.address).submit(call)  # a future: no task of its own
-        return asyncio.ensure_future(self._call(call))
+            return self._pipeline(call.address).submit(call)
+        return self._call(call)
 
     async def _run_parallel(self, plans: list[Plan]) -> list[Any]:
         """Run plans concurrently. The usual plan (one shard's part of a split operation) is a
@@ -107,10 +106,7 @@ class AsyncClient:
             except StopIteration as done:
                 results[i] = done.value
                 continue
-            first = (
-                self._start(step) if isinstance(step, Call) else asyncio.ensure_future(self._perform(step))
-            )
-            started.append((i, plan, first))
+            started.append((i, plan, self._start(step) if isinstance(step, Call) else self._perform(step)))
         outcomes = await asyncio.gather(*(first for _, _, first in started), return_exceptions=True)
         more: list[tuple[int, Awaitable[Any]]] = []
         for (i, plan, _), outcome in zip(started, outcomes, strict=True):

@@ -42,6 +42,9 @@ _CLEAN_FAILURES = {
 }
 
 
+_NO_QUORUM = "no quorum confirmed a read barrier in time"
+
+
 class Consistency:
     STRONG = 0
     SESSION = 1
@@ -268,13 +271,13 @@ class Shard:
 
     def _expire_barrier(self, barrier: asyncio.Future[int]) -> None:
         if not barrier.done():
-            barrier.set_exception(errors.Unavailable("no quorum confirmed a read barrier in time"))
+            barrier.set_exception(errors.Unavailable(_NO_QUORUM))
             if self._barrier_in_flight is barrier:
                 # The readers queued behind it fail now too, rather than wait for a whole new
                 # round: no reader waits much longer than read_barrier_timeout for an answer.
                 waiting, self._barrier_next = self._barrier_next, None
                 if waiting is not None and not waiting.done():
-                    waiting.set_exception(errors.Unavailable("no quorum confirmed a read barrier in time"))
+                    waiting.set_exception(errors.Unavailable(_NO_QUORUM))
                 self._barrier_finished()
 
     def _barrier_finished(self) -> None:

@@ -26,7 +26,7 @@ import pysyncobj.pickle as pysyncobj_pickle
 from pysyncobj import SyncObjConf, replicated
 from pysyncobj.transport import TCPTransport
 
-from kvstore.config import RaftSettings
+from kvstore.config import RaftSettings, StorageSettings
 from kvstore.replication import commands
 from kvstore.replication.raft_fixes import PatchedSyncObj
 from kvstore.replication.snapshots import SnapshotManager
@@ -53,7 +53,7 @@ class ReplicaSettings:
     peers: list[str]
     data_dir: Path
     raft: RaftSettings
-    dedup_window: int = 100_000  # request ids kept (StorageSettings.dedup_window_ids)
+    dedup_window: int = StorageSettings.dedup_window_ids  # request ids kept
 
 
 class _FreshnessStampingTransport(TCPTransport):

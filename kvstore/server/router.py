@@ -15,12 +15,12 @@ import signal
 
 import grpc
 
-from kvstore import errors
 from kvstore.client.aio import AsyncClient
 from kvstore.client.core import ClientCore, ClientSettings, ReadConsistency, combine_multi_get
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.routing.cluster_map import ClusterMap
+from kvstore.server import validation as check
 from kvstore.server.status import add_service, rpc_errors, run_batch
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,7 @@ class RouterServicer(pb_grpc.KVServicer):
     async def MultiPut(
         self, request: pb.MultiPutRequest, context: grpc.aio.ServicerContext
     ) -> pb.MultiPutResponse:
-        if len(request.keys) != len(request.values):  # the nodes check everything else
-            raise errors.InvalidArgument(
-                f"{len(request.keys)} keys but {len(request.values)} values: they must pair up"
-            )
+        check.check_paired(request.keys, request.values)  # the nodes check everything else
         items = list(zip(request.keys, request.values, strict=True))
         plan = self.core.multi_put(items, atomic=not request.non_atomic, request_id=request.request_id)
         return await self.client._run(plan)

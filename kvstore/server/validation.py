@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from kvstore.config import Limits
 from kvstore.errors import InvalidArgument
 from kvstore.proto import kvstore_pb2 as pb
 
 MAX_STALENESS_SECONDS = 3600.0
+_CONSISTENCY_LEVELS = frozenset(pb.Consistency.values())  # once: every read request is checked
 
 
 def check_key(key: bytes, limits: Limits) -> None:
@@ -28,10 +29,14 @@ def check_pairs(
 ) -> tuple[list[bytes], list[bytes]]:
     """A multi-put's parallel lists: as many values as keys, each within its limit."""
     keys, values = check_keys(keys, limits), list(values)
-    if len(values) != len(keys):
-        raise InvalidArgument(f"{len(keys)} keys but {len(values)} values: they must pair up")
+    check_paired(keys, values)
     check_values(values, limits)
     return keys, values
+
+
+def check_paired(keys: Sequence[bytes], values: Sequence[bytes]) -> None:
+    if len(values) != len(keys):
+        raise InvalidArgument(f"{len(keys)} keys but {len(values)} values: they must pair up")
 
 
 def check_values(values: list[bytes], limits: Limits) -> None:
@@ -64,7 +69,7 @@ def check_request_id(request_id: bytes, limits: Limits) -> None:
 
 
 def check_read(consistency: int, max_staleness: float) -> None:
-    if consistency not in pb.Consistency.values():
+    if consistency not in _CONSISTENCY_LEVELS:
         raise InvalidArgument(f"unknown consistency level {consistency}")
     if consistency == pb.BOUNDED and not (0 < max_staleness <= MAX_STALENESS_SECONDS):
         raise InvalidArgument(

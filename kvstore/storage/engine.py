@@ -108,19 +108,9 @@ class Storage:
             raw = txn.get(key)
             return _unpack(key, raw) if raw is not None else None
 
-    def get_many(self, keys: list[bytes]) -> tuple[list[Record | None], int]:
-        """Records for keys (None where absent) and the applied index of that same snapshot."""
-        with self._env_lock, self._env.begin() as txn:
-            applied = txn.get(_APPLIED, db=self._meta)
-            out = []
-            for key in keys:
-                raw = txn.get(key, db=self._data)
-                out.append(_unpack(key, raw) if raw is not None else None)
-        return out, (_U64.unpack(applied)[0] if applied else 0)
-
     def get_columns(self, keys: list[bytes]) -> tuple[list[bytes], list[bytes], list[int], int]:
         """The found keys, their values and revisions as parallel lists (request order), and the
-        applied index: `get_many` without a Record per key, for the batched read path."""
+        applied index of that same snapshot. Lists, not a Record per key: the batched read path."""
         found: list[bytes] = []
         values: list[bytes] = []
         revisions: list[int] = []
@@ -137,8 +127,9 @@ class Storage:
         return found, values, revisions, (_U64.unpack(applied)[0] if applied else 0)
 
     def read(self, key: bytes) -> tuple[Record | None, int]:
-        records, applied = self.get_many([key])
-        return records[0], applied
+        """The key's record (None if absent) and the applied index of that same snapshot."""
+        found, values, revisions, applied = self.get_columns([key])
+        return (Record(key, values[0], revisions[0]) if found else None), applied
 
     def scan(
         self, start: bytes, end: bytes, prefix: bytes, limit: int, after: bytes = b""
