@@ -8,6 +8,8 @@ import grpc
 import pytest
 
 from kvstore import AsyncClient, errors
+from kvstore.client.aio import _Pipeline
+from kvstore.client.plans import Call
 from kvstore.cluster.local import LocalCluster
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
@@ -17,18 +19,19 @@ async def test_concurrent_ops_are_batched_and_keep_their_own_results(shared_clus
     async with AsyncClient.from_cluster(shared_cluster.dir) as kv:
         await kv.put(b"pipe:warm", b"x")
         batches = 0
-        original = kv._pipeline(kv.core.leaders[0])._send
+        writes = kv._pipeline(kv.core.leaders[0], "write")
+        original = writes._send
 
-        async def counting_send(batch: list) -> None:  # type: ignore[type-arg]
+        async def counting_send(batch: list, now: float) -> None:  # type: ignore[type-arg]
             nonlocal batches
             batches += 1
-            await original(batch)
+            await original(batch, now)
 
-        kv._pipeline(kv.core.leaders[0])._send = counting_send  # type: ignore[method-assign]
+        writes._send = counting_send  # type: ignore[method-assign]
         keys = [b"pipe:%03d" % i for i in range(200)]
         revisions = await asyncio.gather(*(kv.put(k, k) for k in keys))
         assert len(set(revisions)) >= 1 and all(r > 0 for r in revisions)
-        assert batches >= 1, "200 concurrent puts should have gone out in batches"
+        assert 1 <= batches <= 2, f"200 concurrent puts should leave in one or two RPCs, not {batches}"
         values = await asyncio.gather(*(kv.get(k) for k in keys))
         assert values == keys
         # One bad op in a batch fails alone; its neighbours succeed.
@@ -62,3 +65,88 @@ def test_batch_rpc_limits_and_empty_ops(shared_cluster: LocalCluster) -> None:
         with pytest.raises(grpc.RpcError) as info:
             stub.Batch(pb.BatchRequest(ops=[pb.BatchOp(get=pb.GetRequest(key=b"k"))] * 10_001))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# --- the pipeline itself, against a fake endpoint: what waits, what leaves together --------------
+
+
+class _FakeEndpoint:
+    """Stands in for AsyncClient under one `_Pipeline`: records what is sent, answers on release."""
+
+    def __init__(self) -> None:
+        self.sent: list[list[bytes]] = []  # keys of each RPC, in order
+        self.release = asyncio.Event()
+
+    async def _call(self, call: Call, timeout: float | None = None) -> str:
+        self.sent.append([call.request.key])
+        await self.release.wait()
+        return "ok"
+
+    def _stub(self, address: str, service: str) -> _FakeEndpoint:
+        return self
+
+    async def Batch(self, request: pb.BatchRequest, timeout: float) -> pb.BatchResponse:  # noqa: N802
+        self.sent.append([op.put.key or op.get.key for op in request.ops])
+        await self.release.wait()
+        response = pb.BatchResponse()
+        for _ in request.ops:
+            response.results.add(put=pb.PutResponse())
+        return response
+
+
+def _put(key: bytes, timeout: float = 5.0) -> Call:
+    return Call("fake:1", "KV", "Put", pb.PutRequest(key=key, value=b"v"), timeout)
+
+
+def _get(key: bytes, consistency: int) -> Call:
+    read = pb.ReadOptions(consistency=consistency)  # type: ignore[arg-type]
+    return Call("fake:1", "KV", "Get", pb.GetRequest(key=key, read=read), 5.0)
+
+
+async def test_calls_made_while_the_slot_is_busy_leave_together_when_it_frees() -> None:
+    endpoint = _FakeEndpoint()
+    pipeline = _Pipeline(endpoint, "fake:1", depth=1)  # type: ignore[arg-type]
+    first = pipeline.submit(_put(b"a"))
+    await asyncio.sleep(0.01)
+    assert endpoint.sent == [[b"a"]]  # alone: sent at once
+    later = []
+    for key in (b"b", b"c", b"d"):  # one per loop iteration, all while "a" is in flight
+        later.append(pipeline.submit(_put(key)))
+        await asyncio.sleep(0)
+    assert endpoint.sent == [[b"a"]], "the only slot is busy: nothing else may leave yet"
+    endpoint.release.set()
+    await asyncio.gather(first, *later)
+    assert endpoint.sent == [[b"a"], [b"b", b"c", b"d"]]
+
+
+async def test_a_deadline_that_passes_while_queued_fails_the_call_unsent() -> None:
+    endpoint = _FakeEndpoint()
+    pipeline = _Pipeline(endpoint, "fake:1", depth=1)  # type: ignore[arg-type]
+    first = pipeline.submit(_put(b"slow"))
+    await asyncio.sleep(0.01)
+    hasty = pipeline.submit(_put(b"hasty", timeout=0.02))
+    await asyncio.sleep(0.05)
+    endpoint.release.set()
+    await first
+    with pytest.raises(errors.Unavailable, match="not sent"):
+        await hasty
+    assert endpoint.sent == [[b"slow"]], "a call whose deadline passed in the queue is never sent"
+
+
+async def test_eventual_reads_do_not_wait_behind_writes_or_strong_reads() -> None:
+    kv = AsyncClient("fake:1")
+    endpoint = _FakeEndpoint()
+    kv._call = endpoint._call  # type: ignore[method-assign]
+    write = kv._start(_put(b"w"))
+    strong = kv._start(_get(b"s", pb.STRONG))
+    await asyncio.sleep(0.01)
+    eventual = kv._start(_get(b"e", pb.EVENTUAL))
+    await asyncio.sleep(0.01)
+    assert sorted(endpoint.sent) == [[b"e"], [b"s"], [b"w"]], "each lane has its own slot"
+    endpoint.release.set()
+    await asyncio.gather(write, strong, eventual)
+
+
+def test_pipeline_depth_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="pipeline_depth"):
+        AsyncClient("fake:1", pipeline_depth=0)
