@@ -228,8 +228,11 @@ async def growth(config: lib.BenchConfig, results: lib.Results, profile: bool) -
     try:
         small = await load_keys(kv, 0, config.growth_small, config.load_seconds)
         await caught_up(cluster)
-        await growth_get(config, results, kv, small)
         results.sections["rss"] = await rss_run(config, results, cluster, kv, small, profile)
+        # Both latencies are measured with only the load between them: this machine's speed drifts
+        # 10-20% over minutes, which would otherwise swamp what the key count changes.
+        await caught_up(cluster)
+        await growth_get(config, results, kv, small)
         started = time.monotonic()
         large = small + await load_keys(kv, small, config.growth_large, config.load_seconds)
         load_s = time.monotonic() - started

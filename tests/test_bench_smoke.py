@@ -25,6 +25,7 @@ sys.path.insert(0, str(LOADTESTS))
 import bench  # noqa: E402
 import bench_lib as lib  # noqa: E402
 import ceilings as ceil  # noqa: E402
+import render_results  # noqa: E402
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -100,6 +101,16 @@ async def test_bench_slice_produces_rates_and_well_formed_json(tmp_path: Path, m
     assert verdicts["multi_put 100 >= 100,000 keys/s on 3 shards"] == "NOT MEASURED"
     assert verdicts["replica RSS flat within +-20% over the write run"] == "NOT MEASURED"
     assert document["table_markdown"].count("\n") == len(expected) + 1
+
+    # The published block (docs/performance.md) is rendered from this very document.
+    block = render_results.render(document)
+    assert document["table_markdown"].strip() in block
+    assert "| multi_put 100 >= 100,000 keys/s on 3 shards | - | **NOT MEASURED** |" in block
+    assert "not measured in this run" in block
+    page = f"intro\n{render_results.BEGIN}\nold numbers\n{render_results.END}\noutro\n"
+    updated = render_results.replace_block(page, block)
+    assert "old numbers" not in updated and updated.startswith("intro\n") and updated.endswith("outro\n")
+    assert block in updated
 
 
 def test_profile_summary_ranks_self_and_inclusive_time() -> None:
