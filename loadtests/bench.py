@@ -110,14 +110,16 @@ def kv_ops(
 
         return get
 
+    per_shard = [lib.KeyBatches(bucket, seed + shard) for shard, bucket in enumerate(buckets)]
+    anywhere = lib.KeyBatches(lib.keys(keyspace), seed)
+
     async def multi_put(i: int) -> None:
         # Atomic: all 100 keys on one shard; successive calls rotate over the shards.
-        bucket = buckets[i % len(buckets)]
-        await kv.multi_put({k: lib.VALUE for k in rng.sample(bucket, lib.BATCH)})
+        batch = per_shard[i % len(per_shard)][i // len(per_shard)]
+        await kv.multi_put({k: lib.VALUE for k in batch})
 
     async def multi_get(i: int) -> None:
-        keys = [lib.key(j) for j in rng.sample(range(keyspace), lib.BATCH)]
-        await strong_kv.multi_get(keys, consistency=Consistency.STRONG)
+        await strong_kv.multi_get(anywhere[i], consistency=Consistency.STRONG)
 
     ops: list[tuple[str, Callable[[int], Awaitable[Any]], int, str, str]] = [
         ("put", put, 1, ceil.SYNCOBJ_SET, ceil.ETCD_PUT)

@@ -105,13 +105,14 @@ async def echo_ceilings(config: lib.BenchConfig, results: lib.Results) -> None:
         def get(i: int) -> Any:
             return stub.Get(pb.GetRequest(key=lib.key(rand(n)), read=read), timeout=5.0)
 
+        batches = lib.KeyBatches(lib.keys(n), seed=1)
+
         def multi_get(i: int) -> Any:
-            keys = [lib.key(rand(n)) for _ in range(lib.BATCH)]
-            return stub.MultiGet(pb.MultiGetRequest(keys=keys, read=read), timeout=5.0)
+            return stub.MultiGet(pb.MultiGetRequest(keys=batches[i], read=read), timeout=5.0)
 
         def multi_put(i: int) -> Any:
-            keys = [lib.key(rand(n)) for _ in range(lib.BATCH)]
-            request = pb.MultiPutRequest(keys=keys, values=[lib.VALUE] * lib.BATCH, request_id=b"r" * 16)
+            values = [lib.VALUE] * lib.BATCH
+            request = pb.MultiPutRequest(keys=batches[i], values=values, request_id=b"r" * 16)
             return stub.MultiPut(request, timeout=5.0)
 
         for name, op, per_call in (
@@ -175,8 +176,10 @@ def _syncobj_load(store: Any, args: argparse.Namespace) -> dict[str, Any]:
     def put(i: int) -> None:
         store.set(lib.key(rand(n)), lib.VALUE, sync=True, timeout=5.0)
 
+    batches = lib.KeyBatches(lib.keys(n), seed=2)
+
     def update(i: int) -> None:
-        store.update({lib.key(rand(n)): lib.VALUE for _ in range(lib.BATCH)}, sync=True, timeout=5.0)
+        store.update({k: lib.VALUE for k in batches[i]}, sync=True, timeout=5.0)
 
     out: dict[str, Any] = {}
     for name, op in (("set", put), ("update", update)):
@@ -483,12 +486,14 @@ async def _etcd_rows(
 
         return call
 
+    batches = lib.KeyBatches(lib.keys(n), seed=4)
+
     def txn_puts(i: int) -> Any:
-        ops = [op(request_put=put_req(key=k, value=lib.VALUE)) for k in _sample_keys(rng, n)]
+        ops = [op(request_put=put_req(key=k, value=lib.VALUE)) for k in batches[i]]
         return leader.txn(txn_req(success=ops), timeout=5.0)
 
     def txn_gets(i: int) -> Any:
-        ops = [op(request_range=range_req(key=k)) for k in _sample_keys(rng, n)]
+        ops = [op(request_range=range_req(key=k)) for k in batches[i]]
         return stubs[i % len(stubs)].txn(txn_req(success=ops), timeout=5.0)
 
     for name, call, per_call in (
@@ -500,10 +505,6 @@ async def _etcd_rows(
     ):
         unit = "ops" if per_call == 1 else "keys"
         results.add(lib.Row("peer", name, unit, per_call, await measure(config, call)))
-
-
-def _sample_keys(rng: random.Random, n: int) -> list[bytes]:
-    return [lib.key(i) for i in rng.sample(range(n), lib.BATCH)]
 
 
 if __name__ == "__main__":
