@@ -133,18 +133,23 @@ async def test_a_deadline_that_passes_while_queued_fails_the_call_unsent() -> No
     assert endpoint.sent == [[b"slow"]], "a call whose deadline passed in the queue is never sent"
 
 
-async def test_eventual_reads_do_not_wait_behind_writes_or_strong_reads() -> None:
+async def test_eventual_reads_do_not_wait_behind_writes_strong_or_session_reads() -> None:
     kv = AsyncClient("fake:1")
     endpoint = _FakeEndpoint()
     kv._call = endpoint._call  # type: ignore[method-assign]
     write = kv._start(_put(b"w"))
     strong = kv._start(_get(b"s", pb.STRONG))
+    session = kv._start(_get(b"n", pb.SESSION))
     await asyncio.sleep(0.01)
     eventual = kv._start(_get(b"e", pb.EVENTUAL))
     await asyncio.sleep(0.01)
-    assert sorted(endpoint.sent) == [[b"e"], [b"s"], [b"w"]], "each lane has its own slot"
+    assert sorted(endpoint.sent) == [[b"e"], [b"n"], [b"s"], [b"w"]], "each lane has its own slot"
+    second_write = kv._start(_put(b"w2"))
+    await asyncio.sleep(0.01)
+    assert [b"w2"] not in endpoint.sent, "a write waits behind the write in flight"
     endpoint.release.set()
-    await asyncio.gather(write, strong, eventual)
+    await asyncio.gather(write, strong, session, eventual, second_write)
+    assert endpoint.sent[-1] == [b"w2"]
 
 
 def test_pipeline_depth_must_be_positive() -> None:

@@ -47,7 +47,7 @@ class AsyncClient:
             endpoints, router, None, consistency, read_policy, session, timeout, zone
         )
         # Concurrent calls to one endpoint travel as Batch RPCs, at most `pipeline_depth` of them
-        # in flight per endpoint and lane (`_Pipeline`): a Python gRPC call costs ~0.3 ms of CPU
+        # in flight per endpoint and lane (`_lane`): a Python gRPC call costs ~0.3 ms of CPU
         # on each side, a batched op a small fraction of it.
         self.pipelining = pipelining
         if pipeline_depth < 1:
@@ -246,14 +246,17 @@ _BATCH_FIELDS = {
 
 
 _WRITES = frozenset({"Put", "Delete", "CompareAndSet", "MultiPut"})
+# A read's lane is its consistency level: each waits differently on the node (strong: a barrier;
+# session: up to session_wait for the replica to catch up; bounded and eventual: not at all).
+_READ_LANES = {level: f"read:{pb.Consistency.Name(level).lower()}" for level in pb.Consistency.values()}
 
 
 def _lane(call: Call) -> str:
-    """Calls that take about as long share a pipeline: an eventual read never waits behind a
-    write's fsync or a strong read's barrier."""
+    """Calls that wait alike share a pipeline: an eventual read never waits behind a write's
+    fsync, a strong read's barrier or a session read's catching up."""
     if call.method in _WRITES:
         return "write"
-    return "strong" if call.request.read.consistency == pb.STRONG else "read"
+    return _READ_LANES[call.request.read.consistency]
 
 
 # A Batch RPC carries at most this many ops and (beyond its first op) this many bytes of them,
