@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import time
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -13,6 +16,7 @@ from kvstore.client.plans import Call
 from kvstore.cluster.local import LocalCluster
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
+from tests.conftest import new_leader
 
 
 async def test_concurrent_ops_are_batched_and_keep_their_own_results(shared_cluster: LocalCluster) -> None:
@@ -155,3 +159,77 @@ async def test_eventual_reads_do_not_wait_behind_writes_strong_or_session_reads(
 def test_pipeline_depth_must_be_positive() -> None:
     with pytest.raises(ValueError, match="pipeline_depth"):
         AsyncClient("fake:1", pipeline_depth=0)
+
+
+# --- a real cluster: what queues behind a hung batch must move on ------------------------------
+
+
+async def _until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        await asyncio.sleep(0.05)
+
+
+async def test_pipelined_writes_move_on_when_the_leader_is_paused(
+    make_cluster: Callable[..., LocalCluster],
+) -> None:
+    """A SIGSTOPped leader holds the write lane's only slot until the attempt times out. Writes
+    queued behind it must not wait for a second timeout: an attempt's timeout counts from when it
+    was made, and one that passes in the queue is never sent. None acknowledged may be lost."""
+    cluster = make_cluster()
+    old_leader = cluster.leader_of(0)
+    assert old_leader is not None
+    acked: dict[bytes, bytes] = {}
+    failures: collections.Counter[str] = collections.Counter()
+    stop = asyncio.Event()
+    async with AsyncClient.from_cluster(cluster.dir, timeout=10.0) as kv:
+
+        async def writer(w: int) -> None:
+            for i in range(3_000):  # bounded in count as well as by `stop`
+                if stop.is_set():
+                    return
+                key, value = b"pause:%02d:%05d" % (w, i), b"v%d" % i
+                try:
+                    await kv.put(key, value)
+                    acked[key] = value
+                except errors.KvError as err:
+                    failures[err.kind] += 1
+
+        async def late_put(i: int) -> float:
+            started = time.monotonic()
+            await kv.put(b"late:%d" % i, b"x")
+            acked[b"late:%d" % i] = b"x"
+            return time.monotonic() - started
+
+        writers = [asyncio.ensure_future(writer(w)) for w in range(32)]
+        try:
+            await _until(lambda: len(acked) >= 300, 20, "writes flow")
+            await asyncio.to_thread(cluster.kill, old_leader, "STOP")
+            try:
+                await asyncio.sleep(0.2)  # the writers' batch to the old leader now hangs
+                late = []
+                for i in range(4):  # queued behind the hung batch, at different times
+                    late.append(asyncio.ensure_future(late_put(i)))
+                    await asyncio.sleep(0.2)
+                latencies = await asyncio.wait_for(asyncio.gather(*late), 30)
+                await asyncio.to_thread(new_leader, cluster, 0, old_leader, 20.0)
+                paused_at = len(acked)
+                await _until(lambda: len(acked) >= paused_at + 300, 30, "writes flow through the new leader")
+            finally:
+                await asyncio.to_thread(cluster.kill, old_leader, "CONT")
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*writers), 30)
+        # About one attempt timeout (the queued batch leaves when the hung one fails, and fails at
+        # its ops' own deadlines), then the new leader: not a second timeout. Without both the
+        # queue deadline and the timeout counted from submission, these took 5.5-6.5 s.
+        limit = 1.6 * kv.core.settings.rpc_timeout
+        assert max(latencies) < limit, f"late writes took {[round(x, 1) for x in latencies]}s"
+        assert set(failures) <= {"unknown_outcome", "unavailable"}, failures
+        keys = sorted(acked)
+        for first in range(0, len(keys), 1_000):
+            chunk = keys[first : first + 1_000]
+            got = await kv.multi_get(chunk)  # strong
+            missing = [k for k in chunk if got.get(k) != acked[k]]
+            assert not missing, f"{len(missing)} acknowledged writes lost, e.g. {missing[:3]}"
