@@ -118,6 +118,13 @@ class Timeout(KvError):
     kind = "timeout"
 
 
+class ClientClosed(KvError):
+    """The client was closed (`close()`) before the call completed; closing is final."""
+
+    code = grpc.StatusCode.CANCELLED
+    kind = "client_closed"
+
+
 _BY_KIND: dict[str, type[KvError]] = {
     cls.kind: cls
     for cls in (

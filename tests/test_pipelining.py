@@ -35,7 +35,7 @@ async def test_concurrent_ops_are_batched_and_keep_their_own_results(shared_clus
         keys = [b"pipe:%03d" % i for i in range(200)]
         revisions = await asyncio.gather(*(kv.put(k, k) for k in keys))
         assert len(set(revisions)) >= 1 and all(r > 0 for r in revisions)
-        assert 1 <= batches <= 2, f"200 concurrent puts should leave in one or two RPCs, not {batches}"
+        assert 1 <= batches <= 4, f"200 concurrent puts should leave in a few RPCs, not {batches}"
         values = await asyncio.gather(*(kv.get(k) for k in keys))
         assert values == keys
         # One bad op in a batch fails alone; its neighbours succeed.
@@ -75,11 +75,14 @@ def test_batch_rpc_limits_and_empty_ops(shared_cluster: LocalCluster) -> None:
 
 
 class _FakeEndpoint:
-    """Stands in for AsyncClient under one `_Pipeline`: records what is sent, answers on release."""
+    """Stands in for AsyncClient under one `_Pipeline`: records what is sent, answers on release
+    (a Batch RPC fails with `batch_error` if set, or is cancelled as a closing channel does)."""
 
-    def __init__(self) -> None:
+    def __init__(self, batch_error: grpc.StatusCode | None = None, cancel: bool = False) -> None:
         self.sent: list[list[bytes]] = []  # keys of each RPC, in order
         self.release = asyncio.Event()
+        self.batch_error = batch_error
+        self.cancel = cancel
 
     async def _call(self, call: Call, timeout: float | None = None) -> str:
         self.sent.append([call.request.key])
@@ -92,6 +95,11 @@ class _FakeEndpoint:
     async def Batch(self, request: pb.BatchRequest, timeout: float) -> pb.BatchResponse:  # noqa: N802
         self.sent.append([op.put.key or op.get.key for op in request.ops])
         await self.release.wait()
+        if self.cancel:
+            raise asyncio.CancelledError
+        if self.batch_error is not None:
+            error, self.batch_error = self.batch_error, None
+            raise grpc.aio.AioRpcError(error, grpc.aio.Metadata(), grpc.aio.Metadata(), details="fake")
         response = pb.BatchResponse()
         for _ in request.ops:
             response.results.add(put=pb.PutResponse())
@@ -129,12 +137,68 @@ async def test_a_deadline_that_passes_while_queued_fails_the_call_unsent() -> No
     first = pipeline.submit(_put(b"slow"))
     await asyncio.sleep(0.01)
     hasty = pipeline.submit(_put(b"hasty", timeout=0.02))
-    await asyncio.sleep(0.05)
-    endpoint.release.set()
-    await first
+    await asyncio.sleep(0.1)
+    assert hasty.done(), "a queued call fails at its own deadline, not when the busy slot frees"
     with pytest.raises(errors.Unavailable, match="not sent"):
         await hasty
+    endpoint.release.set()
+    await first
     assert endpoint.sent == [[b"slow"]], "a call whose deadline passed in the queue is never sent"
+
+
+async def test_an_op_in_flight_fails_at_its_own_deadline_not_its_batchs() -> None:
+    endpoint = _FakeEndpoint()
+    pipeline = _Pipeline(endpoint, "fake:1", depth=1)  # type: ignore[arg-type]
+    short = pipeline.submit(_put(b"short", timeout=0.05))
+    long = pipeline.submit(_put(b"long", timeout=5.0))
+    await asyncio.sleep(0.15)
+    assert endpoint.sent == [[b"short", b"long"]]
+    assert short.done() and not long.done()
+    with pytest.raises(errors.UnknownOutcome):  # it was sent: a write may still apply
+        await short
+    endpoint.release.set()
+    assert (await long).ByteSize() == 0  # the fake's empty PutResponse
+
+
+async def test_a_batch_the_node_does_not_answer_fails_the_queued_calls_unsent() -> None:
+    endpoint = _FakeEndpoint(batch_error=grpc.StatusCode.UNAVAILABLE)
+    pipeline = _Pipeline(endpoint, "fake:1", depth=1)  # type: ignore[arg-type]
+    in_flight = [pipeline.submit(_put(b"a")), pipeline.submit(_put(b"b"))]
+    await asyncio.sleep(0.01)
+    queued = pipeline.submit(_put(b"c"))
+    endpoint.release.set()
+    for future in in_flight:
+        with pytest.raises(errors.Unavailable) as info:
+            await future
+        assert not info.value.from_server, "sent and unanswered: a write may have applied"
+    with pytest.raises(errors.Unavailable, match="not sent") as info:
+        await queued
+    assert info.value.from_server, "never sent: certainly not applied"
+    assert endpoint.sent == [[b"a", b"b"]], "nothing more goes to a node that did not answer"
+
+
+async def test_a_batch_whose_answer_is_too_large_is_asked_again_op_by_op() -> None:
+    endpoint = _FakeEndpoint(batch_error=grpc.StatusCode.RESOURCE_EXHAUSTED)
+    endpoint.release.set()
+    pipeline = _Pipeline(endpoint, "fake:1", depth=1)  # type: ignore[arg-type]
+    assert await asyncio.gather(pipeline.submit(_put(b"a")), pipeline.submit(_put(b"b"))) == ["ok", "ok"]
+    assert endpoint.sent[0] == [b"a", b"b"] and sorted(endpoint.sent[1:]) == [[b"a"], [b"b"]]
+
+
+async def test_closing_fails_waiting_and_in_flight_calls_and_is_final() -> None:
+    endpoint = _FakeEndpoint(cancel=True)
+    pipeline = _Pipeline(endpoint, "fake:1", depth=1)  # type: ignore[arg-type]
+    in_flight = [pipeline.submit(_put(b"a")), pipeline.submit(_put(b"b"))]
+    await asyncio.sleep(0.01)
+    waiting = pipeline.submit(_put(b"c"))
+    pipeline.close()
+    endpoint.release.set()  # the fake now raises CancelledError, as grpc.aio does on channel close
+    for future in [*in_flight, waiting]:
+        with pytest.raises(errors.ClientClosed):
+            await future
+    with pytest.raises(errors.ClientClosed):
+        await pipeline.submit(_put(b"d"))
+    assert endpoint.sent == [[b"a", b"b"]]
 
 
 async def test_eventual_reads_do_not_wait_behind_writes_strong_or_session_reads() -> None:
@@ -221,9 +285,9 @@ async def test_pipelined_writes_move_on_when_the_leader_is_paused(
         finally:
             stop.set()
             await asyncio.wait_for(asyncio.gather(*writers), 30)
-        # About one attempt timeout (the queued batch leaves when the hung one fails, and fails at
-        # its ops' own deadlines), then the new leader: not a second timeout. Without both the
-        # queue deadline and the timeout counted from submission, these took 5.5-6.5 s.
+        # About one attempt timeout (each queued call fails at its own deadline, or at once when
+        # the hung batch fails), then the new leader: not a second timeout. Without the queue
+        # deadline and the timeout counted from submission, these took 5.5-6.5 s.
         limit = 1.6 * kv.core.settings.rpc_timeout
         assert max(latencies) < limit, f"late writes took {[round(x, 1) for x in latencies]}s"
         assert set(failures) <= {"unknown_outcome", "unavailable"}, failures
