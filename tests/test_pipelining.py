@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from kvstore import AsyncClient, errors
-from kvstore.client.aio import _Pipeline
+from kvstore.client.pipeline import Pipeline
 from kvstore.client.plans import Call
 from kvstore.cluster.local import LocalCluster
 from kvstore.proto import kvstore_pb2 as pb
@@ -75,7 +75,7 @@ def test_batch_rpc_limits_and_empty_ops(shared_cluster: LocalCluster) -> None:
 
 
 class _FakeEndpoint:
-    """Stands in for AsyncClient under one `_Pipeline`: records what is sent, answers on release
+    """Stands in for AsyncClient under one `Pipeline`: records what is sent, answers on release
     (a Batch RPC fails with `batch_error` if set, or is cancelled as a closing channel does)."""
 
     def __init__(self, batch_error: grpc.StatusCode | None = None, cancel: bool = False) -> None:
@@ -91,6 +91,9 @@ class _FakeEndpoint:
 
     def _stub(self, address: str, service: str) -> _FakeEndpoint:
         return self
+
+    def pipeline(self, depth: int = 1) -> Pipeline:
+        return Pipeline("fake:1", depth, self._call, lambda: self)
 
     async def Batch(self, request: pb.BatchRequest, timeout: float) -> pb.BatchResponse:  # noqa: N802
         self.sent.append([op.put.key or op.get.key for op in request.ops])
@@ -117,7 +120,7 @@ def _get(key: bytes, consistency: int) -> Call:
 
 async def test_calls_made_while_the_slot_is_busy_leave_together_when_it_frees() -> None:
     endpoint = _FakeEndpoint()
-    pipeline = _Pipeline(endpoint, "fake:1", depth=1)  # type: ignore[arg-type]
+    pipeline = endpoint.pipeline()
     first = pipeline.submit(_put(b"a"))
     await asyncio.sleep(0.01)
     assert endpoint.sent == [[b"a"]]  # alone: sent at once
@@ -133,7 +136,7 @@ async def test_calls_made_while_the_slot_is_busy_leave_together_when_it_frees() 
 
 async def test_a_deadline_that_passes_while_queued_fails_the_call_unsent() -> None:
     endpoint = _FakeEndpoint()
-    pipeline = _Pipeline(endpoint, "fake:1", depth=1)  # type: ignore[arg-type]
+    pipeline = endpoint.pipeline()
     first = pipeline.submit(_put(b"slow"))
     await asyncio.sleep(0.01)
     hasty = pipeline.submit(_put(b"hasty", timeout=0.02))
@@ -148,7 +151,7 @@ async def test_a_deadline_that_passes_while_queued_fails_the_call_unsent() -> No
 
 async def test_an_op_in_flight_fails_at_its_own_deadline_not_its_batchs() -> None:
     endpoint = _FakeEndpoint()
-    pipeline = _Pipeline(endpoint, "fake:1", depth=1)  # type: ignore[arg-type]
+    pipeline = endpoint.pipeline()
     short = pipeline.submit(_put(b"short", timeout=0.05))
     long = pipeline.submit(_put(b"long", timeout=5.0))
     await asyncio.sleep(0.15)
@@ -162,7 +165,7 @@ async def test_an_op_in_flight_fails_at_its_own_deadline_not_its_batchs() -> Non
 
 async def test_a_batch_the_node_does_not_answer_fails_the_queued_calls_unsent() -> None:
     endpoint = _FakeEndpoint(batch_error=grpc.StatusCode.UNAVAILABLE)
-    pipeline = _Pipeline(endpoint, "fake:1", depth=1)  # type: ignore[arg-type]
+    pipeline = endpoint.pipeline()
     in_flight = [pipeline.submit(_put(b"a")), pipeline.submit(_put(b"b"))]
     await asyncio.sleep(0.01)
     queued = pipeline.submit(_put(b"c"))
@@ -180,14 +183,14 @@ async def test_a_batch_the_node_does_not_answer_fails_the_queued_calls_unsent() 
 async def test_a_batch_whose_answer_is_too_large_is_asked_again_op_by_op() -> None:
     endpoint = _FakeEndpoint(batch_error=grpc.StatusCode.RESOURCE_EXHAUSTED)
     endpoint.release.set()
-    pipeline = _Pipeline(endpoint, "fake:1", depth=1)  # type: ignore[arg-type]
+    pipeline = endpoint.pipeline()
     assert await asyncio.gather(pipeline.submit(_put(b"a")), pipeline.submit(_put(b"b"))) == ["ok", "ok"]
     assert endpoint.sent[0] == [b"a", b"b"] and sorted(endpoint.sent[1:]) == [[b"a"], [b"b"]]
 
 
 async def test_closing_fails_waiting_and_in_flight_calls_and_is_final() -> None:
     endpoint = _FakeEndpoint(cancel=True)
-    pipeline = _Pipeline(endpoint, "fake:1", depth=1)  # type: ignore[arg-type]
+    pipeline = endpoint.pipeline()
     in_flight = [pipeline.submit(_put(b"a")), pipeline.submit(_put(b"b"))]
     await asyncio.sleep(0.01)
     waiting = pipeline.submit(_put(b"c"))
