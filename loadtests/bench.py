@@ -78,11 +78,7 @@ async def preload(kv: AsyncClient, start: int, end: int, batch: int = 1000) -> N
 
 
 def keys_by_shard(cluster: LocalCluster, keyspace: int) -> list[list[bytes]]:
-    ring = cluster.cluster_map().ring
-    buckets: dict[int, list[bytes]] = {}
-    for i in range(keyspace):
-        k = lib.key(i)
-        buckets.setdefault(ring.shard_for(k), []).append(k)
+    buckets = cluster.cluster_map().ring.shards_for(lib.keys(keyspace))
     return [buckets[s] for s in sorted(buckets)]
 
 

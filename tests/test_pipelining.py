@@ -78,15 +78,20 @@ class _FakeEndpoint:
     """Stands in for AsyncClient under one `Pipeline`: records what is sent, answers on release
     (a Batch RPC fails with `batch_error` if set, or is cancelled as a closing channel does)."""
 
-    def __init__(self, batch_error: grpc.StatusCode | None = None, cancel: bool = False) -> None:
+    def __init__(
+        self, batch_error: grpc.StatusCode | None = None, cancel: bool = False, unary_silent: bool = False
+    ) -> None:
         self.sent: list[list[bytes]] = []  # keys of each RPC, in order
         self.release = asyncio.Event()
         self.batch_error = batch_error
         self.cancel = cancel
+        self.unary_silent = unary_silent  # a unary call fails as an unanswered one (UNAVAILABLE)
 
     async def _call(self, call: Call, timeout: float | None = None) -> str:
         self.sent.append([call.request.key])
         await self.release.wait()
+        if self.unary_silent:
+            raise errors.from_status(grpc.StatusCode.UNAVAILABLE, "fake", {})
         return "ok"
 
     def _stub(self, address: str, service: str) -> _FakeEndpoint:
@@ -178,6 +183,20 @@ async def test_a_batch_the_node_does_not_answer_fails_the_queued_calls_unsent() 
         await queued
     assert info.value.from_server, "never sent: certainly not applied"
     assert endpoint.sent == [[b"a", b"b"]], "nothing more goes to a node that did not answer"
+
+
+async def test_a_lone_call_the_node_does_not_answer_fails_the_queued_calls_unsent_too() -> None:
+    endpoint = _FakeEndpoint(unary_silent=True)
+    pipeline = endpoint.pipeline()
+    alone = pipeline.submit(_put(b"a"))
+    await asyncio.sleep(0.01)
+    queued = pipeline.submit(_put(b"b"))
+    endpoint.release.set()
+    with pytest.raises(errors.Unavailable):
+        await alone
+    with pytest.raises(errors.Unavailable, match="not sent"):
+        await queued
+    assert endpoint.sent == [[b"a"]]
 
 
 async def test_a_batch_whose_answer_is_too_large_is_asked_again_op_by_op() -> None:

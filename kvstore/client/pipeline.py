@@ -9,6 +9,7 @@ routing or retries: an op's outcome, or its typed error, goes back to the plan t
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -63,9 +64,10 @@ def _payload_bytes(request: Any) -> int:
 # value); a batch whose answer outgrows the message limit is asked again one op at a time.
 _MAX_BATCH_OPS = 1_000
 _MAX_BATCH_BYTES = 8 << 20
-# Statuses that mean the node did not answer at all: ops queued for it are failed at once, unsent,
-# rather than sent to wait out another timeout.
-_NODE_SILENT = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE})
+
+
+class _AnswerTooLarge(Exception):
+    """A Batch RPC's answer exceeded the message limit (RESOURCE_EXHAUSTED)."""
 
 
 @dataclass
@@ -146,7 +148,9 @@ class Pipeline:
             task = asyncio.ensure_future(self._send(batch, now))
             self._tasks.add(task)
             task.add_done_callback(self._on_sent)
-        if not self._pending:
+        if self._pending:
+            self._arm_expiry()
+        else:
             self._cancel_expiry()
 
     def _on_sent(self, task: asyncio.Task[Any]) -> None:
@@ -160,10 +164,7 @@ class Pipeline:
         size = 0
         while self._pending and len(batch) < _MAX_BATCH_OPS:
             queued = self._pending.popleft()
-            if queued.future.done():
-                continue
-            if now >= queued.deadline:
-                queued.future.set_exception(self._not_sent("timed out waiting for the connection"))
+            if not self._still_waiting(queued, now):
                 continue
             op_size = _payload_bytes(queued.call.request)
             if batch and size + op_size > _MAX_BATCH_BYTES:
@@ -195,13 +196,32 @@ class Pipeline:
             expiry.cancel()
 
     async def _exchange(self, batch: list[_Queued], timeout: float) -> None:
-        if len(batch) == 1:  # alone: the plain unary RPC, no batch envelope
-            queued = batch[0]
-            try:
-                _settle(queued.future, result=await self._send_one(queued.call, timeout))
-            except errors.KvError as err:
-                _settle(queued.future, error=err)
+        """Send the ops and settle each with its result or its own error."""
+        outcomes: list[Any]
+        try:
+            if len(batch) == 1:  # alone: the plain unary RPC, no batch envelope
+                outcomes = [await self._send_one(batch[0].call, timeout)]
+            else:
+                outcomes = await self._send_batch(batch, timeout)
+        except _AnswerTooLarge:
+            # The answers together outgrew the message limit; alone, each may fit. (Writes carry
+            # request ids, so asking again never applies one twice.)
+            await asyncio.gather(*(self._exchange([queued], timeout) for queued in batch))
             return
+        except errors.KvError as err:  # the RPC itself failed: no op got an answer
+            if not err.from_server and isinstance(err, errors.Unavailable | errors.UnknownOutcome):
+                # The node did not answer (deadline, connection): what waits for it would only
+                # wait out another timeout there, so it fails now, unsent.
+                self._fail_pending(self._not_sent(f"it did not answer the call before: {err.message}"))
+            outcomes = [err, *(copy.copy(err) for _ in batch[1:])]  # one exception per raiser
+        for queued, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, errors.KvError):
+                _settle(queued.future, error=outcome)
+            else:
+                _settle(queued.future, result=outcome)
+
+    async def _send_batch(self, batch: list[_Queued], timeout: float) -> list[Any]:
+        """One Batch RPC: each op's response, or the `KvError` the node answered it with."""
         request = pb.BatchRequest()
         add = request.ops.add  # copies each op's request once (BatchOp(...) then ops=[...] copied twice)
         for queued in batch:
@@ -209,24 +229,18 @@ class Pipeline:
         try:
             response = await self._kv_stub().Batch(request, timeout=timeout)
         except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                # The answers together outgrew the message limit; alone, each may fit. (Writes
-                # carry request ids, so asking again never applies one twice.)
-                await asyncio.gather(*(self._exchange([queued], timeout) for queued in batch))
-                return
-            if code in _NODE_SILENT:
-                self._fail_pending(self._not_sent(f"it did not answer the previous batch ({code.name})"))
-            for queued in batch:
-                _settle(queued.future, error=errors.from_rpc_error(exc))
-            return
+            if hasattr(exc, "code") and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise _AnswerTooLarge from None
+            raise errors.from_rpc_error(exc) from None
+        outcomes: list[Any] = []
         for queued, result in zip(batch, response.results, strict=True):
             if result.WhichOneof("result") == "error":
                 error = result.error
                 code = errors.status_code(error.code)
-                _settle(queued.future, error=errors.from_status(code, error.message, dict(error.metadata)))
+                outcomes.append(errors.from_status(code, error.message, dict(error.metadata)))
             else:
-                _settle(queued.future, result=getattr(result, BATCH_FIELDS[queued.call.method]))
+                outcomes.append(getattr(result, BATCH_FIELDS[queued.call.method]))
+        return outcomes
 
     # ----- deadlines of queued ops -------------------------------------------------------------
 
@@ -250,16 +264,17 @@ class Pipeline:
     def _expire(self) -> None:
         self._expiry = None
         now = asyncio.get_running_loop().time()
-        waiting: deque[_Queued] = deque()
-        for queued in self._pending:
-            if queued.future.done():
-                continue
-            if now >= queued.deadline:
-                queued.future.set_exception(self._not_sent("timed out waiting for the connection"))
-            else:
-                waiting.append(queued)
-        self._pending = waiting
+        self._pending = deque(queued for queued in self._pending if self._still_waiting(queued, now))
         self._arm_expiry()
+
+    def _still_waiting(self, queued: _Queued, now: float) -> bool:
+        """False for an op whose caller gave up, or whose deadline passed (it then fails, unsent)."""
+        if queued.future.done():
+            return False
+        if now >= queued.deadline:
+            queued.future.set_exception(self._not_sent("timed out waiting for the connection"))
+            return False
+        return True
 
     def _cancel_expiry(self) -> None:
         if self._expiry is not None:
