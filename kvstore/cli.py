@@ -3,6 +3,7 @@
 kvstore cluster up|status|kill|start|down --dir DIR ...   a local multi-process cluster
 kvstore node --config FILE                                 one replica (what `cluster up` starts)
 kvstore router --cluster DIR --listen ADDR                 a stateless router
+kvstore health --address HOST:PORT                         exit 0 only if it reports SERVING
 kvstore [--cluster DIR | --router ADDR | --endpoints A,B] put|get|delete|scan|cas ...
 kvstore --cluster DIR ring --key KEY                       which shard owns a key, and why
 kvstore demo | bench | chaos                               the scenario, the benchmark, the fault suite
@@ -103,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--config", required=True)
     node.add_argument("--listen", default=None, help="override the gRPC listen address")
     router = sub.add_parser("router", parents=[target_after], help="run a stateless router with the KV API")
+    health = sub.add_parser(
+        "health", help="ask a node or router's grpc.health.v1 service; exit 0 only if SERVING"
+    )
+    health.add_argument("--address", required=True, help="host:port: a node's gRPC or health port")
+    health.add_argument("--service", default="", help='"" (overall), kvstore.v2.KV or liveness')
+    health.add_argument("--timeout", type=float, default=2.0)
     router.add_argument("--listen", default="127.0.0.1:7400")
     demo = sub.add_parser("demo", help="start a 3x3 cluster, run the Locust phases, print a summary")
     demo.add_argument("--phase-seconds", type=float, default=25.0)
@@ -151,6 +158,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _cluster(args)
     if args.command == "router":
         return _router(args)
+    if args.command == "health":
+        return _health(args)
     if args.command == "demo":
         from kvstore.demo import run_demo
 
@@ -259,8 +268,27 @@ def _print_status(shards: list[dict[str, Any]]) -> None:
             print(
                 f"  {r['node']:<8} {r['role']:<11} {r['address']:<21} pid={r['pid'] or '-':<7} "
                 f"term={r['term']:<4} applied={r['applied_index']:<8} commit={r['commit_index']:<8} "
-                f"leader_commit={r['leader_commit_index']:<8} staleness={staleness:<7} zone={r['zone']}"
+                f"leader_commit={r['leader_commit_index']:<8} staleness={staleness:<7} zone={r['zone']:<7} "
+                f"health={r['health']}"
             )
+
+
+def _health(args: argparse.Namespace) -> int:
+    """0: SERVING; 1: anything else it reports (NOT_SERVING, SERVICE_UNKNOWN); 2: no answer."""
+    import grpc
+
+    from kvstore.server.health import check
+
+    try:
+        status = check(args.address, args.service, args.timeout)
+    except grpc.RpcError as err:
+        if err.code() == grpc.StatusCode.NOT_FOUND:  # the standard answer for a service it does not know
+            print(f"{args.address}: SERVICE_UNKNOWN ({args.service!r})")
+            return 1
+        print(f"{args.address}: no health answer ({err.code().name}: {err.details()})", file=sys.stderr)
+        return 2
+    print(f"{args.address}: {status}")
+    return 0 if status == "SERVING" else 1
 
 
 def _router(args: argparse.Namespace) -> int:

@@ -82,6 +82,12 @@ class ServerSettings:
     # serve strong reads locally whenever this replica believes it leads (no barrier), the classic
     # stale-read bug of a deposed leader.
     unsafe_local_strong_reads: bool = False
+    # Health (grpc.health.v1): NOT_SERVING once the Raft tick thread has not ticked, or applies have
+    # not moved while committed entries wait, for this long. Above a GIL stall on a busy machine.
+    health_stall_seconds: float = 5.0
+    # FAULT INJECTION, for testing the health service; never set it in a real deployment: SIGUSR1
+    # toggles a freeze of applies (Raft keeps ticking), SIGUSR2 a stall of the Raft tick thread.
+    fault_injection_signals: bool = False
 
 
 @dataclass
@@ -95,6 +101,9 @@ class NodeConfig:
     data_dir: str
     cluster_map: str  # path of the cluster map JSON file
     zone: str = ""
+    # host:port of a plaintext port serving only grpc.health.v1, for probes that cannot present a
+    # client certificate (kubelet's gRPC probe); empty: health is served on `listen` only.
+    health_listen: str = ""
     limits: Limits = field(default_factory=Limits)
     raft: RaftSettings = field(default_factory=RaftSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)

@@ -66,6 +66,7 @@ class ReplicaStatus:
     key_count: int = 0
     leader: str = ""
     zone: str = ""
+    health: str = "down"  # serving, not_serving: <reason>, down, paused, unreachable
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -125,10 +126,12 @@ class LocalCluster:
         if self.map_path.exists():
             raise FileExistsError(f"a cluster already exists at {self.dir}")
         count = shards * replicas
-        ports = [base_port + i for i in range(2 * count)] if base_port else free_ports(2 * count)
+        # gRPC and Raft port of each replica in turn, then each replica's health port.
+        ports = [base_port + i for i in range(3 * count)] if base_port else free_ports(3 * count)
         # Ports handed out above are free but unbound until the nodes start: whoever binds next
         # (a fault proxy on port 0) must not take one of them.
         self.reserved_ports = set(ports)
+        health_ports = {f"s{i // replicas}r{i % replicas}": ports[2 * count + i] for i in range(count)}
         if advertise_for is not None:
             binds = {
                 f"s{i // replicas}r{i % replicas}": f"127.0.0.1:{ports[2 * i + 1]}" for i in range(count)
@@ -159,6 +162,7 @@ class LocalCluster:
                         data_dir=str(self.dir / "data" / name),
                         cluster_map=str(self.map_path),
                         zone=zone,
+                        health_listen=f"127.0.0.1:{health_ports[name]}",
                         raft=raft or RaftSettings(),
                         storage=storage or StorageSettings(),
                         server=server or ServerSettings(),
@@ -288,13 +292,13 @@ class LocalCluster:
         if pid is None:
             return base
         if _is_stopped(pid):
-            base.role = "paused"
+            base.role = base.health = "paused"
             return base
         try:
             with grpc.insecure_channel(replica.address) as channel:
                 s = pb_grpc.AdminStub(channel).Status(pb.StatusRequest(), timeout=timeout)
         except grpc.RpcError:
-            base.role = "unreachable"
+            base.role = base.health = "unreachable"
             return base
         return ReplicaStatus(
             replica.name,
@@ -310,6 +314,7 @@ class LocalCluster:
             s.key_count,
             s.leader,
             replica.zone,
+            s.health,
         )
 
     def wait_for_leaders(self, timeout: float = 30.0) -> list[dict[str, Any]]:

@@ -27,6 +27,7 @@ from pysyncobj.config import FAIL_REASON
 from kvstore import errors
 from kvstore.config import ServerSettings
 from kvstore.replication import commands
+from kvstore.replication.liveness import ReplicaLiveness
 from kvstore.replication.state_machine import Completion, ReplicaSettings, ShardStateMachine
 from kvstore.storage.engine import Storage
 
@@ -116,6 +117,7 @@ class Shard:
         self._barrier_open: asyncio.Future[int] | None = None
         self._barrier_next: asyncio.Future[int] | None = None
         self.machine = ShardStateMachine(storage, replica, self._on_applied_threadsafe)
+        self.liveness = ReplicaLiveness(self.machine, server.health_stall_seconds)
 
     def close(self) -> None:
         """Stop the tick thread (blocking), then let a running snapshot finish."""
@@ -305,6 +307,18 @@ class Shard:
             "key_count": self.storage.key_count(),
             "raft_log_size": machine._getRaftLogSize(),
         }
+
+    # ----- health ----------------------------------------------------------------------------
+
+    def stuck(self) -> str | None:
+        """Why this replica's Raft side is stuck (tick thread dead or stalled, applies not moving)."""
+        thread = self.machine._SyncObj__thread  # noqa: SLF001 (pysyncobj private: its tick thread)
+        return self.liveness.problem(thread is not None and thread.is_alive())
+
+    def health(self) -> tuple[bool, str]:
+        """(serving, why not): serving while not stuck and storage takes writes."""
+        problem = self.stuck() or self.machine.storage_problem()
+        return (problem is None, problem or "")
 
 
 def _copy_outcome(source: asyncio.Future[int], target: asyncio.Future[int]) -> None:

@@ -19,10 +19,12 @@ from kvstore.config import NodeConfig
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.replication import commands
+from kvstore.replication.faults import FaultInjector
 from kvstore.replication.shard import Shard
 from kvstore.replication.state_machine import ReplicaSettings
 from kvstore.routing.cluster_map import ClusterMap
 from kvstore.server import validation as check
+from kvstore.server.health import NodeHealth, add_health, start_health_port
 from kvstore.server.status import add_service, rpc_errors, run_batch
 from kvstore.storage.engine import Record, Storage
 
@@ -36,10 +38,11 @@ def _kv(record: Record) -> pb.KeyValue:
 class NodeContext:
     """What both servicers share: this node's config, its shard, and the cluster map."""
 
-    def __init__(self, config: NodeConfig, shard: Shard, cluster_map: ClusterMap) -> None:
+    def __init__(self, config: NodeConfig, shard: Shard, cluster_map: ClusterMap, health: NodeHealth) -> None:
         self.config = config
         self.shard = shard
         self.cluster_map = cluster_map
+        self.health = health
 
     def header(self, revision: int) -> pb.ResponseHeader:
         return pb.ResponseHeader(
@@ -181,6 +184,7 @@ class AdminServicer(pb_grpc.AdminServicer):
             address=self.ctx.cluster_map.replica(config.name)[1].address,
             zone=config.zone,
             raft_log_size=status["raft_log_size"],
+            health=self.ctx.health.text,
         )
 
     @rpc_errors
@@ -210,29 +214,48 @@ async def serve(config: NodeConfig) -> None:
         dedup_window=config.storage.dedup_window_ids,
     )
     shard = Shard(config.shard, storage, replica, config.server, cluster_map.client_address_of_raft)
-    ctx = NodeContext(config, shard, cluster_map)
+    health = NodeHealth(shard)
+    await health.start()
+    ctx = NodeContext(config, shard, cluster_map, health)
     server = grpc.aio.server(options=grpc_options(config))
     add_service(server, KVServicer(ctx), "KV")
     add_service(server, AdminServicer(ctx), "Admin")
+    add_health(server, health.servicer)
     server.add_insecure_port(config.listen)
     await server.start()
+    health_server = None
+    if config.health_listen:
+        health_server = await start_health_port(config.health_listen, health.servicer)
     log.info(
-        "node %s (shard %d) serving on %s, raft %s",
+        "node %s (shard %d) serving on %s, raft %s, health %s",
         config.name,
         config.shard,
         config.listen,
         config.raft_advertise,
+        config.health_listen or config.listen,
     )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if config.server.fault_injection_signals:
+        _install_fault_signals(loop, FaultInjector(shard.machine))
     await stop.wait()
     log.info("shutting down")
+    await health.shutdown()
+    if health_server is not None:
+        await health_server.stop(grace=1.0)
     await server.stop(grace=2.0)
     await loop.run_in_executor(None, shard.close)
     storage.close()
+
+
+def _install_fault_signals(loop: asyncio.AbstractEventLoop, faults: FaultInjector) -> None:
+    """server.fault_injection_signals: SIGUSR1 toggles frozen applies, SIGUSR2 a stalled tick thread."""
+    log.warning("FAULT INJECTION enabled (server.fault_injection_signals): never in a real deployment")
+    loop.add_signal_handler(signal.SIGUSR1, lambda: faults.freeze_applies(not faults.applies_frozen))
+    loop.add_signal_handler(signal.SIGUSR2, lambda: faults.stall_ticks(not faults.ticks_stalled))
 
 
 def run(config: NodeConfig) -> None:

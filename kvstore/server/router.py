@@ -21,6 +21,7 @@ from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.routing.cluster_map import ClusterMap
 from kvstore.server import validation as check
+from kvstore.server.health import add_health, serving_servicer
 from kvstore.server.status import add_service, rpc_errors, run_batch
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,8 @@ async def serve_router(listen: str, cluster_map: ClusterMap | None, seeds: list[
         options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
     )
     add_service(server, RouterServicer(client), "KV")
+    health = await serving_servicer()
+    add_health(server, health)
     port = server.add_insecure_port(listen)
     await server.start()
     log.info("router serving on %s (port %d)", listen, port)
@@ -117,6 +120,7 @@ async def serve_router(listen: str, cluster_map: ClusterMap | None, seeds: list[
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    await health.enter_graceful_shutdown()
     await server.stop(grace=2.0)
     await client.close()
 
