@@ -98,9 +98,7 @@ def add_health(server: grpc.aio.Server, servicer: health.aio.HealthServicer) -> 
 
 async def start_health_port(listen: str, servicer: health.aio.HealthServicer) -> grpc.aio.Server:
     """A plaintext server with grpc.health.v1 only, sized for probes (small messages, few calls)."""
-    server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", 4096)], maximum_concurrent_rpcs=32
-    )
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4096)], maximum_concurrent_rpcs=32)
     add_health(server, servicer)
     if server.add_insecure_port(listen) == 0:
         raise OSError(f"cannot listen on health address {listen}")
