@@ -37,6 +37,7 @@ from kvstore.routing.cluster_map import ClusterMap, ReplicaInfo, ShardInfo  # no
 
 GRPC_PORT = 7000
 RAFT_PORT = 7001
+HEALTH_PORT = 7002  # grpc.health.v1 only, plaintext: what probes and healthchecks ask
 ROUTER_PORT = 7400
 CONFIG_MOUNT = "/etc/kvstore"  # where the rendered cluster.json and nodes/ are mounted
 DATA_MOUNT = "/data"  # the image's data volume
@@ -56,6 +57,7 @@ class Placement:
     host: str  # the DNS name peers, clients and the router dial
     grpc_port: int = GRPC_PORT
     raft_port: int = RAFT_PORT
+    health_port: int = HEALTH_PORT
     data_dir: str = DATA_MOUNT
     bind_host: str = "0.0.0.0"  # containers: accept traffic on whatever IP the runtime assigned
 
@@ -164,6 +166,7 @@ def build(
                 "peers": [o.raft_address for o in members if o.name != p.name],
                 "data_dir": p.data_dir,
                 "cluster_map": cluster_map_path,
+                "health_listen": f"{p.bind_host}:{p.health_port}",
             }
             # from_dict rejects unknown setting names, as `kvstore node` would when loading the file.
             configs.append(NodeConfig.from_dict({**identity, **(settings or {})}))
@@ -181,10 +184,9 @@ def config_files(cluster_map: ClusterMap, configs: Iterable[NodeConfig]) -> dict
 # ----- docker compose ----------------------------------------------------------------------------
 
 
-def _port_check(port: int) -> list[str]:
-    # The image has Python but no curl/nc; a TCP connect is what the Kubernetes readiness probe checks too.
-    code = f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2).close()"
-    return ["CMD", "python", "-c", code]
+def _health_check(port: int) -> list[str]:
+    # grpc.health.v1, as the Kubernetes probes ask: exits 0 only while the process reports SERVING.
+    return ["CMD", "kvstore", "health", "--address", f"127.0.0.1:{port}"]
 
 
 def _compose_service(image: str, command: list[str], port: int) -> dict[str, Any]:
@@ -197,7 +199,13 @@ def _compose_service(image: str, command: list[str], port: int) -> dict[str, Any
         "tmpfs": ["/tmp"],
         "restart": "unless-stopped",
         "stop_grace_period": "30s",
-        "healthcheck": {"test": _port_check(port), "interval": "5s", "timeout": "3s", "retries": 5},
+        "healthcheck": {
+            "test": _health_check(port),
+            "interval": "5s",
+            "timeout": "3s",
+            "retries": 5,
+            "start_period": "60s",  # journal replay after a restart: failures then do not count
+        },
     }
 
 
@@ -207,10 +215,11 @@ def compose_file(layout: list[list[Placement]], opts: Options) -> dict[str, Any]
     config_volume = f"./{COMPOSE_CONFIG_DIR}:{CONFIG_MOUNT}:ro"
     for p in (p for members in layout for p in members):
         service = _compose_service(
-            opts.image, ["node", "--config", f"{CONFIG_MOUNT}/nodes/{p.name}.toml"], GRPC_PORT
+            opts.image, ["node", "--config", f"{CONFIG_MOUNT}/nodes/{p.name}.toml"], HEALTH_PORT
         )
         service["hostname"] = p.name
-        service["expose"] = [str(GRPC_PORT), str(RAFT_PORT)]  # no `ports`: Raft stays on the compose network
+        # no `ports`: Raft stays on the compose network
+        service["expose"] = [str(GRPC_PORT), str(RAFT_PORT), str(HEALTH_PORT)]
         service["volumes"] = [config_volume, f"{p.name}-data:{DATA_MOUNT}"]
         services[p.name] = service
         volumes[f"{p.name}-data"] = {}
@@ -284,8 +293,22 @@ def _security(pod: bool) -> dict[str, Any]:
     }
 
 
-def _tcp_probe(port: str) -> dict[str, Any]:
-    return {"tcpSocket": {"port": port}, "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3}
+def _grpc_probe(port: int, period: int, failures: int, service: str = "") -> dict[str, Any]:
+    """kubelet's native gRPC probe (grpc.health.v1; a port number, never a name; no client certificate)."""
+    grpc = {"port": port, "service": service} if service else {"port": port}
+    return {"grpc": grpc, "periodSeconds": period, "timeoutSeconds": 3, "failureThreshold": failures}
+
+
+def _node_probes() -> dict[str, Any]:
+    return {
+        # Up to 5 minutes to replay the journal or load a snapshot before the other probes count.
+        "startupProbe": _grpc_probe(HEALTH_PORT, period=2, failures=150),
+        # Out of the Service while stuck or while storage refuses writes.
+        "readinessProbe": _grpc_probe(HEALTH_PORT, period=5, failures=2),
+        # Restarted only when stuck (tick thread or applies) for a minute: "liveness" leaves storage
+        # out, since a restart cannot make room on a full disk.
+        "livenessProbe": _grpc_probe(HEALTH_PORT, period=10, failures=6, service="liveness"),
+    }
 
 
 def headless_service(shard: int, opts: Options) -> dict[str, Any]:
@@ -302,6 +325,7 @@ def headless_service(shard: int, opts: Options) -> dict[str, Any]:
             "ports": [
                 {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc"},
                 {"name": "raft", "port": RAFT_PORT, "targetPort": "raft"},
+                {"name": "health", "port": HEALTH_PORT, "targetPort": "health"},
             ],
         },
     }
@@ -318,8 +342,9 @@ def _node_container(opts: Options) -> dict[str, Any]:
         "ports": [
             {"name": "grpc", "containerPort": GRPC_PORT},
             {"name": "raft", "containerPort": RAFT_PORT},
+            {"name": "health", "containerPort": HEALTH_PORT},
         ],
-        "readinessProbe": _tcp_probe("grpc"),
+        **_node_probes(),
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
         "securityContext": _security(pod=False),
         "volumeMounts": [
@@ -393,7 +418,8 @@ def router_manifests(files: dict[str, str], opts: Options) -> list[dict[str, Any
         "imagePullPolicy": "IfNotPresent",
         "args": ["router", "--cluster", CONFIG_MOUNT, "--listen", f"0.0.0.0:{ROUTER_PORT}"],
         "ports": [{"name": "grpc", "containerPort": ROUTER_PORT}],
-        "readinessProbe": _tcp_probe("grpc"),
+        "readinessProbe": _grpc_probe(ROUTER_PORT, period=5, failures=2),
+        "livenessProbe": _grpc_probe(ROUTER_PORT, period=10, failures=6),
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
         "securityContext": _security(pod=False),
         "volumeMounts": [{"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True}],
@@ -426,7 +452,8 @@ def router_manifests(files: dict[str, str], opts: Options) -> list[dict[str, Any
 
 
 def network_policy(shard: int, opts: Options) -> dict[str, Any]:
-    """Raft ingress only from the same shard's pods; gRPC stays open to clients and the router."""
+    """Raft ingress only from the same shard's pods; gRPC stays open to clients and the router, and
+    health to the kubelet's probes."""
     labels = _labels("node", shard)
     return {
         "apiVersion": "networking.k8s.io/v1",
@@ -440,7 +467,7 @@ def network_policy(shard: int, opts: Options) -> dict[str, Any]:
                     "from": [{"podSelector": {"matchLabels": labels}}],
                     "ports": [{"protocol": "TCP", "port": RAFT_PORT}],
                 },
-                {"ports": [{"protocol": "TCP", "port": GRPC_PORT}]},
+                {"ports": [{"protocol": "TCP", "port": GRPC_PORT}, {"protocol": "TCP", "port": HEALTH_PORT}]},
             ],
         },
     }

@@ -26,6 +26,7 @@ from kvstore import Client
 from kvstore.cluster.local import LocalCluster, free_ports
 from kvstore.config import NodeConfig
 from kvstore.routing.cluster_map import ClusterMap
+from kvstore.server import health
 
 from .conftest import wait_until
 
@@ -273,9 +274,14 @@ def test_compose_render_loads_and_names_match(tmp_path: Path) -> None:
             assert service["volumes"] == [mount, f"{name}-data:{render.DATA_MOUNT}"]
             assert f"{name}-data" in compose["volumes"]
             assert "ports" not in service, "node ports (Raft!) must not be published on the host"
+            # grpc.health.v1 through `kvstore health` (tests/test_health.py checks its exit codes).
+            health_address = f"127.0.0.1:{render.HEALTH_PORT}"
+            assert service["healthcheck"]["test"] == ["CMD", "kvstore", "health", "--address", health_address]
+            assert nodes[name].health_listen == f"0.0.0.0:{render.HEALTH_PORT}"
     assert router["command"] == ["router", "--cluster", render.CONFIG_MOUNT, "--listen", "0.0.0.0:7400"]
     assert router["volumes"] == [mount]
     assert router["ports"] == ["127.0.0.1:7400:7400"]
+    assert router["healthcheck"]["test"][-2:] == ["--address", "127.0.0.1:7400"]
     assert sorted(router["depends_on"]) == sorted(nodes)
     assert {s["image"] for s in compose["services"].values()} == {render.DEFAULT_IMAGE}
     assert {s["pull_policy"] for s in compose["services"].values()} == {"never"}
@@ -352,9 +358,14 @@ def _check_statefulset(
     assert service["spec"]["selector"] == spec["selector"]["matchLabels"]
     (container,) = pod["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": render.GRPC_PORT, "raft": render.RAFT_PORT}
+    assert ports == {"grpc": render.GRPC_PORT, "raft": render.RAFT_PORT, "health": render.HEALTH_PORT}
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == ports
-    assert container["readinessProbe"]["tcpSocket"]["port"] in ("grpc", ports["grpc"])
+    # kubelet's gRPC probes (grpc.health.v1) on the plaintext health port: a number, not a port name.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == render.HEALTH_PORT, probe
+    assert "service" not in container["readinessProbe"]["grpc"]  # overall health: storage included
+    # Liveness asks only "stuck?": a restart cannot make room on a full disk.
+    assert container["livenessProbe"]["grpc"]["service"] == "liveness"
     pod_name_env = {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
     assert container["env"] == [pod_name_env]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
@@ -372,6 +383,7 @@ def _check_statefulset(
         config = NodeConfig.load(_in_mount(args[2], mounts["config"], root))
         assert config.name == pod_name
         assert config.raft_advertise == f"{pod_name}.{domain}:{render.RAFT_PORT}"
+        assert config.health_listen == f"0.0.0.0:{render.HEALTH_PORT}"
         assert _in_mount(config.cluster_map, mounts["config"], root).exists()
         nodes[pod_name] = config
     return nodes
@@ -396,6 +408,8 @@ def test_k8s_network_policy_confines_raft_to_its_shard(tmp_path: Path) -> None:
         for other in others:  # the selector really tells shards apart
             other_pods = other["spec"]["template"]["metadata"]["labels"]
             assert not peer["podSelector"]["matchLabels"].items() <= other_pods.items()
+        open_ports = [p for r in policy["spec"]["ingress"] if "from" not in r for p in r["ports"]]
+        assert {p["port"] for p in open_ports} == {render.GRPC_PORT, render.HEALTH_PORT}
     budgets = by_kind["PodDisruptionBudget"]
     assert sorted(b["spec"]["maxUnavailable"] for b in budgets) == [1, 1]
 
@@ -407,6 +421,7 @@ def test_k8s_router_and_config_rollout(tmp_path: Path) -> None:
     pod = deployment["spec"]["template"]
     (container,) = pod["spec"]["containers"]
     assert container["args"] == ["router", "--cluster", render.CONFIG_MOUNT, "--listen", "0.0.0.0:7400"]
+    assert container["readinessProbe"]["grpc"] == container["livenessProbe"]["grpc"] == {"port": 7400}
     (volume,) = pod["spec"]["volumes"]
     assert [i["path"] for i in volume["configMap"]["items"]] == ["cluster.json"]
     (service,) = [s for s in by_kind["Service"] if s["metadata"]["name"] == "kvstore-router"]
@@ -516,7 +531,7 @@ def test_dockerfile_paths_user_ports_and_entrypoint() -> None:
     assert user not in ("root", "0") and int(user) == render._security(pod=True)["runAsUser"]
     assert json.loads(by_name["VOLUME"][-1]) == [render.DATA_MOUNT]
     exposed = {int(p) for arg in by_name["EXPOSE"] for p in arg.split()}
-    assert exposed == {render.GRPC_PORT, render.RAFT_PORT, render.ROUTER_PORT}
+    assert exposed == {render.GRPC_PORT, render.RAFT_PORT, render.HEALTH_PORT, render.ROUTER_PORT}
 
 
 # ----- a shard whose replicas know each other only by DNS name -----------------------------------
@@ -525,7 +540,7 @@ def test_dockerfile_paths_user_ports_and_entrypoint() -> None:
 def test_dns_named_shard_elects_and_serves(tmp_path: Path) -> None:
     """The container layouts' one new ingredient, run for real: Raft identities and client addresses
     are host names (here `localhost`, with distinct ports), not IPs. Bound to 127.0.0.1 on this machine."""
-    ports = free_ports(7)
+    ports = free_ports(10)
     layout = [
         [
             render.Placement(
@@ -534,6 +549,7 @@ def test_dns_named_shard_elects_and_serves(tmp_path: Path) -> None:
                 "localhost",
                 grpc_port=ports[2 * r],
                 raft_port=ports[2 * r + 1],
+                health_port=ports[7 + r],
                 data_dir=str(tmp_path / "data" / f"n{r}"),
                 bind_host="127.0.0.1",
             )
@@ -554,6 +570,8 @@ def test_dns_named_shard_elects_and_serves(tmp_path: Path) -> None:
         leader = shards[0]["leader"]
         # Followers name the leader: they matched its advertised DNS Raft address to the map.
         wait_until(lambda: [r["leader"] for r in cluster.status()[0]["replicas"]] == [leader] * 3, 20)
+        for r in range(3):  # what the probes ask, on each node's own health port
+            assert wait_until(lambda r=r: health.check(f"localhost:{ports[7 + r]}") == "SERVING", 10)
         with Client.from_cluster(tmp_path) as kv:
             revision = kv.put(b"deploy:k", b"v")
             assert kv.get(b"deploy:k") == b"v" and revision > 0
