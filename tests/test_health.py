@@ -287,5 +287,9 @@ def test_router_serves_health(cluster: LocalCluster, tmp_path: Path) -> None:
         assert _check(address, "kvstore.v2.KV") == SERVING
     finally:
         router.terminate()
-        router.wait(10)
+        try:
+            router.wait(10)
+        except subprocess.TimeoutExpired:
+            router.kill()
+            router.wait(5)
         log.close()

@@ -36,7 +36,7 @@ def _kv(record: Record) -> pb.KeyValue:
 
 
 class NodeContext:
-    """What both servicers share: this node's config, its shard, and the cluster map."""
+    """What both servicers share: this node's config, its shard, the cluster map and its health."""
 
     def __init__(self, config: NodeConfig, shard: Shard, cluster_map: ClusterMap, health: NodeHealth) -> None:
         self.config = config
@@ -239,10 +239,13 @@ async def serve(config: NodeConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if config.server.fault_injection_signals:
-        _install_fault_signals(loop, FaultInjector(shard.machine))
+    faults = FaultInjector(shard.machine) if config.server.fault_injection_signals else None
+    if faults is not None:
+        _install_fault_signals(loop, faults)
     await stop.wait()
     log.info("shutting down")
+    if faults is not None:
+        faults.stall_ticks(False)  # a blocked tick thread would never let shard.close() return
     await health.shutdown()
     if health_server is not None:
         await health_server.stop(grace=1.0)
