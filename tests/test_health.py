@@ -26,6 +26,7 @@ from kvstore.config import ServerSettings
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.replication.liveness import ReplicaLiveness
+from kvstore.server.health import NodeHealth
 
 from .conftest import TEST_RAFT, client, wait_until
 
@@ -109,6 +110,47 @@ def test_liveness_sees_applies_stuck_even_if_rolled_back_and_retried_every_tick(
     assert "applies stuck" in str(liveness.problem(True))
     _tick(machine, clock, 0.1, applied=9, commit=9)
     assert liveness.problem(True) is None
+
+
+class _FakeShard:
+    def __init__(self) -> None:
+        self.stuck_reason: str | None = None
+        self.storage: str | None = None
+
+    def stuck(self) -> str | None:
+        return self.stuck_reason
+
+    def health(self) -> tuple[bool, str]:
+        problem = self.stuck_reason or self.storage
+        return problem is None, problem or ""
+
+
+async def test_liveness_service_leaves_storage_out() -> None:
+    shard = _FakeShard()
+    node_health = NodeHealth(shard, interval=60)
+    await node_health.update()
+
+    async def statuses() -> dict[str, int]:
+        out = {}
+        for service in ("", "kvstore.v2.KV", "liveness"):
+            request = health_pb2.HealthCheckRequest(service=service)
+            out[service] = (await node_health.servicer.Check(request, None)).status
+        return out
+
+    assert await statuses() == {"": SERVING, "kvstore.v2.KV": SERVING, "liveness": SERVING}
+    assert node_health.text == "serving"
+    shard.storage = "disk full"  # unready, but a restart would not help: still live
+    await node_health.update()
+    assert await statuses() == {"": NOT_SERVING, "kvstore.v2.KV": NOT_SERVING, "liveness": SERVING}
+    assert node_health.text == "not_serving: disk full"
+    shard.stuck_reason = "applies stuck"
+    await node_health.update()
+    assert await statuses() == {"": NOT_SERVING, "kvstore.v2.KV": NOT_SERVING, "liveness": NOT_SERVING}
+    shard.stuck_reason = shard.storage = None
+    await node_health.update()
+    assert await statuses() == {"": SERVING, "kvstore.v2.KV": SERVING, "liveness": SERVING}
+    await node_health.shutdown()
+    assert set((await statuses()).values()) == {NOT_SERVING}
 
 
 # ----- real node processes ------------------------------------------------------------------------
@@ -261,6 +303,23 @@ def test_stalled_tick_thread_goes_not_serving_and_recovers(cluster: LocalCluster
     with client(cluster) as kv:
         kv.put(b"after-stall", b"ok")
         assert kv.get(b"after-stall") == b"ok"
+
+
+def test_node_with_a_stalled_tick_thread_still_stops_on_sigterm(cluster: LocalCluster) -> None:
+    name = _follower(cluster)
+    _, health_port = _addresses(cluster, name)
+    pid = cluster.pid(name)
+    assert pid
+    os.kill(pid, signal.SIGUSR2)
+    _wait_health(health_port, NOT_SERVING, STALL + 8)
+    start = time.monotonic()
+    cluster.kill(name, "TERM")  # waits up to 10 s for the process to go
+    took = time.monotonic() - start
+    assert cluster.pid(name) is None, "a stalled node did not exit on SIGTERM"
+    print(f"\n{name}: exited {took:.1f}s after SIGTERM with its tick thread stalled")
+    cluster.start(name)
+    _wait_health(health_port, SERVING, 30)
+    cluster.wait_for_leaders(30)
 
 
 def test_stopped_node_shows_down(cluster: LocalCluster) -> None:
