@@ -118,19 +118,25 @@ def test_a_full_disk_refuses_writes_keeps_reads_and_resumes_by_itself(tmp_path: 
             cluster.down()
 
 
-def test_a_follower_whose_disk_fills_waits_for_space_and_catches_up(tmp_path: Path) -> None:
-    """Only one follower's disk is small: the leader (on a roomy disk) goes on with the other
-    follower; the full one backs off (LMDB ENOSPC, the journal waiting for space), stays alive, and
-    catches up by itself once space is freed."""
-    cluster = LocalCluster(tmp_path / "c")
+def _cluster_with_a_slow_follower(directory: Path, give_up_seconds: float = 120.0) -> LocalCluster:
+    """1x3; s0r2 stays a follower (a longer election timeout lets one of the others win)."""
+    cluster = LocalCluster(directory)
     cluster.create(shards=1, replicas=3, raft=TEST_RAFT)
-    # s0r2 must stay a follower: a longer election timeout lets one of the others win.
     config = cluster.dir / "nodes" / "s0r2.toml"
     text = config.read_text()
     text = text.replace(f"min_timeout = {TEST_RAFT.min_timeout}", "min_timeout = 4.0")
     text = text.replace(f"max_timeout = {TEST_RAFT.max_timeout}", "max_timeout = 5.0")
     text = text.replace(f"connection_timeout = {TEST_RAFT.connection_timeout}", "connection_timeout = 5.0")
+    text = text.replace("io_failure_limit_seconds = 120.0", f"io_failure_limit_seconds = {give_up_seconds}")
     config.write_text(text)
+    return cluster
+
+
+def test_a_follower_whose_disk_fills_waits_for_space_and_catches_up(tmp_path: Path) -> None:
+    """Only one follower's disk is small: the leader (on a roomy disk) goes on with the other
+    follower; the full one backs off (LMDB ENOSPC, the journal waiting for space), stays alive, and
+    catches up by itself once space is freed."""
+    cluster = _cluster_with_a_slow_follower(tmp_path / "c")
     with small_tmpfs(cluster.dir / "data" / "s0r2", 128 << 20) as small:
         try:
             filler = fill(small / "filler", leave_bytes=10 << 20)
@@ -166,5 +172,29 @@ def test_a_follower_whose_disk_fills_waits_for_space_and_catches_up(tmp_path: Pa
                 for start in range(0, len(keys), 50):
                     chunk = keys[start : start + 50]
                     assert kv.multi_get(chunk) == {k: acked[k] for k in chunk}
+        finally:
+            cluster.down()
+
+
+def test_a_disk_that_stays_full_past_the_limit_stops_the_node_with_one_clear_line(tmp_path: Path) -> None:
+    """Past storage.io_failure_limit_seconds of failing storage the node exits (code 74) instead of
+    spinning; the other replicas go on serving."""
+    cluster = _cluster_with_a_slow_follower(tmp_path / "c", give_up_seconds=3.0)
+    with small_tmpfs(cluster.dir / "data" / "s0r2", 64 << 20) as small:
+        try:
+            fill(small / "filler", leave_bytes=4 << 20)
+            cluster.start_all()
+            cluster.wait_for_leaders(30)
+            with client(cluster) as kv:
+                for i in range(150):  # ~9 MiB: more than the 4 MiB left free
+                    kv.put(b"gu-%05d" % i, VALUE)
+                wait_until(lambda: cluster.pid("s0r2") is None, 60)
+                text = cluster.log_path("s0r2").read_text(errors="replace")
+                assert text.count("CRITICAL") == 1
+                assert (
+                    "storage.io_failure_limit_seconds = 3s" in text and "stopping this node (exit 74)" in text
+                )
+                kv.put(b"still", b"serving")  # the other two are a majority
+                assert kv.get(b"still") == b"serving"
         finally:
             cluster.down()
