@@ -127,6 +127,35 @@ def test_an_oversize_key_in_the_log_is_refused_on_apply_and_the_log_moves_on(rep
     assert replica.storage.get(b"mp-ok") is None
 
 
+def test_an_op_refused_after_it_wrote_is_undone_by_a_careful_reapply(
+    replica: OneReplica, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deterministic refusal *after* an op wrote (no pre-check saw it coming) rolls the batch
+    back and re-applies it with a savepoint per op: the op leaves nothing, its neighbours apply."""
+    storage = replica.storage
+    real_remember = storage.remember_request
+
+    def remember(request_id: bytes, *args: Any) -> None:
+        if request_id == b"poison":
+            raise lmdb.BadValsizeError("mdb_put: MDB_BAD_VALSIZE")
+        real_remember(request_id, *args)
+
+    monkeypatch.setattr(storage, "remember_request", remember)
+    results = replica.propose(
+        [
+            (b"first", commands.put(b"a", b"1")),
+            (b"poison", commands.put(b"b", b"2")),  # written, then its request id is refused
+            (b"third", commands.put(b"c", b"3")),
+        ]
+    )
+    assert results[0][1] is None and results[2][1] is None
+    assert isinstance(commands.refusal(results[1][1]), errors.InvalidArgument)
+    assert storage.get(b"a").value == b"1" and storage.get(b"c").value == b"3"
+    assert storage.get(b"b") is None  # the refused op's write was undone
+    assert replica.machine.storage_problem() is None  # not a disk problem: no backoff
+    assert replica.propose([(b"", commands.put(b"d", b"4"))])[0][1] is None
+
+
 def test_a_transient_storage_failure_backs_off_reports_and_recovers(
     replica: OneReplica, monkeypatch: pytest.MonkeyPatch
 ) -> None:

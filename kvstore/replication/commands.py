@@ -91,13 +91,15 @@ def is_barrier(proposal: Any) -> bool:
         return False
 
 
-def check_proposal(proposal: Any) -> tuple[bytes, Op]:
+def check_proposal(proposal: Any, max_request_id: int) -> tuple[bytes, Op]:
     """(request id, op) of a well-formed proposal; raises OpRefused otherwise."""
     if not (isinstance(proposal, tuple | list) and len(proposal) == 2):
         raise OpRefused("malformed proposal")
     request_id, op = proposal
     if not isinstance(request_id, bytes) or not isinstance(op, tuple | list) or not op:
         raise OpRefused("malformed proposal")
+    if len(request_id) > max_request_id:
+        raise OpRefused(f"request id is {len(request_id)} bytes; storage accepts up to {max_request_id}")
     return request_id, tuple(op)
 
 
