@@ -183,6 +183,8 @@ def test_a_transient_storage_failure_backs_off_reports_and_recovers(
     gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
     assert gaps == sorted(gaps) and gaps[-1] > 0.15
     assert answers == [] and storage.get(b"k") is None
+    with pytest.raises(errors.Unavailable, match="storage is failing"):
+        replica.machine.check_disk_for_writes()  # new writes are refused, not left to time out
     failing.clear()
     deadline = time.monotonic() + 5
     while not answers:
@@ -192,6 +194,7 @@ def test_a_transient_storage_failure_backs_off_reports_and_recovers(
     assert answers[0] is not None and answers[0][0][1] is None
     assert storage.get(b"k").value == b"v"
     assert replica.machine.storage_problem() is None and replica.fatal == []
+    replica.machine.check_disk_for_writes()
 
 
 def test_storage_failing_past_the_limit_stops_the_node(
@@ -323,3 +326,22 @@ def test_a_node_configured_with_keys_longer_than_lmdb_takes_refuses_to_start(tmp
     )
     assert run.returncode == 2
     assert "limits.max_key_bytes = 4096" in run.stderr and "at most 511" in run.stderr
+
+
+def test_the_free_space_watermark_refuses_writes_and_lifts_by_itself(tmp_path: Path) -> None:
+    from kvstore.storage.disk import DiskSpace
+
+    free = [10 << 20]
+
+    def statvfs(path: str) -> Any:
+        return os.statvfs_result((4096, 4096, (1 << 30) // 4096, 0, free[0] // 4096, 0, 0, 0, 0, 255))
+
+    disk = DiskSpace(tmp_path, min_free_bytes=64 << 20, min_free_fraction=0.01, interval=0.0, statvfs=statvfs)
+    storage = Storage(tmp_path, fsync=False, disk=disk)
+    refusal = storage.write_refusal()
+    assert refusal is not None and "insufficient storage" in refusal and str(64 << 20) in refusal
+    assert errors.DiskFull(refusal).code.name == "RESOURCE_EXHAUSTED"
+    assert disk.spare() == 0 and not storage.grow()  # no room: the map does not grow either
+    free[0] = 512 << 20
+    assert storage.write_refusal() is None and disk.spare() == (512 - 64) << 20
+    storage.close()

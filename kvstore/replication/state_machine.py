@@ -256,18 +256,30 @@ class ShardStateMachine(PatchedSyncObj):
         return max(self.raftLastApplied, self._stored_applied)
 
     def check_disk_for_writes(self) -> None:
-        """On the leader, refuse new writes while the disk (or the LMDB map) is nearly full.
+        """On the leader, refuse new writes while the disk (or the LMDB map) is nearly full, or
+        while its storage is failing (they could only time out as unknown outcomes).
 
-        Raises errors.DiskFull. Reads, barriers and entries already in the log are not affected:
-        the watermark keeps room for them. Cheap: the free space is sampled at most every 100 ms."""
+        Raises errors.DiskFull or errors.Unavailable; nothing is proposed. Reads, barriers and
+        entries already in the log are not affected: the watermark keeps room for them. Cheap:
+        the free space is sampled at most every 100 ms."""
         if self._isLeader():
             refusal = self._storage.write_refusal()
             if refusal is not None:
                 raise errors.DiskFull(refusal)
+            problem = self.health.problem()
+            if problem is not None:
+                raise errors.Unavailable(f"the leader's storage is failing, writes are refused: {problem}")
 
     def storage_problem(self) -> str | None:
-        """None while storage works; else what is failing (applying, committing, the journal)."""
+        """None while storage works; else what is failing (applying, committing, the journal).
+
+        The node's storage health: a disk below the free-space watermark is not a problem here
+        (the node serves reads and refuses writes cleanly, see `disk_refusal`)."""
         return self.health.problem()
+
+    def disk_refusal(self) -> str | None:
+        """Why this node would refuse writes for lack of space now (any role), or None."""
+        return self._storage.write_refusal()
 
     # ----- tick thread ------------------------------------------------------------------------
 
