@@ -10,6 +10,7 @@ readable and the replicas converge. The timeline is printed (run with -s) for th
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def test_a_full_disk_refuses_writes_keeps_reads_and_resumes_by_itself(tmp_path: 
                         unknown += 1
                     assert time.monotonic() - timeline["start"] < 180, "the disk never filled"
                 timeline["refused"] = time.monotonic()
+                st = os.statvfs(data)
+                free_at_refusal = st.f_bavail * st.f_frsize
                 assert refusal is not None and "insufficient storage" in refusal.message
                 assert refusal.code.name == "RESOURCE_EXHAUSTED"
                 # 2. Every further write gets the same clear refusal, at once.
@@ -111,6 +114,7 @@ def test_a_full_disk_refuses_writes_keeps_reads_and_resumes_by_itself(tmp_path: 
                 f"\nfull-disk timeline: {len(acked) - 21} writes of 64 KiB acknowledged, refusal began at "
                 f"{timeline['refused'] - t0:.1f}s; filler deleted at {timeline['freed'] - t0:.1f}s; "
                 f"writes resumed {1000 * (timeline['resumed'] - timeline['freed']):.0f} ms later; "
+                f"free at refusal {free_at_refusal / 2**20:.1f} MiB (watermark {WATERMARK / 2**20:.0f} MiB); "
                 f"unknown outcomes {unknown}; nodes that waited for the disk: "
                 f"{logs.count('storage failing')} log lines"
             )

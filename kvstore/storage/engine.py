@@ -318,8 +318,9 @@ class Storage:
         new_size = min(map_size * 2, self._max_map_size)
         if self.disk is not None:
             # The map is only address space (no writemap), but a map larger than the disk can
-            # hold promises room that is not there: the file grows into the disk's spare bytes.
-            new_size = min(new_size, max(map_size, used + self.disk.spare()))
+            # hold promises room that is not there. Bounded by the free bytes, not by the
+            # watermark: entries already committed must still apply (only new writes are refused).
+            new_size = min(new_size, max(map_size, used + self.disk.sample()[0]))
         if new_size <= map_size:
             return False
         log.info("growing LMDB map from %d to %d bytes", map_size, new_size)
