@@ -34,7 +34,7 @@ ERROR = "error"
 
 
 class OpRefused(Exception):
-    """An op storage will not apply, the same on every replica (raised inside a savepoint)."""
+    """An op storage will not apply, the same on every replica (raised before it writes anything)."""
 
 
 def refused(kind: str, message: str) -> tuple[str, str, str]:
@@ -129,8 +129,9 @@ _ARITY = {PUT: 3, CAS: 4, MULTI_PUT: 2, DELETE: 2, BARRIER: 1}
 def apply_op(storage: Storage, revision: int, op: Op) -> Any:
     """Apply one op inside the open write batch; returns the payload for the proposer.
 
-    Raises OpRefused (before writing anything) for an op storage cannot take; the caller runs
-    it in a savepoint, so any later deterministic refusal leaves nothing half-applied either."""
+    Raises OpRefused (before writing anything) for an op storage cannot take. Any other
+    deterministic failure makes the caller re-apply the batch with a savepoint per op, so nothing
+    is ever half-applied."""
     kind = op[0]
     if _ARITY.get(kind) != len(op):
         raise OpRefused(f"malformed or unknown op {kind!r}")
