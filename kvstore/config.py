@@ -19,7 +19,8 @@ import tomli_w
 class Limits:
     """Checked before anything is proposed: a rejected request changes nothing."""
 
-    max_key_bytes: int = 4096
+    # LMDB refuses longer keys (its max_key_size()); a node refuses to start with a larger value.
+    max_key_bytes: int = 511
     max_value_bytes: int = 1 << 20
     max_batch_keys: int = 10_000
     max_request_id_bytes: int = 64
@@ -62,7 +63,17 @@ class RaftSettings:
 
 @dataclass
 class StorageSettings:
-    map_size_bytes: int = 256 << 20  # initial LMDB map; doubled whenever it is half full
+    map_size_bytes: int = 256 << 20  # initial LMDB map; doubled whenever it is half full...
+    max_map_size_bytes: int = 16 << 30  # ...up to this and the spare disk; writes are refused near it
+    # Free-space watermark: the leader refuses writes (DiskFull, RESOURCE_EXHAUSTED) while the data
+    # disk has less free than the larger of these; reads go on, writes resume once space is freed.
+    # The reserve is what the Raft journal, read barriers and entries already in flight still need.
+    min_free_bytes: int = 256 << 20
+    min_free_fraction: float = 0.01
+    # A storage failure that may pass (I/O error, ENOSPC) is retried with exponential backoff up to
+    # this many seconds apart; once failures have lasted io_failure_limit_seconds the node exits.
+    io_retry_max_backoff: float = 5.0
+    io_failure_limit_seconds: float = 120.0
     fsync: bool = True  # fsync each group commit (one per apply batch)
     # How many of the latest request ids are remembered for de-duplicating retried writes. A
     # retry is recognised while fewer than this many other writes applied since its first try:

@@ -100,6 +100,15 @@ class Unavailable(KvError):
     retryable = True
 
 
+class DiskFull(KvError):
+    """Insufficient storage: the node's disk is nearly full, so writes are refused (reads still work).
+
+    Nothing was applied. Writes resume by themselves once space is freed; retry later."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    kind = "disk_full"
+
+
 class UnknownOutcome(KvError):
     """A write was proposed but its outcome is unknown (timeout, leader change): it may or may not apply.
 
@@ -136,6 +145,7 @@ _BY_KIND: dict[str, type[KvError]] = {
         UnknownShard,
         ReplicaBehind,
         Unavailable,
+        DiskFull,
         UnknownOutcome,
         Timeout,
     )

@@ -18,11 +18,13 @@ snapshot is ahead of it, so a restart never rolls the store back.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
 import struct
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,28 +49,62 @@ class SnapshotManager:
         self._thread: threading.Thread | None = None
         self.snapshots_written = 0
         self.snapshots_installed = 0
+        self._last_no_room_log = -1e9
 
     # pysyncobj hooks ------------------------------------------------------------------------
 
     def serialize(self, tmp_path: str, raft_meta: Any) -> None:
+        if not self._room_for_snapshot():
+            return  # state stays NOT_SERIALIZING: pysyncobj asks again later, the log is kept
         txn = self._storage.begin_snapshot()
-        applied = self._storage.applied_index_in(txn)
-        side_path = Path(str(self._dump_path) + ".writing")
-        if not self._dump_path.exists():
-            self._write(txn, applied, raft_meta, Path(tmp_path))
-            self._set_state(SERIALIZER_STATE.SUCCESS)
-            return
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        os.link(self._dump_path, tmp_path)  # pysyncobj's rename of tmp over the dump is a no-op
-        self._set_state(SERIALIZER_STATE.SERIALIZING)
-        self._thread = threading.Thread(
-            target=self._write_in_background,
-            args=(txn, applied, raft_meta, side_path),
-            name="kvstore-snapshot",
-            daemon=True,
-        )
-        self._thread.start()
+        handed_over = False  # once the thread owns `txn`, it ends it
+        try:
+            applied = self._storage.applied_index_in(txn)
+            side_path = Path(str(self._dump_path) + ".writing")
+            if not self._dump_path.exists():
+                handed_over = True  # _write ends the transaction, whatever happens
+                self._write(txn, applied, raft_meta, Path(tmp_path))
+                self._set_state(SERIALIZER_STATE.SUCCESS)
+                return
+            if os.path.exists(tmp_path):
+                os.unlink(tmp_path)
+            os.link(self._dump_path, tmp_path)  # pysyncobj's rename of tmp over the dump is a no-op
+            self._set_state(SERIALIZER_STATE.SERIALIZING)
+            self._thread = threading.Thread(
+                target=self._write_in_background,
+                args=(txn, applied, raft_meta, side_path),
+                name="kvstore-snapshot",
+                daemon=True,
+            )
+            self._thread.start()
+            handed_over = True
+        except BaseException:
+            # A start that fails (os.link, a thread that cannot start) must release the pinned
+            # state: a leaked read transaction would hold old pages and block map growth forever.
+            if not handed_over:
+                self._storage.end_snapshot(txn)
+            self._set_state(SERIALIZER_STATE.NOT_SERIALIZING)
+            raise
+
+    def _room_for_snapshot(self) -> bool:
+        """A snapshot copies the store: not when that copy would eat the disk's reserve."""
+        disk = self._storage.disk
+        if disk is None:
+            return True
+        needed = self._storage.snapshot_size_estimate()
+        if disk.spare() >= needed:
+            return True
+        now = time.monotonic()
+        if now - self._last_no_room_log > 30.0:
+            self._last_no_room_log = now
+            log.warning(
+                "snapshot postponed: it needs up to %d bytes and only %d are spare above the "
+                "free-space watermark on %s",
+                needed,
+                disk.spare(),
+                disk.path,
+            )
+        return False
 
     def check(self) -> int:
         """pysyncobj polls this every tick; SUCCESS/FAILED are reported exactly once."""
@@ -106,20 +142,29 @@ class SnapshotManager:
             self._set_state(SERIALIZER_STATE.FAILED)
 
     def _write(self, txn: Any, applied: int, raft_meta: Any, path: Path) -> None:
-        meta = pickle.dumps(raft_meta)
-        with open(path, "wb") as f:
-            f.write(_HEADER.pack(MAGIC, applied, len(meta)))
-            f.write(meta)
-            length_at = f.tell()
-            f.write(b"\0" * 8)
-            start = f.tell()
-            self._storage.write_snapshot(txn, f)
-            f.seek(0, os.SEEK_END)
-            end = f.tell()
-            f.seek(length_at)
-            f.write(struct.pack(">Q", end - start))
-            f.flush()
-            os.fsync(f.fileno())
+        """Write the snapshot file; ends `txn` in every case, and leaves no partial file."""
+        try:
+            meta = pickle.dumps(raft_meta)
+            with open(path, "wb") as f:
+                f.write(_HEADER.pack(MAGIC, applied, len(meta)))
+                f.write(meta)
+                length_at = f.tell()
+                f.write(b"\0" * 8)
+                start = f.tell()
+                written, txn = txn, None
+                self._storage.write_snapshot(written, f)  # ends the transaction
+                f.seek(0, os.SEEK_END)
+                end = f.tell()
+                f.seek(length_at)
+                f.write(struct.pack(">Q", end - start))
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            if txn is not None:
+                self._storage.end_snapshot(txn)
+            with contextlib.suppress(OSError):
+                path.unlink()  # e.g. ENOSPC half-way: give the space back
+            raise
         self.snapshots_written += 1
 
     def _set_state(self, state: int) -> None:

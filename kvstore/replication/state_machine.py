@@ -5,9 +5,16 @@ our `_after_tick` at the end of every tick. Everything else (the asyncio loop se
 to this object only through `propose()` (thread-safe in pysyncobj) and through the `on_applied`
 hook it gives us, which we call after every group commit.
 
-Group commit: all entries applied in one tick write into one LMDB transaction; `_after_tick`
-commits it and only then releases the proposers' results and the new applied index. A client is
-never told "done" about a write that a read could not yet see.
+Group commit: all entries applied in one tick write into one LMDB transaction, committed right
+after pysyncobj's apply loop (`_SyncObj__applyLogEntries`); `_after_tick` then releases the
+proposers' results and the new applied index. A client is never told "done" about a write that a
+read could not yet see.
+
+Storage failures (see storage_health): an op that storage refuses deterministically gets an error
+result, identically on every replica, and the log moves on. A transient failure (I/O, ENOSPC, a
+full map) rolls the whole batch back before anything else in the tick (a log compaction) can see
+it, and pysyncobj re-applies it after a backoff; the proposers still get their results if the
+retry succeeds in time. `storage_problem()` is the health signal.
 
 Knows nothing of gRPC.
 """
@@ -26,10 +33,12 @@ import pysyncobj.pickle as pysyncobj_pickle
 from pysyncobj import SyncObjConf, replicated
 from pysyncobj.transport import TCPTransport
 
+from kvstore import errors
 from kvstore.config import RaftSettings, StorageSettings
-from kvstore.replication import commands
+from kvstore.replication import commands, journal
 from kvstore.replication.raft_fixes import PatchedSyncObj
 from kvstore.replication.snapshots import SnapshotManager
+from kvstore.replication.storage_health import StorageHealth, is_transient
 from kvstore.storage.engine import Storage
 
 log = logging.getLogger(__name__)
@@ -54,6 +63,7 @@ class ReplicaSettings:
     data_dir: Path
     raft: RaftSettings
     dedup_window: int = StorageSettings.dedup_window_ids  # request ids kept
+    storage: StorageSettings | None = None  # backoff and give-up bounds (None: the defaults)
 
 
 class _FreshnessStampingTransport(TCPTransport):
@@ -73,30 +83,49 @@ class _FreshnessStampingTransport(TCPTransport):
         return super().send(node, message)
 
 
+class _ReapplyCarefully(Exception):
+    """An op failed deterministically after writing: redo the batch with a savepoint per op."""
+
+
 class ShardStateMachine(PatchedSyncObj):
     def __init__(
         self,
         storage: Storage,
         settings: ReplicaSettings,
         on_applied: Callable[[list[Completion], int], None],
+        on_fatal: Callable[[str], None] | None = None,
     ) -> None:
         self._storage = storage
         self._settings = settings
         self._on_applied = on_applied
         self._stored_applied = storage.applied_index()  # index of the last entry LMDB holds
         self._completions: list[Completion] = []
+        self._completion_indexes: list[int] = []  # log index of each completion, in step
+        self._applying = 0  # index of the entry pysyncobj is applying (its callbacks follow)
+        # Proposers of entries rolled back by a storage failure: answered when re-applied.
+        self._awaiting_reapply: dict[int, list[Callable[[Any, int], None]]] = {}
         self._apply_failed = False
         self._bytes_since_snapshot = 0
         self._map_full = False
         self._dirty = False
+        self._retry_at = 0.0  # monotonic time before which committed entries are not applied
+        limits = settings.storage or StorageSettings()
+        health_args = (limits.io_failure_limit_seconds, limits.io_retry_max_backoff)
+        self.health = StorageHealth(*health_args, on_fatal) if on_fatal else StorageHealth(*health_args)
+        self.refused_ops = 0  # ops storage refused deterministically (answered with an error)
+        self._careful_through = 0  # entries up to this index are applied with a savepoint per op
+        # The dedup tables key rows by request id (+ 8 bytes): longer ids LMDB would refuse.
+        self._max_request_id = storage.max_key_size - 8
         # Freshness for bounded-staleness reads: (wall time the leader was confirmed, its commit index).
         self._freshness_pending: list[tuple[float, int]] = []
         self.fresh_as_of = 0.0
         self.answering: tuple[float, int] | None = None  # (sent_at, term) of the append being handled
         self._acked_sent_at: dict[Any, tuple[int, float]] = {}  # follower -> (term, latest echoed sent_at)
         self._last_reported = 0
-        self._last_storage_error = 0.0
+        self._last_refusal_log = -1e9
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # The journal reserves disk space before it grows: a full disk is waited out, not a SIGBUS.
+        journal.use_for(str(settings.data_dir / "raft.journal"), self.health.wait_for_disk)
         dump = settings.data_dir / "raft.dump"
         self.snapshots = SnapshotManager(storage, dump, self._on_snapshot_installed)
         raft = settings.raft
@@ -135,49 +164,80 @@ class ShardStateMachine(PatchedSyncObj):
 
     @replicated
     def apply_entry(self, proposals: list[commands.Proposal]) -> list[commands.Result] | None:
-        index = self.raftLastApplied + 1  # pysyncobj advances the counter after we return
+        index = self._applying = self.raftLastApplied + 1  # pysyncobj advances it after we return
         if index <= self._stored_applied or self._apply_failed:
-            return None  # replayed after a restart (LMDB already holds it), or see _after_tick
-        if all(op[0] == commands.BARRIER for _, op in proposals):
+            return None  # replayed after a restart (LMDB already holds it), or being rolled back
+        if not isinstance(proposals, list | tuple):
+            proposals = []  # not an entry we make: nothing to apply, but the log moves on
+        if proposals and all(commands.is_barrier(p) for p in proposals):
             # Read barriers change nothing: no LMDB transaction, no fsync. LMDB's applied index
             # stays behind; replaying a barrier after a restart is harmless.
-            return [(index, None)] * len(proposals)
+            return self._answered(index, [(index, None)] * len(proposals))
         try:
             results = [self._apply_proposal(index, p) for p in proposals]
             self._storage.set_applied(index)
-        except lmdb.Error as exc:
-            # Never raise from apply (pysyncobj would retry this entry forever). Stop applying;
-            # _after_tick rolls back this tick and has pysyncobj re-apply it from LMDB's index.
+        except Exception as exc:  # transient: never raise (pysyncobj would retry at once, forever)
+            # Stop applying; the batch is rolled back at the end of pysyncobj's apply loop and
+            # re-applied from LMDB's index (after a backoff, unless only a savepoint was missing).
             self._storage_failed(exc, f"applying entry {index}")
             return None
         self._stored_applied = index
         self._dirty = True
         self._count_log_bytes(proposals)
+        return self._answered(index, results)
+
+    def _answered(self, index: int, results: list[commands.Result]) -> list[commands.Result]:
+        for callback in self._awaiting_reapply.pop(index, ()):
+            self._completions.append((callback, results, 0))  # FAIL_REASON.SUCCESS
+            self._completion_indexes.append(index)
         return results
 
     def _count_log_bytes(self, proposals: list[commands.Proposal]) -> None:
-        self._bytes_since_snapshot += sum(commands.payload_bytes(op) for _, op in proposals)
+        self._bytes_since_snapshot += sum(commands.proposal_bytes(p) for p in proposals)
         if self._bytes_since_snapshot > self._settings.raft.compaction_max_bytes:
             self._bytes_since_snapshot = 0
             self.forceLogCompaction()  # taken at pysyncobj's next compaction check
 
     def _apply_proposal(self, index: int, proposal: commands.Proposal) -> commands.Result:
-        request_id, op = proposal
+        """One proposal, all or nothing: what storage refuses of it leaves no trace.
+
+        Fast path: straight into the batch. An op refused before it writes (`OpRefused`: every
+        check LMDB would fail is made first) just gets its error. A deterministic failure after
+        a write (not expected) rolls the batch back and re-applies it with a savepoint (LMDB
+        child transaction) per proposal: ~5 us each, too dear for every write."""
+        careful = index <= self._careful_through
+        try:
+            if careful:
+                with self._storage.savepoint():
+                    return self._apply_checked(index, proposal)
+            return self._apply_checked(index, proposal)
+        except Exception as exc:
+            if is_transient(exc):
+                raise  # the disk's fault, not the op's: the whole batch is retried
+            if not careful and not isinstance(exc, commands.OpRefused):
+                self._careful_through = index
+                raise _ReapplyCarefully(exc) from exc
+            return self._refused(index, exc)
+
+    def _refused(self, index: int, exc: Exception) -> commands.Result:
+        self.refused_ops += 1
+        refusal = commands.refused_by_storage(exc)
+        now = time.monotonic()
+        if now - self._last_refusal_log > 5.0:  # a client can send many: rate-limited
+            self._last_refusal_log = now
+            log.warning("op at index %d refused (same on every replica): %s", index, refusal[2])
+        return index, refusal
+
+    def _apply_checked(self, index: int, proposal: commands.Proposal) -> commands.Result:
+        request_id, op = commands.check_proposal(proposal, self._max_request_id)
         if request_id:
             seen = self._storage.recall_request(request_id)
             if seen is not None:
                 return seen  # a retried write: report the first outcome, apply nothing
-        try:
-            payload = commands.apply_op(self._storage, index, op)
-        except lmdb.Error:
-            raise
-        except Exception as exc:  # a bug in one op must not wedge the replica
-            log.exception("op failed at index %d", index)
-            payload = ("error", str(exc))
-        result = (index, payload)
+        payload = commands.apply_op(self._storage, index, op)
         if request_id:
             self._storage.remember_request(request_id, index, payload, self._settings.dedup_window)
-        return result
+        return index, payload
 
     # ----- called from other threads --------------------------------------------------------
 
@@ -186,6 +246,7 @@ class ShardStateMachine(PatchedSyncObj):
 
         def on_done(result: Any, error: int) -> None:
             self._completions.append((callback, result, error))
+            self._completion_indexes.append(self._applying)
 
         self.apply_entry(proposals, callback=on_done)
 
@@ -194,20 +255,58 @@ class ShardStateMachine(PatchedSyncObj):
         """Highest log index whose effects a local read sees (pysyncobj no-ops included)."""
         return max(self.raftLastApplied, self._stored_applied)
 
+    def check_disk_for_writes(self) -> None:
+        """On the leader, refuse new writes while the disk (or the LMDB map) is nearly full, or
+        while its storage is failing (they could only time out as unknown outcomes).
+
+        Raises errors.DiskFull or errors.Unavailable; nothing is proposed. Reads, barriers and
+        entries already in the log are not affected: the watermark keeps room for them. Cheap:
+        the free space is sampled at most every 100 ms."""
+        if self._isLeader():
+            refusal = self._storage.write_refusal()
+            if refusal is not None:
+                raise errors.DiskFull(refusal)
+            problem = self.health.problem()
+            if problem is not None:
+                raise errors.Unavailable(f"the leader's storage is failing, writes are refused: {problem}")
+
+    def storage_problem(self) -> str | None:
+        """None while storage works; else what is failing (applying, committing, the journal).
+
+        The node's storage health: a disk below the free-space watermark is not a problem here
+        (the node serves reads and refuses writes cleanly, see `disk_refusal`)."""
+        return self.health.problem()
+
+    def disk_refusal(self) -> str | None:
+        """Why this node would refuse writes for lack of space now (any role), or None."""
+        return self._storage.write_refusal()
+
     # ----- tick thread ------------------------------------------------------------------------
 
-    def _after_tick(self) -> None:
+    def _SyncObj__applyLogEntries(self) -> bool:  # noqa: N802 (replaces pysyncobj's apply loop)
+        """pysyncobj's apply loop, then the group commit; a failed batch is rolled back here,
+        before the log compaction later in this tick could snapshot past what LMDB holds."""
+        if time.monotonic() < self._retry_at:
+            return False  # backing off after a storage failure: the entries wait in the log
+        applied_before = self._stored_applied
+        need_send: bool = super()._SyncObj__applyLogEntries()
         if self._dirty and not self._apply_failed:
             try:
                 self._storage.commit()
                 self._dirty = False
-            except lmdb.Error as exc:
+            except Exception as exc:
                 self._storage_failed(exc, "committing an apply batch")
         if self._apply_failed:
-            self._recover_from_storage_error()
+            self._roll_back_batch()
+        elif self._stored_applied > applied_before:
+            self.health.recovered("apply")
+        return need_send
+
+    def _after_tick(self) -> None:
         self._track_freshness()
         if self._completions or self._index_moved():
             completions, self._completions = self._completions, []
+            self._completion_indexes = []
             self._on_applied(completions, self.visible_index)
 
     def _index_moved(self) -> bool:
@@ -216,29 +315,44 @@ class ShardStateMachine(PatchedSyncObj):
         self._last_reported = index
         return moved
 
-    def _storage_failed(self, exc: lmdb.Error, doing: str) -> None:
+    def _storage_failed(self, exc: BaseException, doing: str) -> None:
         self._apply_failed = True
         self._map_full = isinstance(exc, lmdb.MapFullError)
-        if time.monotonic() - self._last_storage_error > 1.0:  # a broken disk fails every tick
-            log.error("storage error %s: %r (rolling back the batch, re-applying from LMDB)", doing, exc)
-            self._last_storage_error = time.monotonic()
+        self._failure = (doing, exc)
 
-    def _recover_from_storage_error(self) -> None:
-        """Undo the failed batch everywhere: nothing in it was committed, nobody is told it was."""
-        self._storage.abort()
-        if self._map_full:
-            self._storage.grow()
-        self._stored_applied = self._storage.applied_index()
+    def _roll_back_batch(self) -> None:
+        """Undo the failed batch: nothing in it was committed, nobody is told it was."""
+        doing, exc = self._failure
+        try:
+            self._storage.abort()
+            grew = self._map_full and self._storage.grow()
+            self._stored_applied = self._storage.applied_index()
+        except Exception as abort_exc:  # even the rollback failed: keep backing off
+            grew, exc = False, abort_exc
         # Entries after LMDB's index were rolled back with the transaction: re-apply them.
         self._SyncObj__raftLastApplied = self._stored_applied  # noqa: SLF001 (pysyncobj private)
         self._apply_failed = False
         self._dirty = False
-        # Their proposers' callbacks already fired: they will time out as "unknown outcome".
-        self._completions.clear()
+        # Their proposers' callbacks already fired (with no result): keep them for the re-apply.
+        kept = list(zip(self._completion_indexes, self._completions, strict=True))
+        self._completions, self._completion_indexes = [], []
+        for index, completion in kept:
+            callback, _, error = completion
+            if error == 0 and index > self._stored_applied:  # FAIL_REASON.SUCCESS, rolled back
+                self._awaiting_reapply.setdefault(index, []).append(callback)
+            else:  # committed before the failure, or not ours (discarded): as pysyncobj said
+                self._completions.append(completion)
+                self._completion_indexes.append(index)
+        retry_now = grew or isinstance(exc, _ReapplyCarefully)  # nothing is wrong with the disk
+        delay = 0.0 if retry_now else self.health.failed("apply", doing, exc)
+        self._retry_at = time.monotonic() + delay
 
     def _on_snapshot_installed(self, applied: int) -> None:
         self._stored_applied = applied
         self._dirty = False
+        # Entries the snapshot covers are never applied here: their proposers time out.
+        for index in [i for i in self._awaiting_reapply if i <= applied]:
+            del self._awaiting_reapply[index]
 
     # ----- freshness (bounded staleness) -----------------------------------------------------
 

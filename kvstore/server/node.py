@@ -26,6 +26,7 @@ from kvstore.routing.cluster_map import ClusterMap
 from kvstore.server import validation as check
 from kvstore.server.health import NodeHealth, add_health, start_health_port
 from kvstore.server.status import add_service, rpc_errors, run_batch
+from kvstore.storage.disk import DiskSpace
 from kvstore.storage.engine import Record, Storage
 
 log = logging.getLogger(__name__)
@@ -68,9 +69,10 @@ class KVServicer(pb_grpc.KVServicer):
     async def _write(self, keys: list[bytes], op: commands.Op, request_id: bytes) -> commands.Result:
         check.check_request_id(request_id, self.limits)
         self.ctx.check_owned(keys)
+        self.shard.machine.check_disk_for_writes()
         revision, payload = await self.shard.write(op, request_id)
-        if isinstance(payload, tuple) and payload[:1] == ("error",):
-            raise errors.KvError(f"write failed while applying: {payload[1]}")
+        if (refused := commands.refusal(payload)) is not None:
+            raise refused
         return revision, payload
 
     async def _fresh(self, read: pb.ReadOptions) -> None:
@@ -204,7 +206,14 @@ async def serve(config: NodeConfig) -> None:
     cluster_map = ClusterMap.load(config.cluster_map)
     cluster_map.ring  # noqa: B018 (a map from another key placement must stop the node here, not per request)
     data_dir = Path(config.data_dir)
-    storage = Storage(data_dir, map_size=config.storage.map_size_bytes, fsync=config.storage.fsync)
+    storage = Storage(
+        data_dir,
+        map_size=config.storage.map_size_bytes,
+        fsync=config.storage.fsync,
+        max_map_size=config.storage.max_map_size_bytes,
+        disk=DiskSpace(data_dir, config.storage.min_free_bytes, config.storage.min_free_fraction),
+    )
+    storage.check_key_limit(config.limits.max_key_bytes)
     replica = ReplicaSettings(
         advertise=config.raft_advertise,
         bind=config.raft_bind,
@@ -212,6 +221,7 @@ async def serve(config: NodeConfig) -> None:
         data_dir=data_dir,
         raft=config.raft,
         dedup_window=config.storage.dedup_window_ids,
+        storage=config.storage,
     )
     shard = Shard(config.shard, storage, replica, config.server, cluster_map.client_address_of_raft)
     health = NodeHealth(shard)
