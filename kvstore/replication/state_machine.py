@@ -428,7 +428,3 @@ class ShardStateMachine(PatchedSyncObj):
         if self._isLeader():
             return self.raftCommitIndex
         return self._SyncObj__leaderCommitIndex or 0
-
-    def storage_problem(self) -> str | None:
-        """Why storage cannot take writes right now (None: it can). Read by the health service."""
-        return None
