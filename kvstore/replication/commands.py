@@ -1,16 +1,20 @@
 """Replicated commands and how they change storage: deterministic, and never raising.
 
-A Raft entry carries a list of proposals `(request_id, op)`. Each op is a plain tuple (cheap to
-pickle, which pysyncobj does for every entry). Applying an entry at log index `i` gives every key it
-writes the revision `i`; the proposer never puts two proposals touching the same key into one entry,
-so a revision names exactly one version of a key.
+A Raft entry carries a list of proposals `(request_tag, op)`. Each op is a plain tuple (cheap to
+pickle, which pysyncobj does for every entry). The request tag names the client request (client
+id, sequence, whether it is a retry: `request_tag`), or is b"" for a write not deduplicated.
+Applying an entry at log index `i` gives every key it writes the revision `i`; the proposer never
+puts two proposals touching the same key into one entry, so a revision names exactly one version
+of a key.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
+from kvstore import errors
+from kvstore.storage.dedup import CAS_FAILED, DONE, FAILED, Outcome
 from kvstore.storage.engine import Record, Storage
 
 PUT = "put"
@@ -20,7 +24,7 @@ CAS = "cas"
 BARRIER = "noop"
 
 Op = tuple[Any, ...]
-Proposal = tuple[bytes, Op]  # (request id or b"", op)
+Proposal = tuple[bytes, Op]  # (request tag or b"", op)
 Result = tuple[int, Any]  # (revision, payload)
 
 
@@ -94,3 +98,72 @@ def payload_bytes(op: Op) -> int:
     if kind == DELETE:
         return sum(len(k) for k in op[1])
     return 0
+
+
+# ----- request ids and tags -------------------------------------------------------------------
+
+CLIENT_ID_BYTES = 16
+_SEQUENCE_BYTES = 8
+PART_BYTES = 8  # optional: which part of a write split across shards
+REQUEST_ID_BYTES = (CLIENT_ID_BYTES + _SEQUENCE_BYTES, CLIENT_ID_BYTES + _SEQUENCE_BYTES + PART_BYTES)
+SESSION_EXPIRED = "session_expired"  # payload kind: a retry refused, nothing applied
+
+
+class Request(NamedTuple):
+    key: bytes  # the outcome's key: client id + sequence (+ part)
+    client: bytes
+    sequence: int
+    retry: bool  # an earlier attempt may have applied
+
+
+def check_request_id(request_id: bytes) -> None:
+    """Empty (no de-duplication) or client id (16 bytes) + sequence (8) [+ part (8)]."""
+    if request_id and len(request_id) not in REQUEST_ID_BYTES:
+        raise errors.InvalidArgument(
+            f"request_id must be empty or a 16-byte client id and an 8-byte sequence number "
+            f"(optionally + 8 bytes naming a part): got {len(request_id)} bytes"
+        )
+
+
+def request_tag(request_id: bytes, retry: bool) -> bytes:
+    """What a proposal carries for a (checked) request id."""
+    return request_id + (b"\x01" if retry else b"\x00") if request_id else b""
+
+
+def parse_tag(tag: bytes) -> Request:
+    key = tag[:-1]
+    sequence = int.from_bytes(key[CLIENT_ID_BYTES : CLIENT_ID_BYTES + _SEQUENCE_BYTES], "big")
+    return Request(key, key[:CLIENT_ID_BYTES], sequence, tag[-1:] == b"\x01")
+
+
+# ----- outcomes: what a retried write is answered with -------------------------------------------
+
+_ERROR_KINDS = ("error",)  # payload kinds of a failed op, by their stored code (1-based)
+
+
+def outcome_of(revision: int, op: Op, payload: Any) -> Outcome:
+    """The fixed-size outcome of an applied op: no value, no pickle."""
+    if isinstance(payload, tuple) and payload[:1] and isinstance(payload[0], str):
+        code = _ERROR_KINDS.index(payload[0]) + 1 if payload[0] in _ERROR_KINDS else 1
+        return Outcome(revision, FAILED, error=code)
+    kind = op[0]
+    if kind == DELETE:
+        return Outcome(revision, DONE, count=int(payload))
+    if kind == CAS and not payload[0]:
+        current = payload[1]
+        return Outcome(revision, CAS_FAILED, current_revision=current.revision if current else 0)
+    return Outcome(revision, DONE)
+
+
+def payload_of(storage: Storage, op: Op, outcome: Outcome) -> Any:
+    """The payload a retry is answered with, rebuilt from the outcome (inside the write batch)."""
+    if outcome.kind == FAILED:
+        kind = _ERROR_KINDS[outcome.error - 1] if 0 < outcome.error <= len(_ERROR_KINDS) else "error"
+        return (kind, f"this request already failed when applied at revision {outcome.revision}")
+    kind = op[0]
+    if kind == DELETE:
+        return outcome.count
+    if kind == CAS:
+        # The first answer held the key's record then; the record now is what a caller can act on.
+        return (False, storage.get_for_update(op[1])) if outcome.kind == CAS_FAILED else (True, None)
+    return None

@@ -53,7 +53,9 @@ class ReplicaSettings:
     peers: list[str]
     data_dir: Path
     raft: RaftSettings
-    dedup_window: int = StorageSettings.dedup_window_ids  # request ids kept
+    # Client sessions (see kvstore.storage.dedup): every replica of a shard must use the same values.
+    dedup_retention: float = StorageSettings.dedup_retention_seconds
+    max_dedup_sessions: int = StorageSettings.max_dedup_sessions
 
 
 class _FreshnessStampingTransport(TCPTransport):
@@ -96,6 +98,7 @@ class ShardStateMachine(PatchedSyncObj):
         self._acked_sent_at: dict[Any, tuple[int, float]] = {}  # follower -> (term, latest echoed sent_at)
         self._last_reported = 0
         self._last_storage_error = 0.0
+        self._entry_stamp = 0  # the stamp of the entry being applied (apply_entry)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         dump = settings.data_dir / "raft.dump"
         self.snapshots = SnapshotManager(storage, dump, self._on_snapshot_installed)
@@ -134,8 +137,11 @@ class ShardStateMachine(PatchedSyncObj):
     # ----- the replicated method -----------------------------------------------------------
 
     @replicated
-    def apply_entry(self, proposals: list[commands.Proposal]) -> list[commands.Result] | None:
+    def apply_entry(self, proposals: list[commands.Proposal], stamp: int = 0) -> list[commands.Result] | None:
+        """`stamp`: the proposer's wall clock (µs), part of the entry so every replica expires
+        client sessions alike (0 in entries from older versions: the clock stays where it was)."""
         index = self.raftLastApplied + 1  # pysyncobj advances the counter after we return
+        self._entry_stamp = stamp
         if index <= self._stored_applied or self._apply_failed:
             return None  # replayed after a restart (LMDB already holds it), or see _after_tick
         if all(op[0] == commands.BARRIER for _, op in proposals):
@@ -162,22 +168,60 @@ class ShardStateMachine(PatchedSyncObj):
             self.forceLogCompaction()  # taken at pysyncobj's next compaction check
 
     def _apply_proposal(self, index: int, proposal: commands.Proposal) -> commands.Result:
-        request_id, op = proposal
-        if request_id:
-            seen = self._storage.recall_request(request_id)
-            if seen is not None:
-                return seen  # a retried write: report the first outcome, apply nothing
+        """Apply one client request at most once (Raft dissertation §6.3): a request whose outcome
+        is recorded is answered from it; a retry whose outcome may have been forgotten is refused
+        with "session expired" (nothing applied); anything else applies and is recorded."""
+        tag, op = proposal
+        if not tag:
+            return index, self._apply_op(index, op)
+        request = commands.parse_tag(tag)
+        storage = self._storage
+        now = storage.advance_dedup_clock(self._entry_stamp)
+        seen = storage.recall_outcome(request.key)
+        if seen is not None:
+            return seen.revision, commands.payload_of(storage, op, seen)  # a retry: apply nothing
+        if request.retry:
+            refusal = self._forgotten(request, now)
+            if refusal:
+                return index, (commands.SESSION_EXPIRED, refusal)
+        payload = self._apply_op(index, op)
+        retention = int(self._settings.dedup_retention * 1e6)
+        outcome = commands.outcome_of(index, op, payload)
+        storage.remember_outcome(request.key, outcome, now, retention, self._settings.max_dedup_sessions)
+        return index, payload
+
+    def _forgotten(self, request: commands.Request, now: int) -> str:
+        """Why a retry without a recorded outcome might have applied before ("" if it cannot have).
+
+        Outcomes live `dedup_retention`, longer than any client retries, so a retry's earlier
+        attempt, had it applied, would still be on record, unless its session was evicted (the
+        session cap) or the clock jumped: those cases are refused, never applied twice."""
+        session = self._storage.session(request.client)
+        if session is None:
+            # Unknown session: new (its first attempt never applied: safe), or evicted. Only an
+            # eviction of a session active within the retention could have dropped this one.
+            evicted_at = self._storage.session_evicted_at()
+            if evicted_at and evicted_at >= now - int(self._settings.dedup_retention * 1e6):
+                return (
+                    "the client's session is no longer held here (evicted by the session cap); "
+                    "an earlier attempt may have applied"
+                )
+            return ""
+        if request.sequence <= session.forgotten_through:
+            return (
+                f"request {request.sequence} is at or below the session's forgotten sequence "
+                f"{session.forgotten_through}; an earlier attempt may have applied"
+            )
+        return ""
+
+    def _apply_op(self, index: int, op: commands.Op) -> object:
         try:
-            payload = commands.apply_op(self._storage, index, op)
+            return commands.apply_op(self._storage, index, op)
         except lmdb.Error:
             raise
         except Exception as exc:  # a bug in one op must not wedge the replica
             log.exception("op failed at index %d", index)
-            payload = ("error", str(exc))
-        result = (index, payload)
-        if request_id:
-            self._storage.remember_request(request_id, index, payload, self._settings.dedup_window)
-        return result
+            return ("error", str(exc))
 
     # ----- called from other threads --------------------------------------------------------
 
@@ -187,7 +231,8 @@ class ShardStateMachine(PatchedSyncObj):
         def on_done(result: Any, error: int) -> None:
             self._completions.append((callback, result, error))
 
-        self.apply_entry(proposals, callback=on_done)
+        # The leader's wall clock, stamped here and carried in the entry: apply never reads a clock.
+        self.apply_entry(proposals, int(time.time() * 1e6), callback=on_done)
 
     @property
     def visible_index(self) -> int:
