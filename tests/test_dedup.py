@@ -11,6 +11,8 @@ import grpc
 import pytest
 
 from kvstore import Client, errors
+from kvstore.client.core import ClientCore, _sub_request_id
+from kvstore.client.plans import Call, Plan
 from kvstore.cluster.local import LocalCluster
 from kvstore.config import StorageSettings
 from kvstore.proto import kvstore_pb2 as pb
@@ -187,8 +189,6 @@ def test_request_ids_of_another_shape_are_refused(length: int) -> None:
 
 
 def test_sdk_request_ids_are_its_client_id_and_a_sequence() -> None:
-    from kvstore.client.core import ClientCore, _sub_request_id
-
     core, other = ClientCore(seeds=["127.0.0.1:1"]), ClientCore(seeds=["127.0.0.1:1"])
     first, second = core.new_request_id(), core.new_request_id()
     assert len(first) == 24 and first[:16] == second[:16] == core.client_id != other.client_id
@@ -199,6 +199,38 @@ def test_sdk_request_ids_are_its_client_id_and_a_sequence() -> None:
     assert part == _sub_request_id(first, 2, [b"a", b"b"], whole=False)  # stable across retries
     assert part != _sub_request_id(first, 1, [b"a", b"b"], whole=False)
     commands.check_request_id(part)
+
+
+def _one_shard_core() -> ClientCore:
+    from kvstore.routing.cluster_map import ClusterMap, ReplicaInfo, ShardInfo
+
+    replicas = tuple(ReplicaInfo(f"r{i}", f"127.0.0.1:{i + 1}", f"127.0.0.1:{i + 11}") for i in range(3))
+    return ClientCore(cluster_map=ClusterMap(1, (ShardInfo(0, replicas),), vnodes_per_shard=8))
+
+
+def _next_call(plan: Plan, outcome: BaseException | None = None) -> Call:
+    step = plan.send(None) if outcome is None else plan.throw(outcome)
+    while not isinstance(step, Call):
+        step = plan.send(None)  # back-off sleeps
+    return step
+
+
+def test_sdk_flags_a_retry_only_once_an_attempt_may_have_applied() -> None:
+    plan = _one_shard_core().put(b"k", b"v")
+    call = _next_call(plan)
+    request_id = call.request.request_id
+    assert not call.request.retry
+    # A definite refusal (not the leader): nothing applied, the next attempt is not a retry.
+    call = _next_call(plan, errors.NotLeader("no", leader="127.0.0.1:2"))
+    assert not call.request.retry
+    # No answer in time: it may have applied, so every later attempt says so, with the same id.
+    call = _next_call(plan, errors.UnknownOutcome("timed out"))
+    assert call.request.retry and call.request.request_id == request_id
+    call = _next_call(plan, errors.Unavailable("no leader"))
+    assert call.request.retry
+    # SessionExpired is final: the plan raises it instead of trying again.
+    with pytest.raises(errors.SessionExpired):
+        plan.throw(errors.SessionExpired("evicted"))
 
 
 # ----- with real node processes -------------------------------------------------------------------

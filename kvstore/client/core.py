@@ -619,7 +619,9 @@ def _combined_failure(failures: list[errors.KvError], succeeded: int, is_write: 
     first = failures[0]
     if not is_write:
         return first
-    ambiguous = any(isinstance(f, errors.UnknownOutcome) or not f.from_server for f in failures)
+    # SessionExpired: this attempt applied nothing, an earlier one may have.
+    maybe_applied = (errors.UnknownOutcome, errors.SessionExpired)
+    ambiguous = any(isinstance(f, maybe_applied) or not f.from_server for f in failures)
     if succeeded or ambiguous:
         return errors.UnknownOutcome(
             f"{succeeded} shard part(s) applied, {len(failures)} failed ({first.message}): the write is "
