@@ -66,8 +66,8 @@ class StorageSettings:
     fsync: bool = True  # fsync each group commit (one per apply batch)
     # Client sessions (de-duplicating retried writes, docs/architecture.md): a write's outcome is
     # kept this long, by the leader's clock, whatever the traffic. It must exceed the longest
-    # time a client retries one write (the SDK's `timeout`, 10 s by default): a retry after it
-    # gets SessionExpired, never a second apply.
+    # time a client retries one write (the SDK's `timeout`, 10 s by default, never more than
+    # 30 s for a write): a retry after it gets SessionExpired, never a second apply.
     dedup_retention_seconds: float = 60.0
     # Sessions (clients that wrote within the retention) kept; beyond it the least recently
     # active is evicted, and its retries get SessionExpired. ~100 bytes of LMDB each.
@@ -75,7 +75,7 @@ class StorageSettings:
     # Every replica of a shard must use the same two values, or they could disagree on a retry.
 
     def __post_init__(self) -> None:
-        _check_range("storage.dedup_retention_seconds", self.dedup_retention_seconds, 20.0, 86_400.0)
+        _check_range("storage.dedup_retention_seconds", self.dedup_retention_seconds, 40.0, 86_400.0)
         _check_range("storage.max_dedup_sessions", self.max_dedup_sessions, 1, 10_000_000)
 
 

@@ -14,7 +14,7 @@ from kvstore import Client, errors
 from kvstore.client.core import ClientCore, _sub_request_id
 from kvstore.client.plans import Call, Plan
 from kvstore.cluster.local import LocalCluster
-from kvstore.config import StorageSettings
+from kvstore.config import NodeConfig, StorageSettings
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.replication import commands
@@ -90,7 +90,7 @@ def test_session_cap_evicts_the_least_recently_active_and_records_when(tmp_path:
     assert s.dedup_counts()[0] == 3
     assert s.session(_id(1, 0)[:16]) is None and s.session(_id(2, 0)[:16]) is None
     assert s.session(_id(5, 0)[:16]) is not None
-    assert s.session_evicted_at() == 2 * SECOND  # the newest last-active time among evicted sessions
+    assert s.session_dropped_at() == 5 * SECOND  # the clock when the last one was evicted
 
 
 def test_sessions_survive_a_restart(tmp_path: Path) -> None:
@@ -145,7 +145,7 @@ def test_delete_count_is_replayed(tmp_path: Path) -> None:
     assert r.apply(_id(1, 1), commands.delete([b"a", b"b", b"c"]), retry=True, at=3) == first
 
 
-def test_unknown_session_retry_applies_unless_a_recent_session_was_evicted(tmp_path: Path) -> None:
+def test_unknown_session_retry_applies_unless_a_session_was_dropped_recently(tmp_path: Path) -> None:
     r = _Replica(Storage(tmp_path, fsync=False), max_sessions=2)
     # A new client whose first attempt never arrived: nothing could have applied, so it applies.
     revision, payload = r.apply(_id(1, 1), commands.put(b"a", b"1"), retry=True, at=1)
@@ -162,8 +162,22 @@ def test_unknown_session_retry_applies_unless_a_recent_session_was_evicted(tmp_p
     assert r._storage.get(b"a").revision == before  # nothing applied
     # A first attempt (not a retry) from an unknown session is always applied.
     assert r.apply(_id(4, 1), commands.put(b"d", b"1"), at=6)[1] is None
-    # Once every eviction is older than the retention, unknown sessions are new ones again.
+    # Once every drop is older than the retention, unknown sessions are new ones again.
     assert r.apply(_id(5, 1), commands.put(b"e", b"1"), retry=True, at=200)[1] is None
+
+
+def test_a_leader_clock_jump_never_turns_a_retry_into_a_second_apply(tmp_path: Path) -> None:
+    # A leader whose wall clock jumps a day ahead expires every outcome and idle session at once.
+    r = _Replica(Storage(tmp_path, fsync=False))
+    r.apply(_id(1, 1), commands.put(b"a", b"1"), at=1)  # client 1: no answer yet, will retry
+    r.apply(_id(2, 1), commands.put(b"b", b"1"), at=2)
+    for i in range(3):
+        r.apply(_id(3, 1 + i), commands.put(b"c", b"%d" % i), at=86_400 + i)  # the jumped clock
+    assert r._storage.session(_id(1, 0)[:16]) is None and r._storage.recall_outcome(_id(1, 1)) is None
+    r.apply(_id(2, 2), commands.put(b"b", b"2"), at=86_405)  # client 2 moves the value on
+    refused = r.apply(_id(1, 1), commands.put(b"a", b"1"), retry=True, at=86_406)
+    assert refused[1][0] == commands.SESSION_EXPIRED
+    assert r._storage.get(b"a").revision == 1  # applied once
 
 
 def test_retry_at_or_below_the_forgotten_sequence_is_refused(tmp_path: Path) -> None:
@@ -360,3 +374,30 @@ def test_sessions_and_outcomes_survive_a_restart_of_every_replica(capped: LocalC
     finally:
         for channel in channels:
             channel.close()
+
+
+def test_config_old_window_setting_fails_clearly_and_values_are_range_checked() -> None:
+    base = {
+        "name": "n",
+        "shard": 0,
+        "listen": "127.0.0.1:1",
+        "raft_bind": "127.0.0.1:2",
+        "raft_advertise": "127.0.0.1:2",
+        "peers": [],
+        "data_dir": "d",
+        "cluster_map": "m",
+    }
+    with pytest.raises(ValueError, match="dedup_window_ids was renamed max_dedup_sessions"):
+        NodeConfig.from_dict({**base, "storage": {"dedup_window_ids": 100_000}})
+    for bad in (
+        {"dedup_retention_seconds": 10.0},  # shorter than a client may retry a write
+        {"dedup_retention_seconds": float("nan")},
+        {"max_dedup_sessions": 0},
+        {"max_dedup_sessions": True},
+    ):
+        with pytest.raises(ValueError, match="must be between"):
+            NodeConfig.from_dict({**base, "storage": bad})
+    config = NodeConfig.from_dict(
+        {**base, "storage": {"dedup_retention_seconds": 120, "max_dedup_sessions": 5}}
+    )
+    assert (config.storage.dedup_retention_seconds, config.storage.max_dedup_sessions) == (120, 5)

@@ -31,6 +31,8 @@ from kvstore.proto import kvstore_pb2 as pb
 from kvstore.routing.cluster_map import ClusterMap, ShardInfo
 
 STRONG, SESSION, BOUNDED, EVENTUAL = pb.STRONG, pb.SESSION, pb.BOUNDED, pb.EVENTUAL
+# The longest a write is retried under one request id (see `ClientCore._deadline`).
+MAX_WRITE_RETRY_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ class ReadPolicy(enum.Enum):
 
 @dataclass(frozen=True)
 class ClientSettings:
-    timeout: float = 10.0  # whole operation, retries included
+    timeout: float = 10.0  # whole operation, retries included (writes: at most MAX_WRITE_RETRY_SECONDS)
     rpc_timeout: float = 5.0  # one attempt
     backoff_initial: float = 0.02
     backoff_max: float = 0.5
@@ -238,8 +240,14 @@ class ClientCore:
 
     # ----- the retry loops -------------------------------------------------------------------
 
-    def _deadline(self) -> float:
-        return time.monotonic() + self.settings.timeout
+    def _deadline(self, write: bool = False) -> float:
+        timeout = self.settings.timeout
+        if write:
+            # A write is retried under one request id only while the servers surely still hold
+            # its outcome (storage.dedup_retention_seconds >= 40 s): past that, a retry could
+            # only end in SessionExpired.
+            timeout = min(timeout, MAX_WRITE_RETRY_SECONDS)
+        return time.monotonic() + timeout
 
     def _attempt_timeout(self, deadline: float) -> float:
         return max(0.001, min(self.settings.rpc_timeout, deadline - time.monotonic()))
@@ -260,7 +268,7 @@ class ClientCore:
             request.request_id = self.new_request_id()  # e.g. a bare gRPC client through the router
         if self.router:
             return (yield from self._via_router(method, request, is_write=True))
-        deadline = self._deadline()
+        deadline = self._deadline(write=True)
         ambiguous = False
         last: errors.KvError | None = None
         free_redirects = 2  # a redirect to a named leader or a new map is retried at once, twice
@@ -387,7 +395,7 @@ class ClientCore:
         return options
 
     def _via_router(self, method: str, request: Any, *, is_write: bool) -> Plan:
-        deadline = self._deadline()
+        deadline = self._deadline(write=is_write)
         ambiguous = False
         last: errors.KvError | None = None
         for attempt in itertools.count():

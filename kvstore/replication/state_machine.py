@@ -202,18 +202,19 @@ class ShardStateMachine(PatchedSyncObj):
     def _forgotten(self, request: commands.Request, now: int) -> str:
         """Why a retry without a recorded outcome might have applied before ("" if it cannot have).
 
-        Outcomes live `dedup_retention`, longer than any client retries, so a retry's earlier
-        attempt, had it applied, would still be on record, unless its session was evicted (the
-        session cap) or the clock jumped: those cases are refused, never applied twice."""
+        Outcomes live `dedup_retention`, longer than a client retries one write, so a retry's
+        earlier attempt, had it applied, would still be on record, unless its outcome or its
+        whole session was dropped early (the session cap, a leader clock jumping ahead): those
+        cases are refused, never applied twice."""
         session = self._storage.session(request.client)
         if session is None:
-            # Unknown session: new (its first attempt never applied: safe), or evicted. Only an
-            # eviction of a session active within the retention could have dropped this one.
-            evicted_at = self._storage.session_evicted_at()
-            if evicted_at and evicted_at >= now - int(self._settings.dedup_retention * 1e6):
+            # Unknown: a new client whose first attempt never applied (safe to apply), or a
+            # dropped session. The two look alike for a retention after any session is dropped.
+            dropped_at = self._storage.session_dropped_at()
+            if dropped_at and dropped_at >= now - int(self._settings.dedup_retention * 1e6):
                 return (
-                    "the client's session is no longer held here (evicted by the session cap); "
-                    "an earlier attempt may have applied"
+                    "the client's session is not held here (sessions were dropped recently: evicted "
+                    "by the session cap, or idle); an earlier attempt may have applied"
                 )
             return ""
         if request.sequence <= session.forgotten_through:

@@ -7,8 +7,8 @@ the same transaction as the data they describe, copied by snapshots, and kept ac
 - `sessions_by_time`:  last active (µs) + client id -> b""          (oldest first, for expiry)
 - `outcomes`:          client id + sequence (+ part tag) -> `Outcome` (a fixed 30-byte struct)
 - `outcomes_by_time`:  applied at (µs) + outcome key -> b""         (oldest first, for expiry)
-- in `meta`: the dedup clock (the newest leader stamp applied) and the eviction watermark (the
-  last-active time of the most recently active session evicted by the session cap).
+- in `meta`: the dedup clock (the newest leader stamp applied) and when a session was last dropped
+  (idle past the retention, or evicted by the session cap), by that clock.
 
 An outcome holds no value and no pickle: a retried write is answered from the revision, the flags
 and the counts alone. Every time here is the leader's stamp carried in the Raft entry, never this
@@ -29,7 +29,7 @@ _SESSION = struct.Struct(">QQ")  # last active (µs), forgotten through (sequenc
 _OUTCOME = struct.Struct(">QQBBIQ")  # revision, applied at (µs), kind, error, count, current revision
 _CLIENT_BYTES = 16
 _CLOCK = b"dedup_clock"
-_EVICTED = b"dedup_evicted"
+_DROPPED = b"dedup_session_dropped"
 # Rows dropped per recorded outcome: more than one, so the tables shrink back after a burst or a
 # lowered limit; few, so no single apply does unbounded work.
 _EXPIRE_PER_CALL = 4
@@ -77,8 +77,8 @@ class DedupTables:
             return stamp
         return clock
 
-    def evicted_active_at(self, txn: lmdb.Transaction) -> int:
-        raw = txn.get(_EVICTED, db=self._meta)
+    def session_dropped_at(self, txn: lmdb.Transaction) -> int:
+        raw = txn.get(_DROPPED, db=self._meta)
         return _U64.unpack(raw)[0] if raw else 0
 
     # ----- lookups -----
@@ -128,19 +128,20 @@ class DedupTables:
             self._forget_through(txn, key)
         sessions = txn.stat(self._sessions)["entries"]
         cursor = txn.cursor(db=self._sessions_by_time)
+        dropped = False
         for _ in range(_EXPIRE_PER_CALL):
             if not cursor.first():
                 break
-            last_active = _U64.unpack_from(cursor.key())[0]
-            if last_active >= horizon and sessions <= max_sessions:
+            if _U64.unpack_from(cursor.key())[0] >= horizon and sessions <= max_sessions:
                 break
-            if last_active >= horizon:
-                # Evicted while it may still retry: from now on a retry from an unknown session
-                # cannot be told from one of this session, and is refused (SessionExpired).
-                txn.put(_EVICTED, _U64.pack(max(last_active, self.evicted_active_at(txn))), db=self._meta)
             txn.delete(cursor.key()[8:], db=self._sessions)
             cursor.delete()
             sessions -= 1
+            dropped = True
+        if dropped:
+            # For a retention from now, a retry from an unknown session cannot be told from one
+            # of the sessions just dropped: it is refused (SessionExpired), never applied again.
+            txn.put(_DROPPED, _U64.pack(now), db=self._meta)
         # The outcomes of a dropped session stay until their own expiry: a retry that finds its
         # outcome is still answered from it, and they go within `retention` anyway.
 

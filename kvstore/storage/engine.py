@@ -217,9 +217,9 @@ class Storage:
     def session(self, client: bytes) -> Session | None:
         return self._dedup.session(self._write_txn(), client)
 
-    def session_evicted_at(self) -> int:
-        """Last-active time (µs) of the most recently active session evicted by the session cap."""
-        return self._dedup.evicted_active_at(self._write_txn())
+    def session_dropped_at(self) -> int:
+        """The dedup clock (µs) when a session was last dropped (idle, or evicted by the cap)."""
+        return self._dedup.session_dropped_at(self._write_txn())
 
     def remember_outcome(
         self, key: bytes, outcome: Outcome, now: int, retention: int, max_sessions: int
