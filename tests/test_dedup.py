@@ -401,3 +401,24 @@ def test_config_old_window_setting_fails_clearly_and_values_are_range_checked() 
         {**base, "storage": {"dedup_retention_seconds": 120, "max_dedup_sessions": 5}}
     )
     assert (config.storage.dedup_retention_seconds, config.storage.max_dedup_sessions) == (120, 5)
+
+
+def test_pickled_request_tables_of_older_versions_are_dropped_unread(tmp_path: Path) -> None:
+    import pickle
+
+    import lmdb
+
+    env = lmdb.open(str(tmp_path / "lmdb"), max_dbs=4)
+    with env.begin(write=True) as txn:
+        txn.put(
+            b"req-1",
+            (7).to_bytes(8, "big") + pickle.dumps(("error", "x")),
+            db=env.open_db(b"requests", txn=txn),
+        )
+        txn.put(bytes(8) + b"req-1", b"", db=env.open_db(b"req_by_index", txn=txn))
+    env.close()
+    s = Storage(tmp_path, fsync=False)
+    with s._env.begin() as txn:
+        assert txn.get(b"requests") is None and txn.get(b"req_by_index") is None
+    s.close()
+    Storage(tmp_path, fsync=False).close()  # and opening again (nothing to drop) is fine

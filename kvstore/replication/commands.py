@@ -130,6 +130,10 @@ def request_tag(request_id: bytes, retry: bool) -> bytes:
     return request_id + (b"\x01" if retry else b"\x00") if request_id else b""
 
 
+def is_request_tag(tag: bytes) -> bool:
+    return len(tag) - 1 in REQUEST_ID_BYTES
+
+
 def parse_tag(tag: bytes) -> Request:
     key = tag[:-1]
     sequence = int.from_bytes(key[CLIENT_ID_BYTES : CLIENT_ID_BYTES + _SEQUENCE_BYTES], "big")

@@ -181,7 +181,7 @@ class ShardStateMachine(PatchedSyncObj):
         is recorded is answered from it; a retry whose outcome may have been forgotten is refused
         with "session expired" (nothing applied); anything else applies and is recorded."""
         tag, op = proposal
-        if not tag:
+        if not commands.is_request_tag(tag):  # none, or an opaque id journaled by an older version
             return index, self._apply_op(index, op)
         request = commands.parse_tag(tag)
         storage = self._storage
