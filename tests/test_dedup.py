@@ -193,6 +193,17 @@ def test_retry_at_or_below_the_forgotten_sequence_is_refused(tmp_path: Path) -> 
     assert r.apply(_id(1, 7), commands.put(b"a", b"3"), retry=True, at=103)[1] is None
 
 
+def test_malformed_stamps_and_tags_in_an_entry_never_raise_from_apply(tmp_path: Path) -> None:
+    r = _Replica(Storage(tmp_path, fsync=False))
+    r.apply(_id(1, 1), commands.put(b"a", b"1"), at=5)
+    for stamp in (1 << 64, -1, 2.5, "soon", None):
+        r._entry_stamp = stamp
+        result = r._apply_proposal(99, (_id(1, 2) + b"\x00", commands.put(b"a", b"2")))
+        assert result == (99, None)
+    assert r._storage.advance_dedup_clock(0) == 5 * SECOND  # the bad stamps moved nothing
+    assert r._apply_proposal(100, (12345, commands.put(b"b", b"1"))) == (100, None)  # not bytes: no dedup
+
+
 @pytest.mark.parametrize("length", [1, 16, 23, 25, 33, 64])
 def test_request_ids_of_another_shape_are_refused(length: int) -> None:
     with pytest.raises(errors.InvalidArgument):

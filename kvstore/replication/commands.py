@@ -130,8 +130,8 @@ def request_tag(request_id: bytes, retry: bool) -> bytes:
     return request_id + (b"\x01" if retry else b"\x00") if request_id else b""
 
 
-def is_request_tag(tag: bytes) -> bool:
-    return len(tag) - 1 in REQUEST_ID_BYTES
+def is_request_tag(tag: Any) -> bool:
+    return isinstance(tag, bytes) and len(tag) - 1 in REQUEST_ID_BYTES
 
 
 def parse_tag(tag: bytes) -> Request:

@@ -185,7 +185,8 @@ class ShardStateMachine(PatchedSyncObj):
             return index, self._apply_op(index, op)
         request = commands.parse_tag(tag)
         storage = self._storage
-        now = storage.advance_dedup_clock(self._entry_stamp)
+        stamp = self._entry_stamp
+        now = storage.advance_dedup_clock(stamp if isinstance(stamp, int) and 0 <= stamp < 1 << 63 else 0)
         seen = storage.recall_outcome(request.key)
         if seen is not None:
             return seen.revision, commands.payload_of(storage, op, seen)  # a retry: apply nothing
