@@ -75,11 +75,19 @@ class StorageSettings:
     io_retry_max_backoff: float = 5.0
     io_failure_limit_seconds: float = 120.0
     fsync: bool = True  # fsync each group commit (one per apply batch)
-    # How many of the latest request ids are remembered for de-duplicating retried writes. A
-    # retry is recognised while fewer than this many other writes applied since its first try:
-    # ~15 s of writes at 7k/s, above the SDK's 10 s operation timeout; raise it for faster hosts.
-    # Every replica of a shard must use the same value, or they could disagree on a retry.
-    dedup_window_ids: int = 100_000
+    # Client sessions (de-duplicating retried writes, docs/architecture.md): a write's outcome is
+    # kept this long, by the leader's clock, whatever the traffic. It must exceed the longest
+    # time a client retries one write (the SDK's `timeout`, 10 s by default, never more than
+    # 30 s for a write): a retry after it gets SessionExpired, never a second apply.
+    dedup_retention_seconds: float = 60.0
+    # Sessions (clients that wrote within the retention) kept; beyond it the least recently
+    # active is evicted, and its retries get SessionExpired. ~100 bytes of LMDB each.
+    max_dedup_sessions: int = 100_000
+    # Every replica of a shard must use the same two values, or they could disagree on a retry.
+
+    def __post_init__(self) -> None:
+        _check_range("storage.dedup_retention_seconds", self.dedup_retention_seconds, 40.0, 86_400.0)
+        _check_range("storage.max_dedup_sessions", self.max_dedup_sessions, 1, 10_000_000)
 
 
 @dataclass
@@ -140,7 +148,13 @@ class NodeConfig:
         return tomli_w.dumps(dataclasses.asdict(self))
 
 
-_RENAMED = {"dedup_window_entries": "dedup_window_ids (now counted in request ids, not log entries)"}
+_SESSIONS_NOW = "max_dedup_sessions (retention is now dedup_retention_seconds per client session)"
+_RENAMED = {"dedup_window_entries": _SESSIONS_NOW, "dedup_window_ids": _SESSIONS_NOW}
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise ValueError(f"{name} must be between {low:g} and {high:g} (got {value!r})")
 
 
 def _build(cls: type, data: dict[str, Any]) -> Any:

@@ -196,3 +196,16 @@ _CODE_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
 
 def status_code(value: int) -> grpc.StatusCode:
     return _CODE_BY_VALUE.get(value, grpc.StatusCode.UNKNOWN)
+
+
+class SessionExpired(KvError):
+    """A retried write was refused: the server no longer holds its client session (evicted, or
+    expired), so it cannot tell whether an earlier attempt applied. Nothing was applied now; an
+    earlier attempt may have applied. Definite for this attempt: do not retry it blindly (read,
+    then decide)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    kind = "session_expired"
+
+
+_BY_KIND[SessionExpired.kind] = SessionExpired

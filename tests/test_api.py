@@ -182,15 +182,23 @@ def test_follower_redirects_writes_to_the_leader(shared_cluster: LocalCluster) -
 def test_retried_write_with_the_same_request_id_applies_once(shared_cluster: LocalCluster) -> None:
     with grpc.insecure_channel(_leader_address(shared_cluster)) as channel:
         stub = pb_grpc.KVStub(channel)
-        first = stub.Put(pb.PutRequest(key=b"api:dedup", value=b"v1", request_id=b"req-A"))
-        second = stub.Put(pb.PutRequest(key=b"api:dedup", value=b"v2", request_id=b"req-B"))
-        retry = stub.Put(pb.PutRequest(key=b"api:dedup", value=b"v1", request_id=b"req-A"))
+        client_id = b"api-dedup-client"  # a request id is a 16-byte client id + an 8-byte sequence
+        first = stub.Put(pb.PutRequest(key=b"api:dedup", value=b"v1", request_id=client_id + bytes(7) + b"A"))
+        second = stub.Put(
+            pb.PutRequest(key=b"api:dedup", value=b"v2", request_id=client_id + bytes(7) + b"B")
+        )
+        retry = stub.Put(
+            pb.PutRequest(key=b"api:dedup", value=b"v1", request_id=client_id + bytes(7) + b"A", retry=True)
+        )
         assert retry.header.revision == first.header.revision < second.header.revision
         got = stub.Get(pb.GetRequest(key=b"api:dedup"))
         assert (got.kv.value, got.kv.revision) == (b"v2", second.header.revision)
         # A retried compare-and-set reports its first outcome instead of failing on its own write.
         cas = pb.CompareAndSetRequest(
-            key=b"api:dedup", value=b"v3", expected_revision=second.header.revision, request_id=b"req-C"
+            key=b"api:dedup",
+            value=b"v3",
+            expected_revision=second.header.revision,
+            request_id=client_id + bytes(7) + b"C",
         )
         done = stub.CompareAndSet(cas)
         again = stub.CompareAndSet(cas)

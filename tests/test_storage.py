@@ -67,33 +67,6 @@ def test_apply_ops_and_compare_and_set_sees_own_batch(tmp_path: Path) -> None:
     assert s.get(b"k") is None
 
 
-def test_request_ids_are_remembered_then_expire(tmp_path: Path) -> None:
-    s = Storage(tmp_path, fsync=False)
-    s.remember_request(b"req-1", 10, None, keep=100)
-    assert s.recall_request(b"req-1") == (10, None)
-    for i in range(11, 200):
-        s.remember_request(b"req-%d" % i, i, None, keep=100)
-    assert s.recall_request(b"req-1") is None  # older than the window
-    assert s.recall_request(b"req-150") == (150, None)
-
-
-def test_request_id_table_is_bounded_in_ids_when_many_share_a_revision(tmp_path: Path) -> None:
-    # Group commit gives dozens of writes one log index; the table must still stay at `keep` ids.
-    s = Storage(tmp_path, fsync=False)
-    for revision in range(1, 101):
-        for j in range(50):
-            s.remember_request(b"r%d-%d" % (revision, j), revision, None, keep=1000)
-    s.commit()
-    with s._env.begin() as txn:
-        assert txn.stat(s._requests)["entries"] == 1000
-        assert txn.stat(s._req_by_index)["entries"] == 1000
-    assert s.recall_request(b"r100-49") == (100, None)  # the newest are kept
-    assert s.recall_request(b"r1-0") is None  # the oldest are gone
-    # the last 1000 ids are exactly revisions 81..100 (20 x 50)
-    assert s.recall_request(b"r81-0") == (81, None)
-    assert s.recall_request(b"r80-49") is None
-
-
 def test_snapshot_copy_and_install(tmp_path: Path) -> None:
     source = Storage(tmp_path / "a", fsync=False)
     for i in range(1000):

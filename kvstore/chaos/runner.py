@@ -296,7 +296,8 @@ class ChaosRun:
                 op.revision = result.revision
                 seen[key] = (value, op.revision)
             op.ok, op.ret = True, time.monotonic_ns()
-        except errors.UnknownOutcome:
+        except (errors.UnknownOutcome, errors.SessionExpired):
+            # SessionExpired: this attempt applied nothing, but an earlier attempt may have.
             op.ok, op.ret = None, None
         except errors.KvError:
             # A read that failed says nothing; a write that failed cleanly did not take effect.

@@ -31,6 +31,8 @@ from kvstore.proto import kvstore_pb2 as pb
 from kvstore.routing.cluster_map import ClusterMap, ShardInfo
 
 STRONG, SESSION, BOUNDED, EVENTUAL = pb.STRONG, pb.SESSION, pb.BOUNDED, pb.EVENTUAL
+# The longest a write is retried under one request id (see `ClientCore._deadline`).
+MAX_WRITE_RETRY_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ class ReadPolicy(enum.Enum):
 
 @dataclass(frozen=True)
 class ClientSettings:
-    timeout: float = 10.0  # whole operation, retries included
+    timeout: float = 10.0  # whole operation, retries included (writes: at most MAX_WRITE_RETRY_SECONDS)
     rpc_timeout: float = 5.0  # one attempt
     backoff_initial: float = 0.02
     backoff_max: float = 0.5
@@ -126,6 +128,13 @@ class ClientCore:
         self.leaders: dict[int, str] = {}
         self.latency: dict[str, float] = {}
         self._rr = itertools.count()
+        # This client's session on the servers: its writes' request ids are the client id and a
+        # sequence number (`new_request_id`), which the servers keep outcomes under.
+        self.client_id = os.urandom(16)
+        self._sequence = itertools.count(1)  # next() is atomic under the GIL: Client threads share it
+
+    def new_request_id(self) -> bytes:
+        return self.client_id + next(self._sequence).to_bytes(8, "big")
 
     # ----- session tokens --------------------------------------------------------------------
 
@@ -231,8 +240,14 @@ class ClientCore:
 
     # ----- the retry loops -------------------------------------------------------------------
 
-    def _deadline(self) -> float:
-        return time.monotonic() + self.settings.timeout
+    def _deadline(self, write: bool = False) -> float:
+        timeout = self.settings.timeout
+        if write:
+            # A write is retried under one request id only while the servers surely still hold
+            # its outcome (storage.dedup_retention_seconds >= 40 s): past that, a retry could
+            # only end in SessionExpired.
+            timeout = min(timeout, MAX_WRITE_RETRY_SECONDS)
+        return time.monotonic() + timeout
 
     def _attempt_timeout(self, deadline: float) -> float:
         return max(0.001, min(self.settings.rpc_timeout, deadline - time.monotonic()))
@@ -246,12 +261,14 @@ class ClientCore:
     ) -> Plan:
         """Send a write to its shard's leader until it is applied, definitely failed, or time is up.
 
-        Retries reuse the request's id, so a write that did apply is not applied twice."""
+        Retries reuse the request's id, so a write that did apply is not applied twice; once an
+        attempt may have applied, later ones say so (`retry`), so a server that no longer holds
+        this client's session refuses them (SessionExpired) rather than apply again."""
         if not request.request_id:
-            request.request_id = new_request_id()  # e.g. a bare gRPC client through the router
+            request.request_id = self.new_request_id()  # e.g. a bare gRPC client through the router
         if self.router:
             return (yield from self._via_router(method, request, is_write=True))
-        deadline = self._deadline()
+        deadline = self._deadline(write=True)
         ambiguous = False
         last: errors.KvError | None = None
         free_redirects = 2  # a redirect to a named leader or a new map is retried at once, twice
@@ -260,6 +277,7 @@ class ClientCore:
             shard = self._shard_of(keys, split, routed)
             address = self._leader_guess(shard)
             request.epoch = self.cluster_map.epoch
+            request.retry = request.retry or ambiguous  # a router passes its caller's flag on
             try:
                 response = yield Call(address, "KV", method, request, self._attempt_timeout(deadline))
                 self.leaders[shard.id] = address
@@ -377,10 +395,12 @@ class ClientCore:
         return options
 
     def _via_router(self, method: str, request: Any, *, is_write: bool) -> Plan:
-        deadline = self._deadline()
+        deadline = self._deadline(write=is_write)
         ambiguous = False
         last: errors.KvError | None = None
         for attempt in itertools.count():
+            if is_write:
+                request.retry = request.retry or ambiguous
             try:
                 response = yield Call(self.router, "KV", method, request, self._attempt_timeout(deadline))
                 self.observe(response.header)
@@ -398,12 +418,12 @@ class ClientCore:
     # ----- operations (raw protobuf results) ---------------------------------------------------
 
     def put(self, key: bytes, value: bytes) -> Plan:
-        request = pb.PutRequest(key=key, value=value, request_id=new_request_id())
+        request = pb.PutRequest(key=key, value=value, request_id=self.new_request_id())
         return (yield from self.write([key], "Put", request))
 
     def compare_and_set(self, key: bytes, value: bytes, expected_revision: int) -> Plan:
         request = pb.CompareAndSetRequest(
-            key=key, value=value, expected_revision=expected_revision, request_id=new_request_id()
+            key=key, value=value, expected_revision=expected_revision, request_id=self.new_request_id()
         )
         return (yield from self.write([key], "CompareAndSet", request))
 
@@ -414,10 +434,15 @@ class ClientCore:
         return (yield from self.read([key], None, "Get", request, consistency or self.consistency, session))
 
     def multi_put(
-        self, items: list[tuple[bytes, bytes]], atomic: bool = True, request_id: bytes = b""
+        self,
+        items: list[tuple[bytes, bytes]],
+        atomic: bool = True,
+        request_id: bytes = b"",
+        retry: bool = False,
     ) -> Plan:
-        """Atomic: one shard, one Raft entry (else CrossShardWrite). Non-atomic: one write per shard."""
-        request_id = request_id or new_request_id()
+        """Atomic: one shard, one Raft entry (else CrossShardWrite). Non-atomic: one write per shard.
+        `request_id`, `retry`: a router passes its caller's on."""
+        request_id = request_id or self.new_request_id()
         if self.router:
             request = _multi_put_request(items, request_id)
             request.non_atomic = not atomic
@@ -428,20 +453,23 @@ class ClientCore:
             whole = len(keys) == len(items)
             sub_id = _sub_request_id(request_id, routed.shard, keys, whole)
             request = _multi_put_request(items if whole else [(k, by_key[k]) for k in keys], sub_id)
+            request.retry = retry
             return self.write(keys, "MultiPut", request, split=not atomic, routed=routed)
 
         responses = yield from self._per_shard([k for k, _ in items], atomic, part)
         return _combine(pb.MultiPutResponse(), responses)
 
-    def delete(self, keys: list[bytes], atomic: bool = True, request_id: bytes = b"") -> Plan:
-        request_id = request_id or new_request_id()
+    def delete(
+        self, keys: list[bytes], atomic: bool = True, request_id: bytes = b"", retry: bool = False
+    ) -> Plan:
+        request_id = request_id or self.new_request_id()
         if self.router:
             request = pb.DeleteRequest(keys=keys, request_id=request_id, non_atomic=not atomic)
             return (yield from self.write([], "Delete", request))
 
         def part(routed: Routed, group: list[bytes]) -> Plan:
             sub_id = _sub_request_id(request_id, routed.shard, group, len(group) == len(keys))
-            request = pb.DeleteRequest(keys=group, request_id=sub_id)
+            request = pb.DeleteRequest(keys=group, request_id=sub_id, retry=retry)
             return self.write(group, "Delete", request, split=not atomic, routed=routed)
 
         responses = yield from self._per_shard(keys, atomic, part)
@@ -563,20 +591,17 @@ def _multi_put_request(items: list[tuple[bytes, bytes]], request_id: bytes) -> p
     return pb.MultiPutRequest(keys=[k for k, _ in items], values=[v for _, v in items], request_id=request_id)
 
 
-def new_request_id() -> bytes:
-    return os.urandom(16)
-
-
 def _sub_request_id(request_id: bytes, shard: int, keys: list[bytes], whole: bool) -> bytes:
-    """The id of one shard's part of a split write: derived from the whole write's id, the shard
-    and the part's keys, so a retry of the whole is deduplicated part by part, while a part
+    """The id of one shard's part of a split write: the whole write's client id and sequence, and
+    8 bytes derived from the shard and the part's keys. Deterministic, so a retry of the whole
+    (also one through the router, which splits it) is deduplicated part by part, while a part
     regrouped under a new map (other keys) is not mistaken for an earlier one."""
     if whole:
         return request_id
-    digest = hashlib.blake2b(request_id + shard.to_bytes(8, "big"), digest_size=16)
+    digest = hashlib.blake2b(request_id + shard.to_bytes(8, "big"), digest_size=8)
     for key in sorted(keys):
         digest.update(len(key).to_bytes(4, "big") + key)
-    return digest.digest()
+    return request_id[:24] + digest.digest()
 
 
 class _MapChanged(Exception):
@@ -602,7 +627,9 @@ def _combined_failure(failures: list[errors.KvError], succeeded: int, is_write: 
     first = failures[0]
     if not is_write:
         return first
-    ambiguous = any(isinstance(f, errors.UnknownOutcome) or not f.from_server for f in failures)
+    # SessionExpired: this attempt applied nothing, an earlier one may have.
+    maybe_applied = (errors.UnknownOutcome, errors.SessionExpired)
+    ambiguous = any(isinstance(f, maybe_applied) or not f.from_server for f in failures)
     if succeeded or ambiguous:
         return errors.UnknownOutcome(
             f"{succeeded} shard part(s) applied, {len(failures)} failed ({first.message}): the write is "

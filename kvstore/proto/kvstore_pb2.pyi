@@ -70,16 +70,18 @@ class KeyValue(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class PutRequest(_message.Message):
-    __slots__ = ("key", "value", "request_id", "epoch")
+    __slots__ = ("key", "value", "request_id", "epoch", "retry")
     KEY_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    RETRY_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     value: bytes
     request_id: bytes
     epoch: int
-    def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., request_id: _Optional[bytes] = ..., epoch: _Optional[int] = ...) -> None: ...
+    retry: bool
+    def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., request_id: _Optional[bytes] = ..., epoch: _Optional[int] = ..., retry: bool = ...) -> None: ...
 
 class PutResponse(_message.Message):
     __slots__ = ("header",)
@@ -108,16 +110,18 @@ class GetResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., found: bool = ..., kv: _Optional[_Union[KeyValue, _Mapping]] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
-    __slots__ = ("keys", "request_id", "epoch", "non_atomic")
+    __slots__ = ("keys", "request_id", "epoch", "non_atomic", "retry")
     KEYS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     NON_ATOMIC_FIELD_NUMBER: _ClassVar[int]
+    RETRY_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[bytes]
     request_id: bytes
     epoch: int
     non_atomic: bool
-    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., request_id: _Optional[bytes] = ..., epoch: _Optional[int] = ..., non_atomic: bool = ...) -> None: ...
+    retry: bool
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., request_id: _Optional[bytes] = ..., epoch: _Optional[int] = ..., non_atomic: bool = ..., retry: bool = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
     __slots__ = ("header", "deleted")
@@ -128,18 +132,20 @@ class DeleteResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., deleted: _Optional[int] = ...) -> None: ...
 
 class MultiPutRequest(_message.Message):
-    __slots__ = ("keys", "values", "request_id", "epoch", "non_atomic")
+    __slots__ = ("keys", "values", "request_id", "epoch", "non_atomic", "retry")
     KEYS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     NON_ATOMIC_FIELD_NUMBER: _ClassVar[int]
+    RETRY_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[bytes]
     values: _containers.RepeatedScalarFieldContainer[bytes]
     request_id: bytes
     epoch: int
     non_atomic: bool
-    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., values: _Optional[_Iterable[bytes]] = ..., request_id: _Optional[bytes] = ..., epoch: _Optional[int] = ..., non_atomic: bool = ...) -> None: ...
+    retry: bool
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., values: _Optional[_Iterable[bytes]] = ..., request_id: _Optional[bytes] = ..., epoch: _Optional[int] = ..., non_atomic: bool = ..., retry: bool = ...) -> None: ...
 
 class MultiPutResponse(_message.Message):
     __slots__ = ("header",)
@@ -198,18 +204,20 @@ class ScanResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., kvs: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ..., continuation: _Optional[bytes] = ...) -> None: ...
 
 class CompareAndSetRequest(_message.Message):
-    __slots__ = ("key", "value", "expected_revision", "request_id", "epoch")
+    __slots__ = ("key", "value", "expected_revision", "request_id", "epoch", "retry")
     KEY_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    RETRY_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     value: bytes
     expected_revision: int
     request_id: bytes
     epoch: int
-    def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., expected_revision: _Optional[int] = ..., request_id: _Optional[bytes] = ..., epoch: _Optional[int] = ...) -> None: ...
+    retry: bool
+    def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., expected_revision: _Optional[int] = ..., request_id: _Optional[bytes] = ..., epoch: _Optional[int] = ..., retry: bool = ...) -> None: ...
 
 class CompareAndSetResponse(_message.Message):
     __slots__ = ("header", "succeeded", "current")

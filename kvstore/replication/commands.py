@@ -1,9 +1,11 @@
 """Replicated commands and how they change storage: deterministic, and never raising.
 
-A Raft entry carries a list of proposals `(request_id, op)`. Each op is a plain tuple (cheap to
-pickle, which pysyncobj does for every entry). Applying an entry at log index `i` gives every key it
-writes the revision `i`; the proposer never puts two proposals touching the same key into one entry,
-so a revision names exactly one version of a key.
+A Raft entry carries a list of proposals `(request_tag, op)`. Each op is a plain tuple (cheap to
+pickle, which pysyncobj does for every entry). The request tag names the client request (client
+id, sequence, whether it is a retry: `request_tag`), or is b"" for a write not deduplicated.
+Applying an entry at log index `i` gives every key it writes the revision `i`; the proposer never
+puts two proposals touching the same key into one entry, so a revision names exactly one version
+of a key.
 
 An op storage cannot take (a key longer than LMDB's limit, a malformed op) is *refused*: its
 payload is `("error", kind, message)`, identical on every replica, and nothing of it is written.
@@ -13,11 +15,12 @@ payload is `("error", kind, message)`, identical on every replica, and nothing o
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import lmdb
 
 from kvstore import errors
+from kvstore.storage.dedup import CAS_FAILED, DONE, FAILED, Outcome
 from kvstore.storage.engine import Record, Storage
 
 PUT = "put"
@@ -27,7 +30,7 @@ CAS = "cas"
 BARRIER = "noop"
 
 Op = tuple[Any, ...]
-Proposal = tuple[bytes, Op]  # (request id or b"", op)
+Proposal = tuple[bytes, Op]  # (request tag or b"", op)
 Result = tuple[int, Any]  # (revision, payload)
 
 ERROR = "error"
@@ -58,6 +61,8 @@ def refusal(payload: Any) -> errors.KvError | None:
         return None
     if len(payload) == 3:
         kind, message = payload[1], payload[2]
+        if kind == errors.SessionExpired.kind:
+            return errors.SessionExpired(message)
         cls = errors.InvalidArgument if kind == errors.InvalidArgument.kind else errors.KvError
         return cls(f"write refused while applying: {message}")
     # ("error", message): written by an older version (kept in the request-id table)
@@ -179,3 +184,76 @@ def payload_bytes(op: Op) -> int:
     if kind == DELETE:
         return sum(len(k) for k in op[1])
     return 0
+
+
+# ----- request ids and tags -------------------------------------------------------------------
+
+CLIENT_ID_BYTES = 16
+_SEQUENCE_BYTES = 8
+PART_BYTES = 8  # optional: which part of a write split across shards
+REQUEST_ID_BYTES = (CLIENT_ID_BYTES + _SEQUENCE_BYTES, CLIENT_ID_BYTES + _SEQUENCE_BYTES + PART_BYTES)
+
+
+class Request(NamedTuple):
+    key: bytes  # the outcome's key: client id + sequence (+ part)
+    client: bytes
+    sequence: int
+    retry: bool  # an earlier attempt may have applied
+
+
+def check_request_id(request_id: bytes) -> None:
+    """Empty (no de-duplication) or client id (16 bytes) + sequence (8) [+ part (8)]."""
+    if request_id and len(request_id) not in REQUEST_ID_BYTES:
+        raise errors.InvalidArgument(
+            f"request_id must be empty or a 16-byte client id and an 8-byte sequence number "
+            f"(optionally + 8 bytes naming a part): got {len(request_id)} bytes"
+        )
+
+
+def request_tag(request_id: bytes, retry: bool) -> bytes:
+    """What a proposal carries for a (checked) request id."""
+    return request_id + (b"\x01" if retry else b"\x00") if request_id else b""
+
+
+def is_request_tag(tag: Any) -> bool:
+    return isinstance(tag, bytes) and len(tag) - 1 in REQUEST_ID_BYTES
+
+
+def parse_tag(tag: bytes) -> Request:
+    key = tag[:-1]
+    sequence = int.from_bytes(key[CLIENT_ID_BYTES : CLIENT_ID_BYTES + _SEQUENCE_BYTES], "big")
+    return Request(key, key[:CLIENT_ID_BYTES], sequence, tag[-1:] == b"\x01")
+
+
+# ----- outcomes: what a retried write is answered with -------------------------------------------
+
+# Error kinds a failed op's outcome can record, by their stored code (1-based).
+_ERROR_KINDS = (errors.KvError.kind, errors.InvalidArgument.kind)
+
+
+def outcome_of(revision: int, op: Op, payload: Any) -> Outcome:
+    """The fixed-size outcome of an applied op: no value, no pickle."""
+    if (refused_with := refusal(payload)) is not None:
+        code = _ERROR_KINDS.index(refused_with.kind) + 1 if refused_with.kind in _ERROR_KINDS else 1
+        return Outcome(revision, FAILED, error=code)
+    kind = op[0]
+    if kind == DELETE:
+        return Outcome(revision, DONE, count=int(payload))
+    if kind == CAS and not payload[0]:
+        current = payload[1]
+        return Outcome(revision, CAS_FAILED, current_revision=current.revision if current else 0)
+    return Outcome(revision, DONE)
+
+
+def payload_of(storage: Storage, op: Op, outcome: Outcome) -> Any:
+    """The payload a retry is answered with, rebuilt from the outcome (inside the write batch)."""
+    if outcome.kind == FAILED:
+        kind = _ERROR_KINDS[outcome.error - 1] if 0 < outcome.error <= len(_ERROR_KINDS) else "internal"
+        return refused(kind, f"this request already failed when applied at revision {outcome.revision}")
+    kind = op[0]
+    if kind == DELETE:
+        return outcome.count
+    if kind == CAS:
+        # The first answer held the key's record then; the record now is what a caller can act on.
+        return (False, storage.get_for_update(op[1])) if outcome.kind == CAS_FAILED else (True, None)
+    return None

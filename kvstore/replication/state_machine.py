@@ -22,9 +22,10 @@ Knows nothing of gRPC.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,22 +63,29 @@ class ReplicaSettings:
     peers: list[str]
     data_dir: Path
     raft: RaftSettings
-    dedup_window: int = StorageSettings.dedup_window_ids  # request ids kept
-    storage: StorageSettings | None = None  # backoff and give-up bounds (None: the defaults)
+    # Backoff and give-up bounds, client-session retention (every replica of a shard must use the
+    # same dedup settings, or they could disagree on a retry).
+    storage: StorageSettings = field(default_factory=StorageSettings)
 
 
 class _FreshnessStampingTransport(TCPTransport):
     """Carries what bounded-staleness reads need (pysyncobj ignores unknown message keys):
-    - on append-entries from the leader: `sent_at`, its wall-clock send time, and `confirmed_at`,
-      the latest send time a majority has acknowledged (see `leader_confirmed_at`);
+    - on append-entries from the leader: `sent_at`, its send time on its own monotonic clock
+      (only ever compared with that clock again, when echoed), and `confirmed_age`, how many
+      seconds ago a majority last confirmed it leader (see `leader_confirmed_at`). An age, not a
+      time: followers need not share the leader's clock, and a wall-clock jump changes nothing;
     - on the follower's acknowledgement: `echo`, the (sent_at, term) of the append it answers."""
 
     def send(self, node: Any, message: Any) -> bool:
         if isinstance(message, dict):
             kind = message.get("type")
             if kind == "append_entries":
-                message["sent_at"] = time.time()
-                message["confirmed_at"] = self._syncObj.leader_confirmed_at()
+                machine = self._syncObj
+                now = time.monotonic()
+                message["sent_at"] = now
+                confirmed = machine.leader_confirmed_at()
+                if confirmed is not None:
+                    message["confirmed_age"] = max(0.0, now - confirmed)
             elif kind == "next_node_idx" and self._syncObj.answering is not None:
                 message["echo"] = self._syncObj.answering
         return super().send(node, message)
@@ -109,20 +117,23 @@ class ShardStateMachine(PatchedSyncObj):
         self._map_full = False
         self._dirty = False
         self._retry_at = 0.0  # monotonic time before which committed entries are not applied
-        limits = settings.storage or StorageSettings()
+        limits = settings.storage
         health_args = (limits.io_failure_limit_seconds, limits.io_retry_max_backoff)
         self.health = StorageHealth(*health_args, on_fatal) if on_fatal else StorageHealth(*health_args)
         self.refused_ops = 0  # ops storage refused deterministically (answered with an error)
         self._careful_through = 0  # entries up to this index are applied with a savepoint per op
         # The dedup tables key rows by request id (+ 8 bytes): longer ids LMDB would refuse.
         self._max_request_id = storage.max_key_size - 8
-        # Freshness for bounded-staleness reads: (wall time the leader was confirmed, its commit index).
+        # Freshness for bounded-staleness reads, on this process's monotonic clock:
+        # (when the leader was confirmed, the leader's commit index then).
         self._freshness_pending: list[tuple[float, int]] = []
-        self.fresh_as_of = 0.0
+        self.fresh_as_of: float | None = None
         self.answering: tuple[float, int] | None = None  # (sent_at, term) of the append being handled
-        self._acked_sent_at: dict[Any, tuple[int, float]] = {}  # follower -> (term, latest echoed sent_at)
+        # follower -> (term, latest echoed sent_at), on our monotonic clock
+        self._acked_sent_at: dict[Any, tuple[int, float]] = {}
         self._last_reported = 0
         self._last_refusal_log = -1e9
+        self._entry_stamp = 0  # the stamp of the entry being applied (apply_entry)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         # The journal reserves disk space before it grows: a full disk is waited out, not a SIGBUS.
         journal.use_for(str(settings.data_dir / "raft.journal"), self.health.wait_for_disk)
@@ -163,8 +174,11 @@ class ShardStateMachine(PatchedSyncObj):
     # ----- the replicated method -----------------------------------------------------------
 
     @replicated
-    def apply_entry(self, proposals: list[commands.Proposal]) -> list[commands.Result] | None:
+    def apply_entry(self, proposals: list[commands.Proposal], stamp: int = 0) -> list[commands.Result] | None:
+        """`stamp`: the proposer's wall clock (µs), part of the entry so every replica expires
+        client sessions alike (0 in entries from older versions: the clock stays where it was)."""
         index = self._applying = self.raftLastApplied + 1  # pysyncobj advances it after we return
+        self._entry_stamp = stamp
         if index <= self._stored_applied or self._apply_failed:
             return None  # replayed after a restart (LMDB already holds it), or being rolled back
         if not isinstance(proposals, list | tuple):
@@ -229,15 +243,54 @@ class ShardStateMachine(PatchedSyncObj):
         return index, refusal
 
     def _apply_checked(self, index: int, proposal: commands.Proposal) -> commands.Result:
-        request_id, op = commands.check_proposal(proposal, self._max_request_id)
-        if request_id:
-            seen = self._storage.recall_request(request_id)
-            if seen is not None:
-                return seen  # a retried write: report the first outcome, apply nothing
-        payload = commands.apply_op(self._storage, index, op)
-        if request_id:
-            self._storage.remember_request(request_id, index, payload, self._settings.dedup_window)
+        """Apply one client request at most once (Raft dissertation §6.3): a request whose outcome
+        is recorded is answered from it; a retry whose outcome may have been forgotten is refused
+        with "session expired" (nothing applied); anything else applies and is recorded."""
+        tag, op = commands.check_proposal(proposal, self._max_request_id)
+        storage = self._storage
+        if not commands.is_request_tag(tag):  # none, or an opaque id journaled by an older version
+            return index, commands.apply_op(storage, index, op)
+        request = commands.parse_tag(tag)
+        stamp = self._entry_stamp
+        now = storage.advance_dedup_clock(stamp if isinstance(stamp, int) and 0 <= stamp < 1 << 63 else 0)
+        seen = storage.recall_outcome(request.key)
+        if seen is not None:
+            return seen.revision, commands.payload_of(storage, op, seen)  # a retry: apply nothing
+        if request.retry:
+            refusal = self._forgotten(request, now)
+            if refusal:
+                return index, commands.refused(errors.SessionExpired.kind, refusal)
+        payload = commands.apply_op(storage, index, op)
+        retention = int(self._settings.storage.dedup_retention_seconds * 1e6)
+        outcome = commands.outcome_of(index, op, payload)
+        max_sessions = self._settings.storage.max_dedup_sessions
+        storage.remember_outcome(request.key, outcome, now, retention, max_sessions)
         return index, payload
+
+    def _forgotten(self, request: commands.Request, now: int) -> str:
+        """Why a retry without a recorded outcome might have applied before ("" if it cannot have).
+
+        Outcomes live `dedup_retention`, longer than a client retries one write, so a retry's
+        earlier attempt, had it applied, would still be on record, unless its outcome or its
+        whole session was dropped early (the session cap, a leader clock jumping ahead): those
+        cases are refused, never applied twice."""
+        session = self._storage.session(request.client)
+        if session is None:
+            # Unknown: a new client whose first attempt never applied (safe to apply), or a
+            # dropped session. The two look alike for a retention after any session is dropped.
+            dropped_at = self._storage.session_dropped_at()
+            if dropped_at and dropped_at >= now - int(self._settings.storage.dedup_retention_seconds * 1e6):
+                return (
+                    "the client's session is not held here (sessions were dropped recently: evicted "
+                    "by the session cap, or idle); an earlier attempt may have applied"
+                )
+            return ""
+        if request.sequence <= session.forgotten_through:
+            return (
+                f"request {request.sequence} is at or below the session's forgotten sequence "
+                f"{session.forgotten_through}; an earlier attempt may have applied"
+            )
+        return ""
 
     # ----- called from other threads --------------------------------------------------------
 
@@ -248,7 +301,8 @@ class ShardStateMachine(PatchedSyncObj):
             self._completions.append((callback, result, error))
             self._completion_indexes.append(self._applying)
 
-        self.apply_entry(proposals, callback=on_done)
+        # The leader's wall clock, stamped here and carried in the entry: apply never reads a clock.
+        self.apply_entry(proposals, int(time.time() * 1e6), callback=on_done)
 
     @property
     def visible_index(self) -> int:
@@ -355,25 +409,29 @@ class ShardStateMachine(PatchedSyncObj):
             del self._awaiting_reapply[index]
 
     # ----- freshness (bounded staleness) -----------------------------------------------------
+    # Every time here is on this process's monotonic clock; between processes only ages travel
+    # (the leader's `confirmed_age`). A wall-clock jump, or a stamp from a faster clock, cannot
+    # make a replica look fresher than it is: a follower never dates its freshness after the
+    # moment it received the message that proves it.
 
-    def leader_confirmed_at(self) -> float:
-        """The latest wall-clock time T at which this node provably was the only leader: a
-        majority acknowledged appends we sent at T or later in our current term (0: none yet).
+    def leader_confirmed_at(self) -> float | None:
+        """The latest monotonic time T at which this node provably was the only leader: a
+        majority acknowledged appends we sent at T or later in our current term (None: none yet).
 
         A follower that answers an append sent at T was still in our term after T, so no other
         leader could have been elected before T; every write acknowledged to a client before T was
         acknowledged by us, so it is within our commit index."""
         if not self._isLeader():
-            return 0.0
+            return None
         noop_index = self._SyncObj__noopIDx
         if noop_index is None or self.raftCommitIndex < noop_index:
-            return 0.0  # until our term commits an entry, our commit index may lag the true one
+            return None  # until our term commits an entry, our commit index may lag the true one
         needed = (len(self._settings.peers) + 1) // 2  # acknowledgements needed besides our own
         if needed == 0:
-            return time.time()
+            return time.monotonic()
         term = self.raftCurrentTerm
         stamps = sorted((t for term_of, t in self._acked_sent_at.values() if term_of == term), reverse=True)
-        return stamps[needed - 1] if len(stamps) >= needed else 0.0
+        return stamps[needed - 1] if len(stamps) >= needed else None
 
     def _SyncObj__onMessageReceived(self, node: Any, message: Any) -> None:  # noqa: N802
         if not isinstance(message, dict):
@@ -381,39 +439,64 @@ class ShardStateMachine(PatchedSyncObj):
             return
         kind = message.get("type")
         if kind == "append_entries" and message.get("term", -1) >= self.raftCurrentTerm:
-            if message.get("confirmed_at"):
-                self._freshness_pending.append((message["confirmed_at"], message["commit_index"]))
-                del self._freshness_pending[:-1000]  # bounded even while applying is stuck
+            self._note_confirmation(message.get("confirmed_age"), message.get("commit_index"))
             if "sent_at" in message:
                 self.answering = (message["sent_at"], message["term"])
         elif kind == "next_node_idx" and isinstance(message.get("echo"), tuple | list):
-            sent_at, term = message["echo"]
-            previous = self._acked_sent_at.get(node, (0, 0.0))
-            if (term, sent_at) > previous:
-                self._acked_sent_at[node] = (term, sent_at)
+            self._note_echo(node, message["echo"])
         try:
             super()._SyncObj__onMessageReceived(node, message)
         finally:
             self.answering = None
 
+    def _note_confirmation(self, age: Any, commit_index: Any) -> None:
+        """Follower: the leader was confirmed `age` seconds before it sent this; once we have
+        applied through its `commit_index`, we are as fresh as that moment, dated on our clock."""
+        if not _is_number(age) or not _is_number(commit_index):
+            return
+        if age < 0:
+            return  # "confirmed in the future": a forged or broken stamp proves nothing
+        received = time.monotonic()
+        self._freshness_pending.append((received - age, int(commit_index)))
+        del self._freshness_pending[:-1000]  # bounded even while applying is stuck
+
+    def _note_echo(self, node: Any, echo: tuple[Any, ...] | list[Any]) -> None:
+        """Leader: a follower acknowledged the append we sent at `sent_at` in `term`."""
+        if len(echo) != 2 or not _is_number(echo[0]) or not _is_number(echo[1]):
+            return
+        sent_at, term = float(echo[0]), int(echo[1])
+        if sent_at > time.monotonic():
+            return  # we never sent that: an echo "from the future" confirms nothing
+        previous = self._acked_sent_at.get(node, (0, 0.0))
+        if (term, sent_at) > previous:
+            self._acked_sent_at[node] = (term, sent_at)
+
     def _track_freshness(self) -> None:
         if self._isLeader():
             confirmed = self.leader_confirmed_at()
-            if self.visible_index >= self.raftCommitIndex:
-                self.fresh_as_of = max(self.fresh_as_of, confirmed)
+            if confirmed is not None and self.visible_index >= self.raftCommitIndex:
+                self._fresher(confirmed)
             return
         pending = self._freshness_pending
         visible = self.visible_index
         caught_up = [stamp for stamp, commit in pending if commit <= visible]
         if caught_up:
-            self.fresh_as_of = max(self.fresh_as_of, max(caught_up))
+            self._fresher(max(caught_up))
             self._freshness_pending = [(s, c) for s, c in pending if c > visible]
+
+    def _fresher(self, stamp: float) -> None:
+        # Only forward: the replica's state never loses writes, so having held every write
+        # acknowledged by T stays true. Safe because no stamp is ever later than the moment
+        # this process received its proof (ages are >= 0, echoes not from the future).
+        stamp = min(stamp, time.monotonic())
+        if self.fresh_as_of is None or stamp > self.fresh_as_of:
+            self.fresh_as_of = stamp
 
     def staleness(self) -> float:
         """Seconds since this replica provably held every write acknowledged at that moment."""
-        if self.fresh_as_of == 0.0:
+        if self.fresh_as_of is None:
             return float("inf")
-        return max(0.0, time.time() - self.fresh_as_of)
+        return max(0.0, time.monotonic() - self.fresh_as_of)
 
     # ----- status ---------------------------------------------------------------------------
 
@@ -428,3 +511,7 @@ class ShardStateMachine(PatchedSyncObj):
         if self._isLeader():
             return self.raftCommitIndex
         return self._SyncObj__leaderCommitIndex or 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -66,11 +67,14 @@ class KVServicer(pb_grpc.KVServicer):
         self.limits = ctx.config.limits
         self.shard = ctx.shard
 
-    async def _write(self, keys: list[bytes], op: commands.Op, request_id: bytes) -> commands.Result:
-        check.check_request_id(request_id, self.limits)
+    async def _write(self, keys: list[bytes], op: commands.Op, request: Any) -> commands.Result:
+        """`request`: the RPC's request, for its request_id and retry flag."""
+        check.check_request_id(request.request_id, self.limits)
+        commands.check_request_id(request.request_id)
         self.ctx.check_owned(keys)
         self.shard.machine.check_disk_for_writes()
-        revision, payload = await self.shard.write(op, request_id)
+        tag = commands.request_tag(request.request_id, request.retry)
+        revision, payload = await self.shard.write(op, tag)
         if (refused := commands.refusal(payload)) is not None:
             raise refused
         return revision, payload
@@ -85,7 +89,7 @@ class KVServicer(pb_grpc.KVServicer):
         check.check_key(request.key, self.limits)
         check.check_value(request.value, self.limits)
         op = commands.put(request.key, request.value)
-        revision, _ = await self._write([request.key], op, request.request_id)
+        revision, _ = await self._write([request.key], op, request)
         return pb.PutResponse(header=self.ctx.header(revision))
 
     @rpc_errors
@@ -95,14 +99,14 @@ class KVServicer(pb_grpc.KVServicer):
         keys, values = check.check_pairs(request.keys, request.values, self.limits)
         check.check_unique(keys)
         op = commands.multi_put(zip(keys, values, strict=True))
-        revision, _ = await self._write(keys, op, request.request_id)
+        revision, _ = await self._write(keys, op, request)
         return pb.MultiPutResponse(header=self.ctx.header(revision))
 
     @rpc_errors
     async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
         keys = check.check_keys(request.keys, self.limits)
         check.check_unique(keys)
-        revision, deleted = await self._write(keys, commands.delete(keys), request.request_id)
+        revision, deleted = await self._write(keys, commands.delete(keys), request)
         return pb.DeleteResponse(header=self.ctx.header(revision), deleted=deleted)
 
     @rpc_errors
@@ -112,7 +116,7 @@ class KVServicer(pb_grpc.KVServicer):
         check.check_key(request.key, self.limits)
         check.check_value(request.value, self.limits)
         op = commands.compare_and_set(request.key, request.value, request.expected_revision)
-        revision, (succeeded, current) = await self._write([request.key], op, request.request_id)
+        revision, (succeeded, current) = await self._write([request.key], op, request)
         response = pb.CompareAndSetResponse(header=self.ctx.header(revision), succeeded=succeeded)
         if current is not None:
             response.current.CopyFrom(_kv(current))
@@ -220,7 +224,6 @@ async def serve(config: NodeConfig) -> None:
         peers=config.peers,
         data_dir=data_dir,
         raft=config.raft,
-        dedup_window=config.storage.dedup_window_ids,
         storage=config.storage,
     )
     shard = Shard(config.shard, storage, replica, config.server, cluster_map.client_address_of_raft)

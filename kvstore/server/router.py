@@ -52,13 +52,18 @@ class RouterServicer(pb_grpc.KVServicer):
     ) -> pb.MultiPutResponse:
         check.check_paired(request.keys, request.values)  # the nodes check everything else
         items = list(zip(request.keys, request.values, strict=True))
-        plan = self.core.multi_put(items, atomic=not request.non_atomic, request_id=request.request_id)
+        plan = self.core.multi_put(
+            items, atomic=not request.non_atomic, request_id=request.request_id, retry=request.retry
+        )
         return await self.client._run(plan)
 
     @rpc_errors
     async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
         plan = self.core.delete(
-            list(request.keys), atomic=not request.non_atomic, request_id=request.request_id
+            list(request.keys),
+            atomic=not request.non_atomic,
+            request_id=request.request_id,
+            retry=request.retry,
         )
         return await self.client._run(plan)
 

@@ -1,4 +1,4 @@
-"""LMDB storage for one shard replica: values with revisions, the applied index, request ids.
+"""LMDB storage for one shard replica: values with revisions, the applied index, client sessions.
 
 Knows nothing of Raft. The replication layer calls it in two ways:
 - reads, from any thread, each in its own short read transaction;
@@ -10,25 +10,25 @@ Knows nothing of Raft. The replication layer calls it in two ways:
 Layout (named databases in one environment):
 - `data`:     key -> revision (8 bytes, big-endian) + value
 - `meta`:     b"applied" -> applied index (8 bytes)
-- `requests`: request id -> revision (8 bytes) + pickled result, for de-duplicating retried writes
-- `req_by_index`: revision (8 bytes) + request id -> b"", to expire old request ids in order
+- `sessions`, `sessions_by_time`, `outcomes`, `outcomes_by_time`: client sessions and the fixed-size
+  outcomes of their writes, for applying each request at most once (see `kvstore.storage.dedup`)
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import pickle
 import shutil
 import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import lmdb
 
+from kvstore.storage.dedup import DedupTables, Outcome, Session
 from kvstore.storage.disk import DiskSpace
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class Storage:
         self._env = lmdb.open(
             str(env_path),
             map_size=max(self._map_size, _existing_size(env_path)),
-            max_dbs=4,
+            max_dbs=8,
             sync=self._fsync,
             metasync=self._fsync,
             writemap=False,
@@ -101,8 +101,8 @@ class Storage:
         self._max_key_size = int(self._env.max_key_size())
         self._data = self._env.open_db(b"data")
         self._meta = self._env.open_db(b"meta")
-        self._requests = self._env.open_db(b"requests")
-        self._req_by_index = self._env.open_db(b"req_by_index")
+        self._dedup = DedupTables(self._env, self._meta)
+        _drop_pickled_requests(self._env)
 
     @property
     def max_key_size(self) -> int:
@@ -250,39 +250,36 @@ class Storage:
         if self._txn_bytes > _MAX_TXN_BYTES:
             self.commit()
 
-    def remember_request(self, request_id: bytes, revision: int, result: Any, keep: int) -> None:
-        """Record a write's outcome under its request id; forget the oldest beyond the newest `keep`.
+    # ----- client sessions (apply thread only; see kvstore.storage.dedup) -----
 
-        Counted in ids, not revisions: group commit puts dozens of writes in one log entry, and a
-        window in revisions never filled in a 5-minute run (the table, and RSS, grew all along)."""
+    def advance_dedup_clock(self, stamp: int) -> int:
+        """The dedup clock (µs) once an entry stamped `stamp` applies: the newest stamp seen."""
+        return self._dedup.advance_clock(self._write_txn(), stamp)
+
+    def recall_outcome(self, key: bytes) -> Outcome | None:
+        return self._dedup.outcome(self._write_txn(), key)
+
+    def session(self, client: bytes) -> Session | None:
+        return self._dedup.session(self._write_txn(), client)
+
+    def session_dropped_at(self) -> int:
+        """The dedup clock (µs) when a session was last dropped (idle, or evicted by the cap)."""
+        return self._dedup.session_dropped_at(self._write_txn())
+
+    def remember_outcome(
+        self, key: bytes, outcome: Outcome, now: int, retention: int, max_sessions: int
+    ) -> None:
+        """Record a write's outcome under its request key; drop a few rows past `retention` (µs) or
+        beyond `max_sessions` (bounded work per write)."""
         txn = self._write_txn()
-        txn.put(request_id, _U64.pack(revision) + pickle.dumps(result), db=self._requests)
-        txn.put(_U64.pack(revision) + request_id, b"", db=self._req_by_index)
-        self._expire_requests(txn, keep)
+        self._dedup.record(txn, key, outcome, now)
+        self._dedup.expire(txn, now, retention, max_sessions)
+        self._txn_bytes += len(key) + 128
 
-    def recall_request(self, request_id: bytes) -> tuple[int, Any] | None:
-        raw = self._write_txn().get(request_id, db=self._requests)
-        if raw is None:
-            return None
-        revision = _U64.unpack_from(raw)[0]
-        try:
-            return revision, pickle.loads(raw[8:])
-        except Exception as exc:  # e.g. written by an older version: still a retry, never re-applied
-            return revision, (
-                "error",
-                f"retry of a write applied at {revision}; its result is unreadable: {exc}",
-            )
-
-    def _expire_requests(self, txn: lmdb.Transaction, keep: int) -> None:
-        # Bounded work per call: up to a few of the oldest ids per new one, so the table settles
-        # at `keep` entries (and shrinks back to it if `keep` was lowered).
-        excess = txn.stat(self._requests)["entries"] - keep
-        cursor = txn.cursor(db=self._req_by_index)
-        for _ in range(min(excess, 4)):
-            if not cursor.first():
-                return
-            txn.delete(cursor.key()[8:], db=self._requests)
-            cursor.delete()
+    def dedup_counts(self) -> tuple[int, int]:
+        """(sessions, outcomes) as committed."""
+        with self._env_lock, self._env.begin() as txn:
+            return self._dedup.counts(txn)
 
     def commit(self) -> bool:
         """Commit the open write transaction, if any. Returns whether there was one."""
@@ -393,6 +390,14 @@ class Storage:
             _fsync_dir(self.path)  # a crash now leaves either the old store or the new one
             self._open(live)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _drop_pickled_requests(env: lmdb.Environment) -> None:
+    """Delete the request tables of older versions (pickled results; never read again)."""
+    with env.begin(write=True) as txn:
+        for name in (b"requests", b"req_by_index"):
+            if txn.get(name) is not None:  # named databases are keys of the main database
+                txn.drop(env.open_db(name, txn=txn, create=False), delete=True)
 
 
 def _iterate(cursor: lmdb.Cursor, positioned: bool) -> Iterator[tuple[bytes, bytes]]:
