@@ -31,6 +31,8 @@ from kvstore.storage.engine import Storage
 
 RAFT = RaftSettings(min_timeout=0.4, max_timeout=0.6)
 
+BIG_REQUEST = b"c" * 16 + (1).to_bytes(8, "big")  # client id + sequence
+
 
 class OneReplica:
     """A one-member shard: its own leader, so every proposal commits and applies at once."""
@@ -95,7 +97,7 @@ def test_an_oversize_key_in_the_log_is_refused_on_apply_and_the_log_moves_on(rep
     results = replica.propose(
         [
             (b"", commands.put(b"before", b"1")),
-            (b"req-big", commands.put(big, b"v")),
+            (commands.request_tag(BIG_REQUEST, retry=False), commands.put(big, b"v")),
             (b"", commands.multi_put([(b"mp-ok", b"1"), (big, b"2")])),
             (b"", commands.put(b"", b"empty key")),
             (b"", ("no-such-op", b"x")),
@@ -112,7 +114,7 @@ def test_an_oversize_key_in_the_log_is_refused_on_apply_and_the_log_moves_on(rep
     storage = replica.storage
     assert storage.get(b"before").value == b"1" and storage.get(b"after").value == b"2"
     assert storage.get(b"mp-ok") is None  # nothing of a refused op is written
-    assert storage.recall_request(b"req-big") is None  # nor its request id
+    assert storage.recall_outcome(BIG_REQUEST) is None  # nor its request's outcome
     storage.abort()
     assert storage.applied_index() == index and replica.machine.refused_ops == 4
     # The log moves on: the next entry applies, and nothing is stuck behind the commit index.
@@ -133,19 +135,20 @@ def test_an_op_refused_after_it_wrote_is_undone_by_a_careful_reapply(
     """A deterministic refusal *after* an op wrote (no pre-check saw it coming) rolls the batch
     back and re-applies it with a savepoint per op: the op leaves nothing, its neighbours apply."""
     storage = replica.storage
-    real_remember = storage.remember_request
+    real_remember = storage.remember_outcome
+    poison = b"p" * 16 + (2).to_bytes(8, "big")
 
-    def remember(request_id: bytes, *args: Any) -> None:
-        if request_id == b"poison":
+    def remember(request_key: bytes, *args: Any) -> None:
+        if request_key == poison:
             raise lmdb.BadValsizeError("mdb_put: MDB_BAD_VALSIZE")
-        real_remember(request_id, *args)
+        real_remember(request_key, *args)
 
-    monkeypatch.setattr(storage, "remember_request", remember)
+    monkeypatch.setattr(storage, "remember_outcome", remember)
     results = replica.propose(
         [
-            (b"first", commands.put(b"a", b"1")),
-            (b"poison", commands.put(b"b", b"2")),  # written, then its request id is refused
-            (b"third", commands.put(b"c", b"3")),
+            (commands.request_tag(b"f" * 16 + (1).to_bytes(8, "big"), False), commands.put(b"a", b"1")),
+            (commands.request_tag(poison, False), commands.put(b"b", b"2")),  # written, then refused
+            (commands.request_tag(b"t" * 16 + (3).to_bytes(8, "big"), False), commands.put(b"c", b"3")),
         ]
     )
     assert results[0][1] is None and results[2][1] is None

@@ -207,7 +207,10 @@ def test_malformed_stamps_and_tags_in_an_entry_never_raise_from_apply(tmp_path: 
         result = r._apply_proposal(99, (_id(1, 2) + b"\x00", commands.put(b"a", b"2")))
         assert result == (99, None)
     assert r._storage.advance_dedup_clock(0) == 5 * SECOND  # the bad stamps moved nothing
-    assert r._apply_proposal(100, (12345, commands.put(b"b", b"1"))) == (100, None)  # not bytes: no dedup
+    # A tag that is not bytes: the same refusal on every replica, nothing written, no exception.
+    revision, payload = r._apply_proposal(100, (12345, commands.put(b"b", b"1")))
+    assert (revision, payload[:2]) == (100, (commands.ERROR, errors.InvalidArgument.kind))
+    assert r._storage.get_for_update(b"b") is None
 
 
 @pytest.mark.parametrize("length", [1, 16, 23, 25, 33, 64])

@@ -33,6 +33,9 @@ class ScriptedMachine:
     def _isLeader(self) -> bool:  # noqa: N802 (pysyncobj's name)
         return True
 
+    def addOnTickCallback(self, callback: Any) -> None:  # noqa: N802 (the liveness check's hook)
+        pass  # no tick thread here: the script applies entries itself
+
 
 async def _settle() -> None:
     for _ in range(5):  # let tasks run and the shard's call_soon flush happen
