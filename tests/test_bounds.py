@@ -102,6 +102,11 @@ def test_multi_get_over_the_answer_limit_fails_early(loaded: Any) -> None:
 
 def test_batch_of_10000_gets_of_a_large_key_answers_what_fits_and_defers_the_rest(loaded: Any) -> None:
     _, stub, pid = loaded
+    # What 10,000 batched ops cost whatever they read (tasks, per-op answers): the baseline.
+    stub.Put(pb.PutRequest(key=b"amp:small", value=b"v" * 100, request_id=os.urandom(16)), timeout=10)
+    small = pb.BatchRequest(ops=[pb.BatchOp(get=pb.GetRequest(key=b"amp:small"))] * 10_000)
+    with amp.RssProbe(pid) as baseline:
+        stub.Batch(small, timeout=30)
     request = pb.BatchRequest(ops=[pb.BatchOp(get=pb.GetRequest(key=amp.BIG_KEY))] * 10_000)
     with amp.RssProbe(pid) as probe:
         started = time.monotonic()
@@ -111,7 +116,8 @@ def test_batch_of_10000_gets_of_a_large_key_answers_what_fits_and_defers_the_res
     deferred = [r for r in response.results if r.WhichOneof("result") == "error"]
     print(
         f"\nBatch of 10,000 gets of a 1 MiB key: {len(served)} served, {len(deferred)} deferred, "
-        f"{response.ByteSize() / 1e6:.1f} MB in {seconds:.2f}s; {probe.summary()}"
+        f"{response.ByteSize() / 1e6:.1f} MB in {seconds:.2f}s; {probe.summary()} "
+        f"(10,000 gets of a 100-byte value: {baseline.summary()})"
     )
     assert 1 <= len(served) <= LIMITS.max_response_bytes // amp.MiB
     assert all(r.get.kv.value == amp.BIG_VALUE for r in served)
@@ -120,7 +126,9 @@ def test_batch_of_10000_gets_of_a_large_key_answers_what_fits_and_defers_the_res
     assert all(r.error.metadata[errors.KIND_KEY] == "deferred" for r in deferred)
     assert response.ByteSize() <= LIMITS.max_message_bytes
     assert seconds < 10
-    assert probe.peak_growth < MAX_GROWTH, probe.summary()
+    # The values add a few copies of the answer limit (read, answer, serialised, sent) to the peak.
+    assert probe.peak - baseline.peak < 8 * LIMITS.max_response_bytes, (probe.summary(), baseline.summary())
+    assert probe.peak_growth < 2 * MAX_GROWTH, probe.summary()
 
 
 def test_scan_of_large_values_ends_its_page_at_the_answer_limit(loaded: Any) -> None:
