@@ -25,6 +25,7 @@ import pytest
 import tomli_w
 
 from kvstore import AsyncClient, Client, errors
+from kvstore.client import pipeline as pipeline_module
 from kvstore.client.pipeline import Pipeline
 from kvstore.client.plans import Call
 from kvstore.cluster.local import LocalCluster
@@ -223,6 +224,16 @@ def test_the_message_limit_fits_the_largest_legal_request_and_answer() -> None:
             )
         )
     assert answer.ByteSize() <= LIMITS.max_message_bytes
+    # The SDK's pipelined batch (1,000 ops, 8 MiB of keys and values beyond its first op) fits too.
+    assert pipeline_module._MAX_BATCH_BYTES <= LIMITS.max_request_bytes
+    assert pipeline_module._MAX_BATCH_OPS <= LIMITS.max_batch_ops
+    batch = pb.BatchRequest()
+    per_op = pipeline_module._MAX_BATCH_BYTES // pipeline_module._MAX_BATCH_OPS
+    for i in range(pipeline_module._MAX_BATCH_OPS):
+        batch.ops.add(
+            put=pb.PutRequest(key=b"%05d" % i, value=b"v" * (per_op - 5), request_id=os.urandom(16))
+        )
+    assert batch.ByteSize() <= LIMITS.max_message_bytes
 
 
 # ----- back-pressure: concurrent RPCs and proposals ----------------------------------------------
