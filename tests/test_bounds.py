@@ -156,6 +156,29 @@ def test_scan_of_large_values_ends_its_page_at_the_answer_limit(loaded: Any) -> 
     assert keys == [amp.SCAN_PREFIX + b"%03d" % i for i in range(amp.SCAN_VALUES)]
 
 
+def test_scan_across_shards_pages_through_large_values_without_skipping(make_cluster: Any) -> None:
+    """Shard 0 holds 1 MiB values, the others small ones: shard 0's page ends early at the answer
+    limit while the others return many keys past it. The merged page must end where shard 0's did
+    (else its keys after that would be skipped), and fit the answer limit too."""
+    cluster = make_cluster("three", shards=3, replicas=1)
+    keys = [b"amp:y:%04d" % i for i in range(90)]
+    ring = cluster.cluster_map().ring
+    items = {k: amp.BIG_VALUE if ring.shard_for(k) == 0 else b"s" * 100 for k in keys}
+    assert 10 < sum(1 for v in items.values() if v is amp.BIG_VALUE) < 80
+    with Client.from_cluster(cluster.dir) as kv:
+        kv.put_many(items, atomic=False)
+        seen: list[bytes] = []
+        continuation = b""
+        while True:
+            page = kv.scan(prefix=b"amp:y:", limit=1000, continuation=continuation)
+            assert sum(len(i.key) + len(i.value) for i in page) <= LIMITS.max_response_bytes
+            seen += [item.key for item in page]
+            if not page.continuation:
+                break
+            continuation = page.continuation
+    assert seen == keys
+
+
 def test_batch_of_failed_cas_on_a_large_value_stays_within_the_answer_limit(loaded: Any) -> None:
     _, stub, pid = loaded
     with amp.RssProbe(pid) as probe:
