@@ -198,6 +198,9 @@ class ServerSettings(_Section):
     # refused at once with RESOURCE_EXHAUSTED "overloaded", which the SDK retries after a back-off.
     # Together with the message and answer limits it bounds what requests in progress can hold.
     max_concurrent_rpcs: int = setting(1_000, 1, 100_000)
+    # ... and ops in progress, a Batch counting one per op (each op costs a task and an answer,
+    # ~6 KB, for ~20 bytes on the wire). At least limits.max_batch_ops.
+    max_concurrent_ops: int = setting(20_000, 1, 10_000_000)
     # Writes proposed and not yet applied (or timed out): a write beyond either bound is refused
     # with "overloaded" (nothing proposed) instead of growing the leader's queues and memory.
     # A compare-and-set counts limits.max_value_bytes more: if it fails, its answer carries the
@@ -232,6 +235,11 @@ class NodeConfig(_Section):
                 isinstance(getattr(self, name), section_cls),
                 f"[{name}] must be a table of settings, not {getattr(self, name)!r}",
             )
+        _require(
+            self.limits.max_batch_ops <= self.server.max_concurrent_ops,
+            f"server.max_concurrent_ops ({self.server.max_concurrent_ops}) must allow one Batch of "
+            f"limits.max_batch_ops ({self.limits.max_batch_ops})",
+        )
         _require(
             self.limits.max_request_bytes <= self.server.max_pending_bytes,
             f"server.max_pending_bytes ({self.server.max_pending_bytes}) must hold at least one write "

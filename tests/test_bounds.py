@@ -251,13 +251,13 @@ def test_the_message_limit_fits_the_largest_legal_request_and_answer() -> None:
 
 @pytest.fixture(scope="module")
 def tight_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    """1x3 with small caps: 24 RPCs at once, 8 writes waiting to be applied."""
+    """1x3 with small caps: 24 RPCs (10,000 ops) at once, 8 writes waiting to be applied."""
     cluster = LocalCluster(tmp_path_factory.mktemp("tight") / "c")
     cluster.create(
         shards=1,
         replicas=3,
         raft=TEST_RAFT,
-        server=ServerSettings(max_concurrent_rpcs=24, max_pending_proposals=8),
+        server=ServerSettings(max_concurrent_rpcs=24, max_concurrent_ops=10_000, max_pending_proposals=8),
     )
     cluster.start_all()
     try:
@@ -291,6 +291,25 @@ async def test_concurrent_rpcs_per_node_are_capped(tight_cluster: LocalCluster) 
     refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
     assert codes.count(grpc.StatusCode.FAILED_PRECONDITION) == 60 - refused  # replica_behind: served
     assert refused == 60 - 24, codes  # exactly: the gate counts on the event loop
+
+
+async def test_batched_ops_in_progress_per_node_are_capped(tight_cluster: LocalCluster) -> None:
+    """Two Batches of 6,000 reads that each wait: the first is served, the second would pass
+    10,000 ops in progress and is refused at once (a task and an answer per op, ~6 KB each)."""
+    _, _, address = amp.leader(tight_cluster)
+    read = pb.ReadOptions(consistency=pb.SESSION, session={0: 10**9})
+    batch = pb.BatchRequest(ops=[pb.BatchOp(get=pb.GetRequest(key=b"k", read=read))] * 6_000)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.KVStub(channel)
+        first = asyncio.ensure_future(stub.Batch(batch, timeout=30))
+        await asyncio.sleep(0.2)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Batch(batch, timeout=30)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert _kind(info.value.trailing_metadata()) == "overloaded"
+        assert "max_concurrent_ops" in (info.value.details() or "")
+        answered = await first
+    assert len(answered.results) == 6_000
 
 
 async def test_concurrent_rpcs_per_router_are_capped(tight_cluster: LocalCluster) -> None:

@@ -161,7 +161,7 @@ async def start_router(
     server_settings = server_settings or ServerSettings()
     client = make_router_client(cluster_map, seeds)
     server = grpc.aio.server(options=limits.grpc_options())
-    gate = ConcurrencyGate(server_settings.max_concurrent_rpcs)
+    gate = ConcurrencyGate(server_settings.max_concurrent_rpcs, server_settings.max_concurrent_ops)
     add_service(server, RouterServicer(client, limits), "KV", gate)
     port = server.add_insecure_port(listen)
     await server.start()

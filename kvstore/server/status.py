@@ -61,35 +61,43 @@ def _tolerant(message_cls: Any) -> Callable[[bytes], Any]:
 
 
 class ConcurrencyGate:
-    """At most `limit` RPCs of a service in progress at once (`ServerSettings.max_concurrent_rpcs`);
-    one more is refused at once with `Overloaded` (RESOURCE_EXHAUSTED), before any work.
+    """At most `max_rpcs` RPCs of a service in progress at once, and at most `max_ops` ops (a Batch
+    counts one per op: each costs a task and an answer, ~6 KB of memory, for ~20 bytes sent).
+    One more is refused at once with `Overloaded` (RESOURCE_EXHAUSTED), before any work; an RPC
+    arriving while nothing is in progress is always served (a legal Batch never starves).
 
     Our own count rather than grpc.aio.server(maximum_concurrent_rpcs=...): in grpcio 1.62 a refused
     RPC also decrements that counter, so after the first burst the cap no longer holds
     (grpc/grpc#41531, measured here: 17 of 30 calls admitted under a cap of 6); and that cap would
     refuse health checks too, which must answer under load. Exact here: one event loop."""
 
-    __slots__ = ("limit", "active")
+    __slots__ = ("max_rpcs", "max_ops", "rpcs", "ops")
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.active = 0
+    def __init__(self, max_rpcs: int, max_ops: int) -> None:
+        self.max_rpcs = max_rpcs
+        self.max_ops = max_ops
+        self.rpcs = 0
+        self.ops = 0
 
     def wrap(self, method: Callable[[Any, Any], Awaitable[T]]) -> Callable[[Any, Any], Awaitable[T]]:
         async def gated(request: Any, context: grpc.aio.ServicerContext) -> T:
-            if self.active >= self.limit:
+            ops = len(request.ops) if isinstance(request, pb.BatchRequest) else 1
+            if self.rpcs and (self.rpcs >= self.max_rpcs or self.ops + ops > self.max_ops):
                 code, details, metadata = errors.to_grpc_status(
                     errors.Overloaded(
-                        f"the server already serves {self.limit} requests (server.max_concurrent_rpcs): "
-                        "nothing was done, retry after a back-off"
+                        f"the server already serves {self.rpcs} requests of {self.ops} ops, its limit "
+                        f"(server.max_concurrent_rpcs {self.max_rpcs}, server.max_concurrent_ops "
+                        f"{self.max_ops}): nothing was done, retry after a back-off"
                     )
                 )
                 await context.abort(code, details, trailing_metadata=tuple(metadata))
-            self.active += 1
+            self.rpcs += 1
+            self.ops += ops
             try:
                 return await method(request, context)
             finally:
-                self.active -= 1
+                self.rpcs -= 1
+                self.ops -= ops
 
         return gated
 
