@@ -73,6 +73,7 @@ def _node(tmp_path: Path, **sections: dict[str, Any]) -> Path:
             8 << 20,
             "limits.max_request_bytes (8388608) must hold one key and value",
         ),
+        ("server", "max_concurrent_ops", 5000, "server.max_concurrent_ops (5000) must allow one Batch of"),
     ],
 )
 def test_out_of_range_settings_are_refused_at_load(
