@@ -257,7 +257,9 @@ def tight_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
         shards=1,
         replicas=3,
         raft=TEST_RAFT,
-        server=ServerSettings(max_concurrent_rpcs=24, max_concurrent_ops=10_000, max_pending_proposals=8),
+        server=ServerSettings(
+            max_concurrent_rpcs=24, max_concurrent_ops=10_000, max_pending_proposals=8, session_wait=2.0
+        ),
     )
     cluster.start_all()
     try:
@@ -268,7 +270,7 @@ def tight_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
 
 
 async def _session_reads(address: str, count: int) -> list[grpc.StatusCode]:
-    """`count` reads at once that each wait `session_wait` (0.5 s) for an index never reached."""
+    """`count` reads at once that each wait `session_wait` (2 s here) for an index never reached."""
     read = pb.ReadOptions(consistency=pb.SESSION, session={0: 10**9})
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.KVStub(channel)
