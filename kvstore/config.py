@@ -15,104 +15,236 @@ from typing import Any
 import tomli_w
 
 
+class ConfigError(ValueError):
+    """A setting is unknown, of the wrong type, or outside its range (the message names it)."""
+
+
+def setting(default: Any, lo: float, hi: float) -> Any:
+    """A numeric setting and its legal range [lo, hi], checked whenever the section is built.
+
+    Every int and float field of a section must be declared with it (tests/test_bounds.py checks),
+    so a typo in a TOML file or a flag (`max_dedup_sessions = 0`, a timeout of -1) stops the node at
+    start with the setting's name, value and range, instead of quietly changing its behaviour."""
+    return field(default=default, metadata={"range": (lo, hi)})
+
+
+class _Section:
+    """Range-checks its fields on construction (`setting`), then `check()`s how they relate."""
+
+    section = ""  # the TOML table name, for messages
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            _check_field(self.section, f, getattr(self, f.name))
+        self.check()
+
+    def check(self) -> None:
+        """Relations between this section's settings; raise ConfigError."""
+
+
+def _check_field(section: str, f: dataclasses.Field[Any], value: Any) -> None:
+    name = f"{section}.{f.name}" if section else f.name
+    bounds = f.metadata.get("range")
+    if f.type in ("str", str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, not {value!r}")
+        return
+    if f.type in ("bool", bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, not {value!r}")
+        return
+    if f.type in ("int", "float", int, float):
+        integral = f.type in ("int", int)
+        if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)):
+            raise ConfigError(f"{name} must be {'an integer' if integral else 'a number'}, not {value!r}")
+        if bounds is None:
+            return  # declared without `setting`: tests/test_bounds.py names it
+        lo, hi = bounds
+        if not lo <= value <= hi:  # also refuses NaN
+            raise ConfigError(f"{name} = {value!r} is out of range: it must be in [{lo}, {hi}]")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+MiB = 1 << 20
+# pysyncobj sends an entry larger than `appendEntriesBatchSizeBytes` (16 MiB, state_machine.py) in
+# 64 KiB "transmission" chunks, a path the raft_fixes do not cover. One Raft entry carries one
+# write of at most `max_request_bytes`, or proposals grouped up to `max_entry_bytes`, plus pickling
+# overhead (a few bytes a key): both stay under this, leaving 4 MiB of headroom.
+MAX_PROPOSAL_BYTES = 12 * MiB
+
+
 @dataclass
-class Limits:
-    """Checked before anything is proposed: a rejected request changes nothing."""
+class Limits(_Section):
+    """Checked before anything is proposed or read: a rejected request changes nothing."""
+
+    section = "limits"
 
     # LMDB refuses longer keys (its max_key_size()); a node refuses to start with a larger value.
-    max_key_bytes: int = 511
-    max_value_bytes: int = 1 << 20
-    max_batch_keys: int = 10_000
-    max_request_id_bytes: int = 64
-    max_scan_limit: int = 10_000
-    default_scan_limit: int = 1_000
+    max_key_bytes: int = setting(511, 1, 4096)
+    max_value_bytes: int = setting(1 * MiB, 1, 8 * MiB)
+    max_batch_keys: int = setting(10_000, 1, 100_000)  # keys in one MultiGet/MultiPut/Delete
+    max_batch_ops: int = setting(10_000, 1, 100_000)  # ops in one Batch RPC
+    max_request_id_bytes: int = setting(64, 16, 1024)
+    max_scan_limit: int = setting(10_000, 1, 100_000)
+    default_scan_limit: int = setting(1_000, 1, 100_000)
+    # Keys plus values of one request (a MultiPut's pairs, a Delete's or MultiGet's keys). A write
+    # is one Raft proposal, so this also keeps every proposal below pysyncobj's chunked path.
+    max_request_bytes: int = setting(8 * MiB, 64 << 10, MAX_PROPOSAL_BYTES)
+    # Keys plus values one answer may carry (a MultiGet, a Scan page, the results of a Batch).
+    # Checked while the answer is read, so an oversized one costs at most this much memory:
+    # a MultiGet fails with RESOURCE_EXHAUSTED, a Scan page ends early (with a continuation),
+    # a Batch answers the ops that fit and defers the rest (the client sends them again).
+    max_response_bytes: int = setting(8 * MiB, 64 << 10, 256 * MiB)
+
+    def check(self) -> None:
+        _require(
+            self.default_scan_limit <= self.max_scan_limit,
+            f"limits.default_scan_limit ({self.default_scan_limit}) must not exceed "
+            f"limits.max_scan_limit ({self.max_scan_limit})",
+        )
+        largest_record = self.max_key_bytes + self.max_value_bytes
+        _require(
+            largest_record <= self.max_request_bytes,
+            f"limits.max_request_bytes ({self.max_request_bytes}) must hold one key and value "
+            f"at their limits ({largest_record} bytes): a single put would be refused",
+        )
+        _require(
+            largest_record <= self.max_response_bytes,
+            f"limits.max_response_bytes ({self.max_response_bytes}) must hold one key and value "
+            f"at their limits ({largest_record} bytes): a single get could never be answered",
+        )
 
     @property
     def max_message_bytes(self) -> int:
-        # A MultiPut of large values is the biggest legal message; gRPC rejects anything larger.
-        return 64 << 20
+        """gRPC's message size limit, both ways, derived from the limits above: the largest legal
+        request or answer (keys and values) plus protobuf framing for every key and op (a tag and
+        a length per field, a revision, a response header per batched op: far below 256 bytes)."""
+        payload = max(self.max_request_bytes, self.max_response_bytes)
+        return payload + max(self.max_batch_keys, self.max_batch_ops) * 256 + (64 << 10)
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """Channel and server options for these limits (nodes, router and SDK use the same)."""
+        size = self.max_message_bytes
+        return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
 
 
 @dataclass
-class RaftSettings:
+class RaftSettings(_Section):
+    section = "raft"
+
     # Election timeouts: wide enough that a GIL stall on a busy 2-core machine does not start an
     # election, short enough that a failover takes a couple of seconds.
-    min_timeout: float = 0.8
-    max_timeout: float = 1.6
+    min_timeout: float = setting(0.8, 0.05, 60.0)
+    max_timeout: float = setting(1.6, 0.05, 60.0)
     # How long a leader that hears from no majority keeps calling itself leader. Reads never
     # trust this (strong reads use barriers); it only bounds how long writes queue on a cut-off node.
-    leader_fallback_timeout: float = 2.5
-    connection_retry: float = 0.5
-    connection_timeout: float = 2.0
+    leader_fallback_timeout: float = setting(2.5, 0.05, 600.0)
+    connection_retry: float = setting(0.5, 0.01, 60.0)
+    connection_timeout: float = setting(2.0, 0.05, 600.0)
     # Compact the log (LMDB snapshot) after this many entries, or this many seconds.
-    compaction_min_entries: int = 20_000
-    compaction_min_time: float = 300.0
+    compaction_min_entries: int = setting(20_000, 10, 100_000_000)
+    compaction_min_time: float = setting(300.0, 0.1, 7 * 86_400.0)
     # ... or once this many bytes of keys and values have been applied since the last snapshot:
     # pysyncobj keeps the whole log in memory (and in its journal file) until a snapshot, so this
     # is what keeps a replica's memory flat under sustained writes.
     # 8 MiB: the leader's in-memory log swings 23 -> 44 MB between snapshots at 16 MiB, half that here.
-    compaction_max_bytes: int = 8 << 20
+    compaction_max_bytes: int = setting(8 * MiB, 64 << 10, 16 << 30)
     # Peers are dialled by name: re-resolve soon, so a restarted pod with a new IP is found
     # (pysyncobj's defaults cache answers for 600 s).
-    dns_cache_time: float = 5.0
-    dns_fail_cache_time: float = 1.0
+    dns_cache_time: float = setting(5.0, 0.0, 86_400.0)
+    dns_fail_cache_time: float = setting(1.0, 0.0, 86_400.0)
     # Encrypts and authenticates Raft traffic (pysyncobj's Fernet); without it, anyone who reaches a
     # Raft port can run code in the node. Needs the `cryptography` package (extra: kvstore[secure]).
     password: str = ""
 
+    def check(self) -> None:
+        _require(
+            self.min_timeout < self.max_timeout,
+            f"raft.min_timeout ({self.min_timeout}) must be below raft.max_timeout ({self.max_timeout})",
+        )
+
 
 @dataclass
-class StorageSettings:
-    map_size_bytes: int = 256 << 20  # initial LMDB map; doubled whenever it is half full...
-    max_map_size_bytes: int = 16 << 30  # ...up to this and the spare disk; writes are refused near it
+class StorageSettings(_Section):
+    section = "storage"
+
+    # Initial LMDB map; doubled whenever it is half full, up to max_map_size_bytes and the spare
+    # disk; writes are refused near the cap.
+    map_size_bytes: int = setting(256 * MiB, 1 * MiB, 1 << 40)
+    max_map_size_bytes: int = setting(16 << 30, 1 * MiB, 1 << 44)
     # Free-space watermark: the leader refuses writes (DiskFull, RESOURCE_EXHAUSTED) while the data
     # disk has less free than the larger of these; reads go on, writes resume once space is freed.
     # The reserve is what the Raft journal, read barriers and entries already in flight still need.
-    min_free_bytes: int = 256 << 20
-    min_free_fraction: float = 0.01
+    min_free_bytes: int = setting(256 * MiB, 0, 1 << 40)
+    min_free_fraction: float = setting(0.01, 0.0, 0.5)
     # A storage failure that may pass (I/O error, ENOSPC) is retried with exponential backoff up to
     # this many seconds apart; once failures have lasted io_failure_limit_seconds the node exits.
-    io_retry_max_backoff: float = 5.0
-    io_failure_limit_seconds: float = 120.0
+    io_retry_max_backoff: float = setting(5.0, 0.05, 600.0)
+    io_failure_limit_seconds: float = setting(120.0, 0.5, 86_400.0)
     fsync: bool = True  # fsync each group commit (one per apply batch)
     # Client sessions (de-duplicating retried writes, docs/architecture.md): a write's outcome is
     # kept this long, by the leader's clock, whatever the traffic. It must exceed the longest
     # time a client retries one write (the SDK's `timeout`, 10 s by default, never more than
     # 30 s for a write): a retry after it gets SessionExpired, never a second apply.
-    dedup_retention_seconds: float = 60.0
+    dedup_retention_seconds: float = setting(60.0, 40.0, 86_400.0)
     # Sessions (clients that wrote within the retention) kept; beyond it the least recently
     # active is evicted, and its retries get SessionExpired. ~100 bytes of LMDB each.
-    max_dedup_sessions: int = 100_000
     # Every replica of a shard must use the same two values, or they could disagree on a retry.
+    max_dedup_sessions: int = setting(100_000, 1, 10_000_000)
 
-    def __post_init__(self) -> None:
-        _check_range("storage.dedup_retention_seconds", self.dedup_retention_seconds, 40.0, 86_400.0)
-        _check_range("storage.max_dedup_sessions", self.max_dedup_sessions, 1, 10_000_000)
+    def check(self) -> None:
+        _require(
+            self.map_size_bytes <= self.max_map_size_bytes,
+            f"storage.map_size_bytes ({self.map_size_bytes}) must not exceed "
+            f"storage.max_map_size_bytes ({self.max_map_size_bytes})",
+        )
 
 
 @dataclass
-class ServerSettings:
-    write_timeout: float = 5.0  # a proposal not applied by then is reported as unknown outcome
-    read_barrier_timeout: float = 3.0
-    session_wait: float = 0.5  # how long a replica waits to reach a session token before redirecting
-    max_entry_proposals: int = 256  # group commit: proposals coalesced into one Raft entry
-    max_entry_bytes: int = 4 << 20
+class ServerSettings(_Section):
+    section = "server"
+
+    # A proposal not applied by then is reported as unknown outcome.
+    write_timeout: float = setting(5.0, 0.05, 600.0)
+    read_barrier_timeout: float = setting(3.0, 0.05, 600.0)
+    # How long a replica waits to reach a session token before redirecting.
+    session_wait: float = setting(0.5, 0.0, 60.0)
+    # Group commit: proposals coalesced into one Raft entry (a larger single write goes alone).
+    max_entry_proposals: int = setting(256, 1, 100_000)
+    max_entry_bytes: int = setting(4 * MiB, 64 << 10, MAX_PROPOSAL_BYTES)
+    # KV RPCs served at once (status.ConcurrencyGate; the router has the same cap): one more is
+    # refused at once with RESOURCE_EXHAUSTED "overloaded", which the SDK retries after a back-off.
+    # Together with the message and answer limits it bounds what requests in progress can hold.
+    max_concurrent_rpcs: int = setting(1_000, 1, 100_000)
+    # ... and ops in progress, a Batch counting one per op (each op costs a task and an answer,
+    # ~6 KB, for ~20 bytes on the wire). At least limits.max_batch_ops.
+    max_concurrent_ops: int = setting(20_000, 1, 10_000_000)
+    # Writes proposed and not yet applied (or timed out): a write beyond either bound is refused
+    # with "overloaded" (nothing proposed) instead of growing the leader's queues and memory.
+    # A compare-and-set counts limits.max_value_bytes more: if it fails, its answer carries the
+    # key's current value, copied when it applies.
+    max_pending_proposals: int = setting(20_000, 1, 10_000_000)
+    max_pending_bytes: int = setting(64 * MiB, 1 * MiB, 64 << 30)
     # FAULT INJECTION, for proving the chaos checker works; never set it in a real deployment:
     # serve strong reads locally whenever this replica believes it leads (no barrier), the classic
     # stale-read bug of a deposed leader.
     unsafe_local_strong_reads: bool = False
     # Health (grpc.health.v1): NOT_SERVING once the Raft tick thread has not ticked, or applies have
     # not moved while committed entries wait, for this long. Above a GIL stall on a busy machine.
-    health_stall_seconds: float = 5.0
+    health_stall_seconds: float = setting(5.0, 0.1, 3600.0)
     # FAULT INJECTION, for testing the health service; never set it in a real deployment: SIGUSR1
     # toggles a freeze of applies (Raft keeps ticking), SIGUSR2 a stall of the Raft tick thread.
     fault_injection_signals: bool = False
 
 
 @dataclass
-class NodeConfig:
+class NodeConfig(_Section):
     name: str
-    shard: int
+    shard: int = field(metadata={"range": (0, 1_000_000)})
     listen: str  # gRPC host:port
     raft_bind: str  # host:port pysyncobj binds
     raft_advertise: str  # host:port peers dial (a fault proxy's, or raft_bind)
@@ -127,6 +259,23 @@ class NodeConfig:
     raft: RaftSettings = field(default_factory=RaftSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
+
+    def check(self) -> None:
+        for name, section_cls in _SECTIONS.items():
+            _require(
+                isinstance(getattr(self, name), section_cls),
+                f"[{name}] must be a table of settings, not {getattr(self, name)!r}",
+            )
+        _require(
+            self.limits.max_batch_ops <= self.server.max_concurrent_ops,
+            f"server.max_concurrent_ops ({self.server.max_concurrent_ops}) must allow one Batch of "
+            f"limits.max_batch_ops ({self.limits.max_batch_ops})",
+        )
+        _require(
+            self.limits.max_request_bytes <= self.server.max_pending_bytes,
+            f"server.max_pending_bytes ({self.server.max_pending_bytes}) must hold at least one write "
+            f"of limits.max_request_bytes ({self.limits.max_request_bytes})",
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NodeConfig:
@@ -152,19 +301,19 @@ _SESSIONS_NOW = "max_dedup_sessions (retention is now dedup_retention_seconds pe
 _RENAMED = {"dedup_window_entries": _SESSIONS_NOW, "dedup_window_ids": _SESSIONS_NOW}
 
 
-def _check_range(name: str, value: float, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise ValueError(f"{name} must be between {low:g} and {high:g} (got {value!r})")
-
-
-def _build(cls: type, data: dict[str, Any]) -> Any:
+def _build(cls: type, data: Any) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cls.__name__} settings must be a table, not {data!r}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - known
     for old in unknown & set(_RENAMED):
-        raise ValueError(f"{cls.__name__} setting {old} was renamed {_RENAMED[old]}")
+        raise ConfigError(f"{cls.__name__} setting {old} was renamed {_RENAMED[old]}")
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} setting(s): {', '.join(sorted(unknown))}")
-    return cls(**data)
+        raise ConfigError(f"unknown {cls.__name__} setting(s): {', '.join(sorted(unknown))}")
+    try:
+        return cls(**data)
+    except TypeError as exc:  # a required setting is missing
+        raise ConfigError(f"{cls.__name__}: {exc}") from None
 
 
 _SECTIONS: dict[str, type] = {

@@ -155,7 +155,6 @@ _BY_KIND: dict[str, type[KvError]] = {
 # kvstore server) and what they mean to a kvstore client.
 _BY_CODE: dict[grpc.StatusCode, type[KvError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: InvalidArgument,  # message larger than the server accepts
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: UnknownOutcome,
     grpc.StatusCode.CANCELLED: Unavailable,
@@ -186,6 +185,8 @@ def from_status(code: grpc.StatusCode, details: str, metadata: dict[str, str]) -
         return WrongShard(details, epoch=int(metadata.get(EPOCH_KEY, "0") or 0))
     if kind in _BY_KIND:
         return _BY_KIND[kind](details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _GRPC_CONCURRENCY_LIMIT in details:
+        return Overloaded(f"{code.name}: {details}")  # refused before the method ran: not applied
     err = _BY_CODE.get(code, KvError)(f"{code.name}: {details}")
     err.from_server = False
     return err
@@ -209,3 +210,39 @@ class SessionExpired(KvError):
 
 
 _BY_KIND[SessionExpired.kind] = SessionExpired
+
+
+# ----- bounded work per request (issue 12) ---------------------------------------------------------
+
+
+class ResourceExhausted(KvError):
+    """The answer would exceed the response size limit (or a message the gRPC limit); nothing was
+    changed: ask for less (fewer keys in one multi_get, a smaller scan page)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    kind = "resource_exhausted"
+
+
+class Overloaded(Unavailable):
+    """Too much work is already in progress (a bounded queue is full, or the node serves as many
+    RPCs as it may): the request was refused before it started, so nothing was applied. Retry
+    after a back-off; the SDK does so by itself until the call's timeout."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    kind = "overloaded"
+    retryable = True
+
+
+class Deferred(Overloaded):
+    """An op of a Batch RPC the node did not serve because the batch's answer had reached its size
+    limit (the ops that fit were answered). Nothing was changed: send it again, in another batch."""
+
+    kind = "deferred"
+
+
+# What grpc.aio answers (RESOURCE_EXHAUSTED) when a server's maximum_concurrent_rpcs is reached.
+_GRPC_CONCURRENCY_LIMIT = "Concurrent RPC limit exceeded"
+
+_BY_KIND.update({cls.kind: cls for cls in (ResourceExhausted, Overloaded, Deferred)})
+# Without kvstore metadata, RESOURCE_EXHAUSTED comes from gRPC itself: a message over its size limit.
+_BY_CODE[grpc.StatusCode.RESOURCE_EXHAUSTED] = ResourceExhausted

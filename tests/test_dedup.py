@@ -415,7 +415,7 @@ def test_config_old_window_setting_fails_clearly_and_values_are_range_checked() 
         {"max_dedup_sessions": 0},
         {"max_dedup_sessions": True},
     ):
-        with pytest.raises(ValueError, match="must be between"):
+        with pytest.raises(ValueError, match="out of range|must be an integer"):
             NodeConfig.from_dict({**base, "storage": bad})
     config = NodeConfig.from_dict(
         {**base, "storage": {"dedup_retention_seconds": 120, "max_dedup_sessions": 5}}

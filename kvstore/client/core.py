@@ -12,6 +12,7 @@ it into Python values. No I/O happens here.
 from __future__ import annotations
 
 import base64
+import bisect
 import enum
 import hashlib
 import heapq
@@ -27,6 +28,7 @@ from typing import Any, NamedTuple
 
 from kvstore import errors
 from kvstore.client.plans import Call, Parallel, Plan, Sleep
+from kvstore.config import Limits
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.routing.cluster_map import ClusterMap, ShardInfo
 
@@ -113,6 +115,7 @@ class ClientCore:
         session: str | None = None,
         settings: ClientSettings | None = None,
         track_session: bool = True,
+        limits: Limits | None = None,
     ) -> None:
         self.router = router
         self.seeds = list(seeds)
@@ -122,6 +125,7 @@ class ClientCore:
         self.consistency = consistency
         self.read_policy = read_policy
         self.settings = settings or ClientSettings()
+        self.limits = limits or Limits()  # the nodes' (the defaults unless a cluster changed them)
         self.track_session = track_session
         self.session: dict[int, int] = decode_session(session) if session else {}
         self._session_lock = threading.Lock()
@@ -295,6 +299,8 @@ class ClientCore:
                 if err.leader and free_redirects > 0 and time.monotonic() < deadline:
                     free_redirects -= 1
                     continue
+            except errors.Overloaded as err:
+                last = err  # refused before it started (the leader is busy): back off, same leader
             except (errors.Unavailable, errors.UnknownOutcome) as err:
                 ambiguous = ambiguous or isinstance(err, errors.UnknownOutcome) or not err.from_server
                 self.leaders[shard.id] = self._next_replica(shard, address)
@@ -440,9 +446,17 @@ class ClientCore:
         request_id: bytes = b"",
         retry: bool = False,
     ) -> Plan:
-        """Atomic: one shard, one Raft entry (else CrossShardWrite). Non-atomic: one write per shard.
-        `request_id`, `retry`: a router passes its caller's on."""
+        """Atomic: one shard, one Raft entry (else CrossShardWrite), within the request limits (else
+        InvalidArgument). Non-atomic: one write per shard, or several if a shard's part exceeds
+        `max_batch_keys` or `max_request_bytes`. `request_id`, `retry`: a router passes its caller's on."""
         request_id = request_id or self.new_request_id()
+        if atomic:
+            _check_one_request(
+                self.limits,
+                len(items),
+                sum(map(len, itertools.chain.from_iterable(items))),
+                "an atomic multi_put",
+            )
         if self.router:
             request = _multi_put_request(items, request_id)
             request.non_atomic = not atomic
@@ -456,13 +470,16 @@ class ClientCore:
             request.retry = retry
             return self.write(keys, "MultiPut", request, split=not atomic, routed=routed)
 
-        responses = yield from self._per_shard([k for k, _ in items], atomic, part)
+        keys = [k for k, _ in items]
+        responses = yield from self._per_shard(keys, atomic, part, chunked=not atomic, values=by_key)
         return _combine(pb.MultiPutResponse(), responses)
 
     def delete(
         self, keys: list[bytes], atomic: bool = True, request_id: bytes = b"", retry: bool = False
     ) -> Plan:
         request_id = request_id or self.new_request_id()
+        if atomic:
+            _check_one_request(self.limits, len(keys), sum(map(len, keys)), "an atomic delete")
         if self.router:
             request = pb.DeleteRequest(keys=keys, request_id=request_id, non_atomic=not atomic)
             return (yield from self.write([], "Delete", request))
@@ -472,7 +489,7 @@ class ClientCore:
             request = pb.DeleteRequest(keys=group, request_id=sub_id, retry=retry)
             return self.write(group, "Delete", request, split=not atomic, routed=routed)
 
-        responses = yield from self._per_shard(keys, atomic, part)
+        responses = yield from self._per_shard(keys, atomic, part, chunked=not atomic)
         combined = _combine(pb.DeleteResponse(), responses)
         combined.deleted = sum(r.deleted for r in responses)
         return combined
@@ -483,10 +500,15 @@ class ClientCore:
         atomic: bool,
         part: Callable[[Routed, list[bytes]], Plan],
         writes: bool = True,
+        chunked: bool = False,
+        values: dict[bytes, bytes] | None = None,
     ) -> Plan:
         """Run `part` once per shard's group of keys, concurrently, and wait for every part. A part
         whose keys turn out to span shards under a refreshed map is regrouped and run again (only
-        its keys). If a part fails, a write is reported as failed only if no part may have applied."""
+        its keys). If a part fails, a write is reported as failed only if no part may have applied.
+
+        `chunked` (non-atomic operations): a group beyond one request's limits (its keys and their
+        `values`) is split into several parts."""
         yield from self._ensure_map()
         remaining, responses = list(keys), []
         for _ in range(_MAX_REGROUPS):
@@ -494,10 +516,15 @@ class ClientCore:
             groups = self.cluster_map.ring.shards_for(remaining)
             if atomic and len(groups) > 1:
                 self._shard_of(remaining)  # raises CrossShardWrite with the explanation
-            parts = [part(Routed(shard, epoch), group) for shard, group in groups.items()]
+            chunks = [
+                (shard, chunk)
+                for shard, group in groups.items()
+                for chunk in (_chunks(group, values, self.limits) if chunked else (group,))
+            ]
+            parts = [part(Routed(shard, epoch), chunk) for shard, chunk in chunks]
             results = yield Parallel([_outcome_of(p) for p in parts])
             remaining = [
-                k for group, r in zip(groups.values(), results, strict=True) if r is _REGROUP for k in group
+                k for (_, chunk), r in zip(chunks, results, strict=True) if r is _REGROUP for k in chunk
             ]
             failures = [r for r in results if isinstance(r, errors.KvError)]
             responses += [r for r in results if r is not _REGROUP and not isinstance(r, errors.KvError)]
@@ -523,7 +550,7 @@ class ClientCore:
             request = pb.MultiGetRequest(keys=group)
             return self.read(group, None, "MultiGet", request, level, session, routed)
 
-        return (yield from self._per_shard(keys, False, part, writes=False))
+        return (yield from self._per_shard(keys, False, part, writes=False, chunked=True))
 
     def scan(
         self,
@@ -553,10 +580,60 @@ class ClientCore:
         merged = list(heapq.merge(*(r.kvs for r in responses), key=lambda kv: kv.key))
         more = len(merged) > limit or any(r.continuation for r in responses)
         page = merged[:limit]
+        # A shard's page may end early (at the node's answer limit): the merged page must end
+        # where the first of those ends, or the keys after it on that shard would be skipped.
+        ends = [r.continuation for r in responses if r.continuation]
+        if ends:
+            page = page[: bisect.bisect_right(page, min(ends), key=lambda kv: kv.key)]
+        if len(responses) > 1:  # each shard's page is within the answer limit, together maybe not
+            within = _within(page, self.limits.max_response_bytes)
+            more = more or len(within) < len(page)
+            page = within
         combined = _combine(pb.ScanResponse(), responses)
         combined.kvs.extend(page)
         combined.continuation = page[-1].key if more and page else b""
         return combined
+
+
+def _check_one_request(limits: Limits, keys: int, size: int, what: str) -> None:
+    if keys > limits.max_batch_keys or size > limits.max_request_bytes:
+        raise errors.InvalidArgument(
+            f"{what} of {keys} keys and {size} bytes exceeds one request's limits "
+            f"({limits.max_batch_keys} keys, {limits.max_request_bytes} bytes of keys and values): "
+            "split it, or use put_many/delete_many with atomic=False"
+        )
+
+
+def _chunks(keys: list[bytes], values: dict[bytes, bytes] | None, limits: Limits) -> list[list[bytes]]:
+    """`keys` cut into runs within one request's limits (count, and bytes of keys and values)."""
+    if len(keys) <= limits.max_batch_keys:
+        total = sum(map(len, keys))
+        if values is not None:
+            total += sum(map(len, map(values.__getitem__, keys)))
+        if total <= limits.max_request_bytes:
+            return [keys]  # the usual case: one part, sized in C, no per-key Python
+    chunks: list[list[bytes]] = []
+    current: list[bytes] = []
+    size = 0
+    for key in keys:
+        key_size = len(key) + (len(values[key]) if values is not None else 0)
+        if current and (len(current) >= limits.max_batch_keys or size + key_size > limits.max_request_bytes):
+            chunks.append(current)
+            current, size = [], 0
+        current.append(key)
+        size += key_size
+    chunks.append(current)
+    return chunks
+
+
+def _within(page: list[Any], budget: int) -> list[Any]:
+    """The longest prefix of a scan page whose keys and values fit `budget` (at least one)."""
+    size = 0
+    for i, kv in enumerate(page):
+        size += len(kv.key) + len(kv.value)
+        if size > budget and i:
+            return page[:i]
+    return page
 
 
 def _combine(target: Any, responses: list[Any]) -> Any:

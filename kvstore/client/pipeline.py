@@ -60,14 +60,20 @@ def _payload_bytes(request: Any) -> int:
 
 
 # A Batch RPC carries at most this many ops and (beyond its first op) this many bytes of them,
-# well inside the server's limits (10,000 ops, 64 MiB). Answers can be larger (a get of a 1 MiB
-# value); a batch whose answer outgrows the message limit is asked again one op at a time.
+# inside the server's limits (Limits: 10,000 ops; a message of max_request_bytes plus framing).
+# Answers are bounded by the node: ops whose answers do not fit its answer limit come back
+# `Deferred` and are sent again in the next batch.
 _MAX_BATCH_OPS = 1_000
 _MAX_BATCH_BYTES = 8 << 20
+# What may wait for a slot, per endpoint and lane: a caller that submits faster than the node
+# answers gets `Overloaded` (never sent) instead of a queue that grows without end. The plans
+# treat it as a busy node: they back off and try again until the call's own timeout.
+MAX_PENDING_OPS = 10 * _MAX_BATCH_OPS
+MAX_PENDING_BYTES = 8 * _MAX_BATCH_BYTES
 
 
 class _AnswerTooLarge(Exception):
-    """A Batch RPC's answer exceeded the message limit (RESOURCE_EXHAUSTED)."""
+    """A Batch RPC's answer exceeded gRPC's message limit (a bare RESOURCE_EXHAUSTED)."""
 
 
 @dataclass
@@ -75,6 +81,8 @@ class _Queued:
     call: Call
     future: asyncio.Future[Any]
     deadline: float  # loop time: the op's timeout counts from when the caller made it
+    size: int  # `_payload_bytes` of its request
+    alone: bool = False  # send it in an RPC of its own (its batch's answer was too large)
 
 
 class Pipeline:
@@ -91,7 +99,11 @@ class Pipeline:
     deadline would, even though the batch's RPC waits for the op with the latest deadline.
 
     Each op keeps its own outcome: a per-op error is raised to that op's plan only, exactly as if
-    it had been sent alone (the plan then retries or redirects it by itself)."""
+    it had been sent alone (the plan then retries or redirects it by itself).
+
+    What waits is bounded (`max_pending_ops`, `max_pending_bytes`): beyond it a call fails at
+    once with `Overloaded`, unsent, as a Kafka producer's full buffer does (its plan backs off and
+    tries again within its timeout, so a burst waits and a runaway producer is told)."""
 
     def __init__(
         self,
@@ -99,9 +111,14 @@ class Pipeline:
         depth: int,
         send_one: Callable[[Call, float], Awaitable[Any]],
         kv_stub: Callable[[], Any],
+        max_pending_ops: int = MAX_PENDING_OPS,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
     ) -> None:
         self._address = address
         self._depth = depth
+        self._max_pending_ops = max_pending_ops
+        self._max_pending_bytes = max_pending_bytes
+        self._pending_bytes = 0
         self._send_one = send_one  # one op alone: the plain unary RPC (raises KvError)
         self._kv_stub = kv_stub  # the endpoint's KV stub, for Batch
         self._in_flight = 0
@@ -117,7 +134,21 @@ class Pipeline:
         if self._closed:
             future.set_exception(errors.ClientClosed("the client is closed: the call was not sent"))
             return future
-        self._pending.append(_Queued(call, future, loop.time() + call.timeout))
+        size = _payload_bytes(call.request)
+        if self._pending and (
+            len(self._pending) >= self._max_pending_ops
+            or self._pending_bytes + size > self._max_pending_bytes
+        ):
+            future.set_exception(
+                errors.Overloaded(
+                    f"not sent to {self._address}: {len(self._pending)} calls ({self._pending_bytes} "
+                    f"bytes) already wait for it, the client's limit ({self._max_pending_ops} calls, "
+                    f"{self._max_pending_bytes} bytes)"
+                )
+            )
+            return future
+        self._pending.append(_Queued(call, future, loop.time() + call.timeout, size))
+        self._pending_bytes += size
         self._schedule_flush()
         self._arm_expiry()
         return future
@@ -164,15 +195,24 @@ class Pipeline:
         size = 0
         while self._pending and len(batch) < _MAX_BATCH_OPS:
             queued = self._pending.popleft()
+            self._pending_bytes -= queued.size
             if not self._still_waiting(queued, now):
                 continue
-            op_size = _payload_bytes(queued.call.request)
-            if batch and size + op_size > _MAX_BATCH_BYTES:
-                self._pending.appendleft(queued)
+            if batch and (queued.alone or size + queued.size > _MAX_BATCH_BYTES):
+                self._requeue([queued])
                 break
             batch.append(queued)
-            size += op_size
+            size += queued.size
+            if queued.alone:
+                break
         return batch
+
+    def _requeue(self, ops: list[_Queued]) -> None:
+        """Put ops back at the head of the queue, in order (they were first in line). Not counted
+        against the bound: they were admitted once already."""
+        for queued in reversed(ops):
+            self._pending.appendleft(queued)
+            self._pending_bytes += queued.size
 
     async def _send(self, batch: list[_Queued], now: float) -> None:
         loop = asyncio.get_running_loop()
@@ -204,9 +244,10 @@ class Pipeline:
             else:
                 outcomes = await self._send_batch(batch, timeout)
         except _AnswerTooLarge:
-            # The answers together outgrew the message limit; alone, each may fit. (Writes carry
+            # The answers together outgrew gRPC's message limit (a node that predates answer
+            # budgets): each goes again in an RPC of its own, as the slot allows. (Writes carry
             # request ids, so asking again never applies one twice.)
-            await asyncio.gather(*(self._exchange([queued], timeout) for queued in batch))
+            self._send_again([queued for queued in batch if not queued.future.done()], alone=True)
             return
         except errors.KvError as err:  # the RPC itself failed: no op got an answer
             if not err.from_server and isinstance(err, errors.Unavailable | errors.UnknownOutcome):
@@ -214,11 +255,27 @@ class Pipeline:
                 # wait out another timeout there, so it fails now, unsent.
                 self._fail_pending(self._not_sent(f"it did not answer the call before: {err.message}"))
             outcomes = [err, *(copy.copy(err) for _ in batch[1:])]  # one exception per raiser
+        deferred: list[_Queued] = []
         for queued, outcome in zip(batch, outcomes, strict=True):
-            if isinstance(outcome, errors.KvError):
+            if isinstance(outcome, errors.Deferred) and not queued.future.done():
+                deferred.append(queued)  # the batch's answer was full: it goes in the next one
+            elif isinstance(outcome, errors.KvError):
                 _settle(queued.future, error=outcome)
             else:
                 _settle(queued.future, result=outcome)
+        if deferred:
+            self._send_again(deferred)
+
+    def _send_again(self, ops: list[_Queued], alone: bool = False) -> None:
+        """Queue ops the node did not answer, ahead of everything else (their deadlines stand)."""
+        if self._closed:
+            for queued in ops:
+                _settle(queued.future, error=errors.ClientClosed("the client was closed: not sent again"))
+            return
+        for queued in ops:
+            queued.alone = queued.alone or alone
+        self._requeue(ops)
+        self._arm_expiry()  # the slot frees (and the flush runs) when this batch's send returns
 
     async def _send_batch(self, batch: list[_Queued], timeout: float) -> list[Any]:
         """One Batch RPC: each op's response, or the `KvError` the node answered it with."""
@@ -229,9 +286,10 @@ class Pipeline:
         try:
             response = await self._kv_stub().Batch(request, timeout=timeout)
         except grpc.RpcError as exc:
-            if hasattr(exc, "code") and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                raise _AnswerTooLarge from None
-            raise errors.from_rpc_error(exc) from None
+            err = errors.from_rpc_error(exc)
+            if type(err) is errors.ResourceExhausted and not err.from_server:
+                raise _AnswerTooLarge from None  # gRPC's own message limit, not a kvstore answer
+            raise err from None
         outcomes: list[Any] = []
         for queued, result in zip(batch, response.results, strict=True):
             if result.WhichOneof("result") == "error":
@@ -251,6 +309,7 @@ class Pipeline:
 
     def _fail_pending(self, error: errors.KvError) -> None:
         pending, self._pending = self._pending, deque()
+        self._pending_bytes = 0
         for queued in pending:
             _settle(queued.future, error=error)
 
@@ -265,6 +324,7 @@ class Pipeline:
         self._expiry = None
         now = asyncio.get_running_loop().time()
         self._pending = deque(queued for queued in self._pending if self._still_waiting(queued, now))
+        self._pending_bytes = sum(queued.size for queued in self._pending)
         self._arm_expiry()
 
     def _still_waiting(self, queued: _Queued, now: float) -> bool:

@@ -15,10 +15,13 @@ from kvstore import errors
 from kvstore.client import api
 from kvstore.client.core import ClientCore, Consistency, ReadConsistency, ReadPolicy
 from kvstore.client.plans import Call, Parallel, Plan, Sleep
+from kvstore.config import Limits
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 
 _STUBS = {"KV": pb_grpc.KVStub, "Admin": pb_grpc.AdminStub}
-_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+# The same message limits as a node with the default Limits (derived there from the request and
+# answer limits): what the SDK may send, a node accepts, and what a node may answer, the SDK reads.
+_CHANNEL_OPTIONS = Limits().grpc_options()
 
 
 class Client:

@@ -58,6 +58,8 @@ class _Pending:
     request_id: bytes
     op: commands.Op
     future: asyncio.Future[commands.Result]
+    size: int  # bytes of keys and values (`commands.payload_bytes`)
+    held: int  # what it may hold until settled: its size, and a CAS its answer (the current value)
 
 
 class AppliedIndexWatcher:
@@ -102,6 +104,7 @@ class Shard:
         replica: ReplicaSettings,
         server: ServerSettings,
         client_address_of: Callable[[str], str],
+        max_value_bytes: int = 0,
     ) -> None:
         self.shard_id = shard_id
         self.storage = storage
@@ -111,6 +114,12 @@ class Shard:
         self.applied = AppliedIndexWatcher()
         self._queue: list[_Pending] = []
         self._flush_scheduled = False
+        # Writes proposed and not yet settled (applied, failed or timed out), for back-pressure.
+        self._pending_count = 0
+        self._pending_bytes = 0
+        # A failed compare-and-set answers with the key's current value, copied when it applies:
+        # counted at the largest value, so a burst of them cannot hold more than the bound.
+        self._cas_answer_bytes = max_value_bytes
         self._barrier_in_flight: asyncio.Future[int] | None = None
         # The in-flight barrier while its proposal still waits in the queue: a reader arriving now
         # still precedes the proposal, so it may share that barrier instead of the next one.
@@ -148,15 +157,36 @@ class Shard:
             raise errors.NotLeader(leader=self.leader_client_address())
 
     async def write(self, op: commands.Op, request_id: bytes = b"") -> commands.Result:
-        """Propose `op` through Raft; returns (revision, payload) once applied and committed here."""
+        """Propose `op` through Raft; returns (revision, payload) once applied and committed here.
+
+        Refused with `Overloaded` (nothing proposed) while `max_pending_proposals` writes, or
+        `max_pending_bytes` of keys and values, wait to be applied: a leader that cannot keep up
+        pushes back instead of queueing without end. A write always goes when none is pending."""
         self.ensure_leader()
+        size = commands.payload_bytes(op)
+        held = size + self._cas_answer_bytes if op[0] == commands.CAS else size
+        server = self._server
+        if self._pending_count and (
+            self._pending_count >= server.max_pending_proposals
+            or self._pending_bytes + held > server.max_pending_bytes
+        ):
+            raise errors.Overloaded(
+                f"shard {self.shard_id} leader has {self._pending_count} writes "
+                f"({self._pending_bytes} bytes) waiting to be applied, its limit "
+                f"(server.max_pending_proposals {server.max_pending_proposals}, "
+                f"server.max_pending_bytes {server.max_pending_bytes}): nothing was proposed, retry later"
+            )
         # No per-write wait_for: one timer per Raft entry fails the entry's futures instead
         # (`_flush`); a task and a shield per write cost ~8% of a busy leader's CPU.
-        return await self._enqueue(request_id, op)
+        return await self._enqueue(request_id, op, size, held)
 
-    def _enqueue(self, request_id: bytes, op: commands.Op) -> asyncio.Future[commands.Result]:
+    def _enqueue(
+        self, request_id: bytes, op: commands.Op, size: int = 0, held: int = 0
+    ) -> asyncio.Future[commands.Result]:
         future: asyncio.Future[commands.Result] = self._loop.create_future()
-        self._queue.append(_Pending(request_id, op, future))
+        self._queue.append(_Pending(request_id, op, future, size, held))
+        self._pending_count += 1
+        self._pending_bytes += held
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -168,19 +198,22 @@ class Shard:
         queue, self._queue = self._queue, []
         limits = (self._server.max_entry_proposals, self._server.max_entry_bytes)
         for entry in _group_into_entries(queue, *limits):
-            timer = self._loop.call_later(self._server.write_timeout, self._time_out, entry)
+            settled = _Settled(self, entry)
+            timer = self._loop.call_later(self._server.write_timeout, self._time_out, entry, settled)
             try:
                 self.machine.propose(
-                    [(p.request_id, p.op) for p in entry], self._completion_for(entry, timer)
+                    [(p.request_id, p.op) for p in entry], self._completion_for(entry, timer, settled)
                 )
             except Exception as exc:  # never leave a proposer waiting for an entry that was not made
                 log.exception("proposing an entry failed")
                 timer.cancel()
+                settled()
                 for pending in entry:
                     if not pending.future.done():
                         pending.future.set_exception(errors.Unavailable(f"not proposed: {exc}"))
 
-    def _time_out(self, entry: list[_Pending]) -> None:
+    def _time_out(self, entry: list[_Pending], settled: _Settled) -> None:
+        settled()
         for pending in entry:
             if not pending.future.done():
                 pending.future.set_exception(
@@ -190,10 +223,11 @@ class Shard:
                 )
 
     def _completion_for(
-        self, entry: list[_Pending], timer: asyncio.TimerHandle
+        self, entry: list[_Pending], timer: asyncio.TimerHandle, settled: _Settled
     ) -> Callable[[Any, int], None]:
         def complete(results: Any, error: int) -> None:
             timer.cancel()
+            settled()
             for i, pending in enumerate(entry):
                 if pending.future.done():
                     continue
@@ -321,6 +355,24 @@ class Shard:
         return (problem is None, problem or "")
 
 
+class _Settled:
+    """Releases an entry's share of the shard's pending-write bounds, once (at completion, at
+    its timeout or when proposing failed, whichever comes first)."""
+
+    __slots__ = ("_shard", "_count", "_bytes")
+
+    def __init__(self, shard: Shard, entry: list[_Pending]) -> None:
+        self._shard = shard
+        self._count = len(entry)
+        self._bytes = sum(p.held for p in entry)
+
+    def __call__(self) -> None:
+        if self._shard is not None:
+            self._shard._pending_count -= self._count
+            self._shard._pending_bytes -= self._bytes
+            self._shard = None  # type: ignore[assignment]
+
+
 def _copy_outcome(source: asyncio.Future[int], target: asyncio.Future[int]) -> None:
     if target.done():
         return
@@ -338,7 +390,7 @@ def _group_into_entries(queue: list[_Pending], max_proposals: int, max_bytes: in
     size = 0
     for pending in queue:
         touched = commands.touched_keys(pending.op)
-        op_size = commands.payload_bytes(pending.op)
+        op_size = pending.size
         if current and (
             len(current) >= max_proposals or size + op_size > max_bytes or not keys.isdisjoint(touched)
         ):

@@ -26,9 +26,9 @@ from kvstore.replication.state_machine import ReplicaSettings
 from kvstore.routing.cluster_map import ClusterMap
 from kvstore.server import validation as check
 from kvstore.server.health import NodeHealth, add_health, start_health_port
-from kvstore.server.status import add_service, rpc_errors, run_batch
+from kvstore.server.status import ConcurrencyGate, ResponseBudget, add_service, rpc_errors, run_batch
 from kvstore.storage.disk import DiskSpace
-from kvstore.storage.engine import Record, Storage
+from kvstore.storage.engine import OverBudget, Record, Storage
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,9 @@ class KVServicer(pb_grpc.KVServicer):
         await self.shard.ensure_fresh(read.consistency, session_index, read.max_staleness_seconds)
 
     @rpc_errors
-    async def Put(self, request: pb.PutRequest, context: grpc.aio.ServicerContext) -> pb.PutResponse:
+    async def Put(
+        self, request: pb.PutRequest, context: grpc.aio.ServicerContext, budget: ResponseBudget | None = None
+    ) -> pb.PutResponse:
         check.check_key(request.key, self.limits)
         check.check_value(request.value, self.limits)
         op = commands.put(request.key, request.value)
@@ -94,7 +96,10 @@ class KVServicer(pb_grpc.KVServicer):
 
     @rpc_errors
     async def MultiPut(
-        self, request: pb.MultiPutRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.MultiPutRequest,
+        context: grpc.aio.ServicerContext,
+        budget: ResponseBudget | None = None,
     ) -> pb.MultiPutResponse:
         keys, values = check.check_pairs(request.keys, request.values, self.limits)
         check.check_unique(keys)
@@ -103,7 +108,12 @@ class KVServicer(pb_grpc.KVServicer):
         return pb.MultiPutResponse(header=self.ctx.header(revision))
 
     @rpc_errors
-    async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
+    async def Delete(
+        self,
+        request: pb.DeleteRequest,
+        context: grpc.aio.ServicerContext,
+        budget: ResponseBudget | None = None,
+    ) -> pb.DeleteResponse:
         keys = check.check_keys(request.keys, self.limits)
         check.check_unique(keys)
         revision, deleted = await self._write(keys, commands.delete(keys), request)
@@ -111,7 +121,10 @@ class KVServicer(pb_grpc.KVServicer):
 
     @rpc_errors
     async def CompareAndSet(
-        self, request: pb.CompareAndSetRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.CompareAndSetRequest,
+        context: grpc.aio.ServicerContext,
+        budget: ResponseBudget | None = None,
     ) -> pb.CompareAndSetResponse:
         check.check_key(request.key, self.limits)
         check.check_value(request.value, self.limits)
@@ -119,42 +132,72 @@ class KVServicer(pb_grpc.KVServicer):
         revision, (succeeded, current) = await self._write([request.key], op, request)
         response = pb.CompareAndSetResponse(header=self.ctx.header(revision), succeeded=succeeded)
         if current is not None:
+            if budget is not None:  # a failed CAS changed nothing: deferring it is safe
+                budget.charge(len(current.key) + len(current.value))
             response.current.CopyFrom(_kv(current))
         return response
 
     @rpc_errors
-    async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext) -> pb.GetResponse:
+    async def Get(
+        self, request: pb.GetRequest, context: grpc.aio.ServicerContext, budget: ResponseBudget | None = None
+    ) -> pb.GetResponse:
         check.check_key(request.key, self.limits)
         self.ctx.check_owned([request.key])
         await self._fresh(request.read)
+        if budget is not None:
+            budget.admit()
         record, applied = self.shard.storage.read(request.key)
         response = pb.GetResponse(header=self.ctx.header(applied), found=record is not None)
         if record is not None:
+            if budget is not None:
+                budget.charge(len(record.key) + len(record.value))
             response.kv.CopyFrom(_kv(record))
         return response
 
     @rpc_errors
     async def MultiGet(
-        self, request: pb.MultiGetRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.MultiGetRequest,
+        context: grpc.aio.ServicerContext,
+        budget: ResponseBudget | None = None,
     ) -> pb.MultiGetResponse:
-        keys = check.check_keys(request.keys, self.limits)
+        # A key named twice is read once: the answer lists each found key once anyway.
+        keys = check.distinct(check.check_keys(request.keys, self.limits))
         self.ctx.check_owned(keys)
         await self._fresh(request.read)
-        found, values, revisions, applied = self.shard.storage.get_columns(keys)
+        if budget is not None:
+            budget.admit()
+        limit = self.limits.max_response_bytes
+        try:
+            found, values, revisions, applied = self.shard.storage.get_columns(keys, budget_bytes=limit)
+        except OverBudget:
+            raise errors.ResourceExhausted(
+                f"the values of these {len(keys)} keys exceed the {limit}-byte answer limit "
+                "(limits.max_response_bytes): ask for fewer keys at a time"
+            ) from None
+        if budget is not None:
+            budget.charge(sum(map(len, found)) + sum(map(len, values)))
         return pb.MultiGetResponse(
             header=self.ctx.header(applied), keys=found, values=values, revisions=revisions
         )
 
     @rpc_errors
     async def Batch(self, request: pb.BatchRequest, context: grpc.aio.ServicerContext) -> pb.BatchResponse:
-        return await run_batch(self, request)
+        return await run_batch(self, request, self.limits)
 
     @rpc_errors
     async def Scan(self, request: pb.ScanRequest, context: grpc.aio.ServicerContext) -> pb.ScanResponse:
         limit = check.check_scan_limit(request.limit, self.limits)
         await self._fresh(request.read)
+        # A page ends early at the answer limit (never before its first record): a smaller page
+        # with a continuation, rather than a refusal.
         records, more, applied = self.shard.storage.scan(
-            request.start, request.end, request.prefix, limit, after=request.continuation
+            request.start,
+            request.end,
+            request.prefix,
+            limit,
+            after=request.continuation,
+            budget_bytes=self.limits.max_response_bytes,
         )
         continuation = records[-1].key if more and records else b""
         return pb.ScanResponse(
@@ -201,8 +244,8 @@ class AdminServicer(pb_grpc.AdminServicer):
 
 
 def grpc_options(config: NodeConfig) -> list[tuple[str, int]]:
-    size = config.limits.max_message_bytes
-    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+    """Message limits derived from the request and answer limits (`Limits.max_message_bytes`)."""
+    return config.limits.grpc_options()
 
 
 async def serve(config: NodeConfig) -> None:
@@ -226,12 +269,20 @@ async def serve(config: NodeConfig) -> None:
         raft=config.raft,
         storage=config.storage,
     )
-    shard = Shard(config.shard, storage, replica, config.server, cluster_map.client_address_of_raft)
+    shard = Shard(
+        config.shard,
+        storage,
+        replica,
+        config.server,
+        cluster_map.client_address_of_raft,
+        max_value_bytes=config.limits.max_value_bytes,
+    )
     health = NodeHealth(shard)
     await health.start()
     ctx = NodeContext(config, shard, cluster_map, health)
     server = grpc.aio.server(options=grpc_options(config))
-    add_service(server, KVServicer(ctx), "KV")
+    gate = ConcurrencyGate(config.server.max_concurrent_rpcs, config.server.max_concurrent_ops)
+    add_service(server, KVServicer(ctx), "KV", gate)
     add_service(server, AdminServicer(ctx), "Admin")
     add_health(server, health.servicer)
     server.add_insecure_port(config.listen)

@@ -12,17 +12,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
+from kvstore import errors
 from kvstore.client.aio import AsyncClient
 from kvstore.client.core import ClientCore, ClientSettings, ReadConsistency, combine_multi_get
+from kvstore.config import Limits, ServerSettings
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.routing.cluster_map import ClusterMap
 from kvstore.server import validation as check
 from kvstore.server.health import add_health, serving_servicer
-from kvstore.server.status import add_service, rpc_errors, run_batch
+from kvstore.server.status import ConcurrencyGate, ResponseBudget, add_service, rpc_errors, run_batch
 
 log = logging.getLogger(__name__)
 
@@ -32,23 +36,37 @@ def _consistency(read: pb.ReadOptions) -> ReadConsistency:
 
 
 class RouterServicer(pb_grpc.KVServicer):
-    def __init__(self, client: AsyncClient) -> None:
+    """Each method takes an optional `budget`: a batched op's share of the Batch answer limit."""
+
+    def __init__(self, client: AsyncClient, limits: Limits | None = None) -> None:
         self.client = client
         self.core = client.core
+        self.limits = limits or Limits()
 
     @rpc_errors
-    async def Put(self, request: pb.PutRequest, context: grpc.aio.ServicerContext) -> pb.PutResponse:
+    async def Put(
+        self, request: pb.PutRequest, context: grpc.aio.ServicerContext, budget: ResponseBudget | None = None
+    ) -> pb.PutResponse:
         return await self.client._run(self.core.write([request.key], "Put", request))
 
     @rpc_errors
     async def CompareAndSet(
-        self, request: pb.CompareAndSetRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.CompareAndSetRequest,
+        context: grpc.aio.ServicerContext,
+        budget: ResponseBudget | None = None,
     ) -> pb.CompareAndSetResponse:
-        return await self.client._run(self.core.write([request.key], "CompareAndSet", request))
+        response = await self.client._run(self.core.write([request.key], "CompareAndSet", request))
+        if budget is not None and response.HasField("current"):
+            budget.charge(len(response.current.key) + len(response.current.value))
+        return response
 
     @rpc_errors
     async def MultiPut(
-        self, request: pb.MultiPutRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.MultiPutRequest,
+        context: grpc.aio.ServicerContext,
+        budget: ResponseBudget | None = None,
     ) -> pb.MultiPutResponse:
         check.check_paired(request.keys, request.values)  # the nodes check everything else
         items = list(zip(request.keys, request.values, strict=True))
@@ -58,7 +76,12 @@ class RouterServicer(pb_grpc.KVServicer):
         return await self.client._run(plan)
 
     @rpc_errors
-    async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
+    async def Delete(
+        self,
+        request: pb.DeleteRequest,
+        context: grpc.aio.ServicerContext,
+        budget: ResponseBudget | None = None,
+    ) -> pb.DeleteResponse:
         plan = self.core.delete(
             list(request.keys),
             atomic=not request.non_atomic,
@@ -68,29 +91,53 @@ class RouterServicer(pb_grpc.KVServicer):
         return await self.client._run(plan)
 
     @rpc_errors
-    async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext) -> pb.GetResponse:
+    async def Get(
+        self, request: pb.GetRequest, context: grpc.aio.ServicerContext, budget: ResponseBudget | None = None
+    ) -> pb.GetResponse:
+        if budget is not None:
+            budget.admit()
         plan = self.core.get(request.key, _consistency(request.read), dict(request.read.session))
-        return await self.client._run(plan)
+        response = await self.client._run(plan)
+        if budget is not None and response.found:
+            budget.charge(len(response.kv.key) + len(response.kv.value))
+        return response
 
     @rpc_errors
     async def MultiGet(
-        self, request: pb.MultiGetRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.MultiGetRequest,
+        context: grpc.aio.ServicerContext,
+        budget: ResponseBudget | None = None,
     ) -> pb.MultiGetResponse:
-        keys = list(request.keys)
+        # Read each key once (as the nodes do): the answer names each found key once anyway.
+        keys = check.distinct(check.check_keys(request.keys, self.limits))
+        if budget is not None:
+            budget.admit()
         plan = self.core.multi_get(keys, _consistency(request.read), dict(request.read.session))
-        return combine_multi_get(keys, await self.client._run(plan))
+        responses = await self.client._run(plan)
+        # Each shard's part is within the answer limit; together they may not be.
+        size = sum(sum(map(len, r.keys)) + sum(map(len, r.values)) for r in responses)
+        if size > self.limits.max_response_bytes:
+            raise errors.ResourceExhausted(
+                f"the values of these {len(keys)} keys exceed the {self.limits.max_response_bytes}-byte "
+                "answer limit (limits.max_response_bytes): ask for fewer keys at a time"
+            )
+        if budget is not None:
+            budget.charge(size)
+        return combine_multi_get(keys, responses)
 
     @rpc_errors
     async def Batch(self, request: pb.BatchRequest, context: grpc.aio.ServicerContext) -> pb.BatchResponse:
-        return await run_batch(self, request)
+        return await run_batch(self, request, self.limits)
 
     @rpc_errors
     async def Scan(self, request: pb.ScanRequest, context: grpc.aio.ServicerContext) -> pb.ScanResponse:
+        limit = check.check_scan_limit(request.limit, self.limits)
         plan = self.core.scan(
             start=request.start,
             end=request.end,
             prefix=request.prefix,
-            limit=request.limit or 1000,
+            limit=limit,
             continuation=request.continuation,
             consistency=_consistency(request.read),
             session=dict(request.read.session),
@@ -108,26 +155,49 @@ def make_router_client(cluster_map: ClusterMap | None, seeds: list[str]) -> Asyn
     return AsyncClient(_core=core)
 
 
-async def serve_router(listen: str, cluster_map: ClusterMap | None, seeds: list[str]) -> None:
+@dataclass
+class RunningRouter:
+    server: grpc.aio.Server
+    client: AsyncClient  # the router's own smart client, to the nodes
+    port: int  # the port bound (for a listen address ending in :0)
+    health: Any  # grpc_health's HealthServicer
+
+
+async def start_router(
+    listen: str,
+    cluster_map: ClusterMap | None,
+    seeds: list[str],
+    limits: Limits | None = None,
+    server_settings: ServerSettings | None = None,
+) -> RunningRouter:
+    """Start serving. `limits` must be the
+    nodes' (the defaults unless a cluster changed them); the router caps its concurrent RPCs at
+    `server_settings.max_concurrent_rpcs`, as a node does."""
+    limits = limits or Limits()
+    server_settings = server_settings or ServerSettings()
     client = make_router_client(cluster_map, seeds)
-    server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-    )
-    add_service(server, RouterServicer(client), "KV")
+    server = grpc.aio.server(options=limits.grpc_options())
+    gate = ConcurrencyGate(server_settings.max_concurrent_rpcs, server_settings.max_concurrent_ops)
+    add_service(server, RouterServicer(client, limits), "KV", gate)
     health = await serving_servicer()
-    add_health(server, health)
+    add_health(server, health)  # outside the gate: probes answer under load
     port = server.add_insecure_port(listen)
     await server.start()
-    log.info("router serving on %s (port %d)", listen, port)
+    return RunningRouter(server, client, port, health)
+
+
+async def serve_router(listen: str, cluster_map: ClusterMap | None, seeds: list[str]) -> None:
+    router = await start_router(listen, cluster_map, seeds)
+    log.info("router serving on %s (port %d)", listen, router.port)
     print(f"router listening on {listen}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await health.enter_graceful_shutdown()
-    await server.stop(grace=2.0)
-    await client.close()
+    await router.health.enter_graceful_shutdown()
+    await router.server.stop(grace=2.0)
+    await router.client.close()
 
 
 def run_router(listen: str, cluster_map: ClusterMap | None, seeds: list[str]) -> None:

@@ -27,9 +27,12 @@ def check_value(value: bytes, limits: Limits) -> None:
 def check_pairs(
     keys: Iterable[bytes], values: Iterable[bytes], limits: Limits
 ) -> tuple[list[bytes], list[bytes]]:
-    """A multi-put's parallel lists: as many values as keys, each within its limit."""
-    keys, values = check_keys(keys, limits), list(values)
+    """A multi-put's parallel lists: as many values as keys, each within its limit, and all of
+    them together within `max_request_bytes` (one write is one Raft proposal)."""
+    keys, values = list(keys), list(values)
     check_paired(keys, values)
+    value_bytes = sum(map(len, values))  # in C; the per-value loop only runs to name a culprit
+    keys = check_keys(keys, limits, extra_bytes=value_bytes)
     check_values(values, limits)
     return keys, values
 
@@ -45,7 +48,9 @@ def check_values(values: list[bytes], limits: Limits) -> None:
             check_value(value, limits)  # raises with the offending size
 
 
-def check_keys(keys: Iterable[bytes], limits: Limits) -> list[bytes]:
+def check_keys(keys: Iterable[bytes], limits: Limits, extra_bytes: int = 0) -> list[bytes]:
+    """At least one key, at most `max_batch_keys`, each within its limit; the keys (plus
+    `extra_bytes` of values) within `max_request_bytes`."""
     keys = list(keys)
     if not keys:
         raise InvalidArgument("at least one key is required")
@@ -55,12 +60,30 @@ def check_keys(keys: Iterable[bytes], limits: Limits) -> list[bytes]:
     if min(lengths) == 0 or max(lengths) > limits.max_key_bytes:
         for key in keys:
             check_key(key, limits)
+    total = sum(lengths) + extra_bytes
+    if total > limits.max_request_bytes:
+        raise InvalidArgument(
+            f"{len(keys)} keys{' and their values' if extra_bytes else ''} are {total} bytes in one "
+            f"request; the limit is {limits.max_request_bytes} (split it into several requests)"
+        )
     return keys
+
+
+def distinct(keys: list[bytes]) -> list[bytes]:
+    """The keys without repeats, in first-seen order (a read names each key once in its answer,
+    so a key named twice is read and copied once)."""
+    unique = dict.fromkeys(keys)
+    return keys if len(unique) == len(keys) else list(unique)
 
 
 def check_unique(keys: list[bytes]) -> None:
     if len(set(keys)) != len(keys):
         raise InvalidArgument("the same key appears twice in one write")
+
+
+def check_batch(ops: int, limits: Limits) -> None:
+    if ops > limits.max_batch_ops:
+        raise InvalidArgument(f"{ops} ops in one batch; the limit is {limits.max_batch_ops}")
 
 
 def check_request_id(request_id: bytes, limits: Limits) -> None:

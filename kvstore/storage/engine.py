@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import struct
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +42,10 @@ _GROW_AT_FRACTION = 0.5
 _MAX_TXN_BYTES = 64 << 20
 # Writes are refused (see `write_refusal`) once the map is this full and may not grow further.
 _REFUSE_AT_MAP_FRACTION = 0.9
+
+
+class OverBudget(Exception):
+    """A read's answer would exceed the byte budget its caller gave (`get_columns`)."""
 
 
 class Record(NamedTuple):
@@ -136,19 +141,28 @@ class Storage:
             raw = txn.get(key)
             return _unpack(key, raw) if raw is not None else None
 
-    def get_columns(self, keys: list[bytes]) -> tuple[list[bytes], list[bytes], list[int], int]:
+    def get_columns(
+        self, keys: list[bytes], budget_bytes: int = sys.maxsize
+    ) -> tuple[list[bytes], list[bytes], list[int], int]:
         """The found keys, their values and revisions as parallel lists (request order), and the
-        applied index of that same snapshot. Lists, not a Record per key: the batched read path."""
+        applied index of that same snapshot. Lists, not a Record per key: the batched read path.
+
+        Raises `OverBudget` as soon as the found keys and values add up to more than
+        `budget_bytes`: an oversized answer is refused having copied at most that much."""
         found: list[bytes] = []
         values: list[bytes] = []
         revisions: list[int] = []
         revision_of = _U64.unpack_from
+        size = 0
         with self._env_lock, self._env.begin() as txn:
             applied = txn.get(_APPLIED, db=self._meta)
             get, data = txn.get, self._data
             for key in keys:
                 raw = get(key, db=data)
                 if raw is not None:
+                    size += len(key) + len(raw)
+                    if size > budget_bytes:
+                        raise OverBudget(f"the values of {len(keys)} keys exceed {budget_bytes} bytes")
                     found.append(key)
                     values.append(raw[8:])
                     revisions.append(revision_of(raw)[0])
@@ -160,15 +174,23 @@ class Storage:
         return (Record(key, values[0], revisions[0]) if found else None), applied
 
     def scan(
-        self, start: bytes, end: bytes, prefix: bytes, limit: int, after: bytes = b""
+        self,
+        start: bytes,
+        end: bytes,
+        prefix: bytes,
+        limit: int,
+        after: bytes = b"",
+        budget_bytes: int = sys.maxsize,
     ) -> tuple[list[Record], bool, int]:
-        """Keys in [start, end) with `prefix`, strictly after `after`, at most `limit`.
+        """Keys in [start, end) with `prefix`, strictly after `after`, at most `limit`, and no more
+        keys and values than `budget_bytes` (but always the first record: a page makes progress).
 
         Returns (records, more, applied index of the snapshot read).
         """
         lower = max(start, prefix, after)
         out: list[Record] = []
         more = False
+        size = 0
         with self._env_lock, self._env.begin() as txn:
             applied_raw = txn.get(_APPLIED, db=self._meta)
             cursor = txn.cursor(db=self._data)
@@ -179,7 +201,8 @@ class Storage:
                 # lower >= prefix, so the first key without the prefix is past every prefixed key.
                 if (prefix and not key.startswith(prefix)) or (end and key >= end):
                     break
-                if len(out) == limit:
+                size += len(key) + len(raw)
+                if len(out) == limit or (out and size > budget_bytes):
                     more = True
                     break
                 out.append(_unpack(key, raw))
