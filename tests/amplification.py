@@ -173,10 +173,10 @@ ATTEMPTS: dict[str, Callable[[pb_grpc.KVStub], Outcome]] = {
 
 
 def load_data(stub: pb_grpc.KVStub, scan_values: int = SCAN_VALUES) -> None:
-    stub.Put(pb.PutRequest(key=BIG_KEY, value=BIG_VALUE, request_id=os.urandom(16)), timeout=30)
+    stub.Put(pb.PutRequest(key=BIG_KEY, value=BIG_VALUE, request_id=os.urandom(24)), timeout=30)
     for i in range(scan_values):
         key = SCAN_PREFIX + b"%03d" % i
-        stub.Put(pb.PutRequest(key=key, value=BIG_VALUE, request_id=os.urandom(16)), timeout=30)
+        stub.Put(pb.PutRequest(key=key, value=BIG_VALUE, request_id=os.urandom(24)), timeout=30)
 
 
 def leader(cluster: LocalCluster) -> tuple[str, int, str]:

@@ -91,7 +91,7 @@ def test_multi_get_over_the_answer_limit_fails_early(loaded: Any) -> None:
 def test_batch_of_10000_gets_of_a_large_key_answers_what_fits_and_defers_the_rest(loaded: Any) -> None:
     _, stub, pid = loaded
     # What 10,000 batched ops cost whatever they read (tasks, per-op answers): the baseline.
-    stub.Put(pb.PutRequest(key=b"amp:small", value=b"v" * 100, request_id=os.urandom(16)), timeout=10)
+    stub.Put(pb.PutRequest(key=b"amp:small", value=b"v" * 100, request_id=os.urandom(24)), timeout=10)
     small = pb.BatchRequest(ops=[pb.BatchOp(get=pb.GetRequest(key=b"amp:small"))] * 10_000)
     with amp.RssProbe(pid) as baseline:
         stub.Batch(small, timeout=30)
@@ -215,7 +215,7 @@ def test_the_message_limit_fits_the_largest_legal_request_and_answer() -> None:
     per_key = LIMITS.max_request_bytes // LIMITS.max_batch_keys
     keys = [b"%05d" % i + b"k" * 15 for i in range(LIMITS.max_batch_keys)]
     values = [b"v" * (per_key - 20) for _ in keys]
-    multi_put = pb.MultiPutRequest(keys=keys, values=values, request_id=os.urandom(64))
+    multi_put = pb.MultiPutRequest(keys=keys, values=values, request_id=os.urandom(32))
     assert sum(map(len, keys)) + sum(map(len, values)) <= LIMITS.max_request_bytes
     assert multi_put.ByteSize() <= LIMITS.max_message_bytes
     # The largest legal proposal stays below pysyncobj's chunked path (16 MiB), pickled as sent.
@@ -241,7 +241,7 @@ def test_the_message_limit_fits_the_largest_legal_request_and_answer() -> None:
     per_op = pipeline_module._MAX_BATCH_BYTES // pipeline_module._MAX_BATCH_OPS
     for i in range(pipeline_module._MAX_BATCH_OPS):
         batch.ops.add(
-            put=pb.PutRequest(key=b"%05d" % i, value=b"v" * (per_op - 5), request_id=os.urandom(16))
+            put=pb.PutRequest(key=b"%05d" % i, value=b"v" * (per_op - 5), request_id=os.urandom(24))
         )
     assert batch.ByteSize() <= LIMITS.max_message_bytes
 
@@ -340,7 +340,7 @@ async def test_the_proposal_queue_is_bounded(tight_cluster: LocalCluster) -> Non
             async def put(i: int) -> tuple[grpc.StatusCode, str]:
                 try:
                     await stub.Put(
-                        pb.PutRequest(key=b"q%d" % i, value=b"v", request_id=os.urandom(16)), timeout=10
+                        pb.PutRequest(key=b"q%d" % i, value=b"v", request_id=os.urandom(24)), timeout=10
                     )
                     return grpc.StatusCode.OK, ""
                 except grpc.aio.AioRpcError as err:
