@@ -55,9 +55,12 @@ class RaftSettings:
     # (pysyncobj's defaults cache answers for 600 s).
     dns_cache_time: float = 5.0
     dns_fail_cache_time: float = 1.0
-    # Encrypts and authenticates Raft traffic (pysyncobj's Fernet); without it, anyone who reaches a
-    # Raft port can run code in the node. Needs the `cryptography` package (extra: kvstore[secure]).
-    password: str = ""
+    # File holding this shard's Raft secret (one per shard; `cluster up` writes
+    # <dir>/secrets/shard-<N>.key with mode 0600; deploy mounts a Kubernetes Secret). It keys the
+    # encryption and authentication of all Raft traffic (kvstore/replication/peer_transport.py).
+    secret_file: str = ""
+    # No secret, no encryption: loopback only, warned about at every start (flag --insecure).
+    insecure: bool = False
 
 
 @dataclass
@@ -120,7 +123,10 @@ class NodeConfig:
         return tomli_w.dumps(dataclasses.asdict(self))
 
 
-_RENAMED = {"dedup_window_entries": "dedup_window_ids (now counted in request ids, not log entries)"}
+_RENAMED = {
+    "dedup_window_entries": "dedup_window_ids (now counted in request ids, not log entries)",
+    "password": "secret_file (a file holding the shard's secret; never the secret itself)",
+}
 
 
 def _build(cls: type, data: dict[str, Any]) -> Any:

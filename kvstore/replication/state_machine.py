@@ -24,10 +24,10 @@ from typing import Any
 import lmdb
 import pysyncobj.pickle as pysyncobj_pickle
 from pysyncobj import SyncObjConf, replicated
-from pysyncobj.transport import TCPTransport
 
 from kvstore.config import RaftSettings, StorageSettings
 from kvstore.replication import commands
+from kvstore.replication.peer_transport import SecurePeerTransport, peer_password
 from kvstore.replication.raft_fixes import PatchedSyncObj
 from kvstore.replication.snapshots import SnapshotManager
 from kvstore.storage.engine import Storage
@@ -56,7 +56,7 @@ class ReplicaSettings:
     dedup_window: int = StorageSettings.dedup_window_ids  # request ids kept
 
 
-class _FreshnessStampingTransport(TCPTransport):
+class _FreshnessStampingTransport(SecurePeerTransport):
     """Carries what bounded-staleness reads need (pysyncobj ignores unknown message keys):
     - on append-entries from the leader: `sent_at`, its wall-clock send time, and `confirmed_at`,
       the latest send time a majority has acknowledged (see `leader_confirmed_at`);
@@ -124,7 +124,7 @@ class ShardStateMachine(PatchedSyncObj):
             dynamicMembershipChange=False,
             dnsCacheTime=raft.dns_cache_time,
             dnsFailCacheTime=raft.dns_fail_cache_time,
-            password=raft.password or None,
+            password=peer_password(raft, settings.bind, settings.peers),  # None only with --insecure
         )
         # The tick thread starts inside this call and may replay the journal at once: everything
         # apply_entry needs is set up above.

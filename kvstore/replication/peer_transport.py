@@ -1,0 +1,292 @@
+"""Who may talk to a replica's Raft port, and how much it may send (pysyncobj 0.3.17).
+
+pysyncobj alone accepts anyone: it unpickles the first frame of every connection, takes a peer that
+announces itself `'readonly'` (and streams it the log), runs list-form admin messages (`['status']`,
+`['add', ...]`), and buffers whatever length a frame header claims. Here:
+
+- Authentication: traffic is encrypted and authenticated with pysyncobj's Fernet, keyed by the Raft
+  group's secret (`peer_password`: one generated secret per shard, read from `raft.secret_file`).
+  A frame that does not decrypt closes the connection before anything is unpickled.
+- Identity: every peer dials from the same loopback address here, so a peer is the member address it
+  claims after the authenticated handshake. Only configured members of this shard are accepted; a
+  `readonly` peer, an admin message or any other first message closes the connection, and so does
+  a connection that has not identified within `connectionTimeout`.
+- Bounded input: a frame header claiming more than the cap closes the connection before its body is
+  buffered (4 KiB until the peer has identified, then what the largest append-entries message can
+  need); decompression stops at a cap too; unpickling is restricted (`safe_pickle`).
+- `raft.insecure` (flag `--insecure`): no encryption, loopback only, a warning at every start. The
+  identity and size rules above still apply.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import stat
+import struct
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+from pysyncobj.encryptor import getEncryptor
+from pysyncobj.tcp_connection import TcpConnection
+from pysyncobj.transport import TCPTransport
+
+from kvstore.config import RaftSettings
+from kvstore.replication import safe_pickle
+
+log = logging.getLogger(__name__)
+
+_LENGTH = struct.Struct("=i")  # pysyncobj: struct.pack('i', len(data)), native order
+# Handshake messages (a 32-byte key, an address) take ~200 bytes even encrypted.
+HANDSHAKE_MAX_BYTES = 4096
+MIN_SECRET_CHARS = 32
+_REFUSAL_LOG_INTERVAL = 1.0  # a flood of hostile connections must not flood the log
+
+
+def max_message_bytes(batch_size_bytes: int) -> int:
+    """Largest decompressed message a member may send: pysyncobj fills an append-entries message up
+    to `appendEntriesBatchSizeBytes` of commands and then adds one more entry (below the batch size,
+    or it would take the chunked path), plus pickle overhead per entry."""
+    return 2 * batch_size_bytes + (1 << 20)
+
+
+def max_frame_bytes(message_bytes: int) -> int:
+    """Largest frame for such a message: zlib may grow incompressible data a little, Fernet adds
+    base64 (4/3) and ~60 bytes."""
+    return (message_bytes + message_bytes // 100 + 1024) * 4 // 3 + 1024
+
+
+# ----- the secret ---------------------------------------------------------------------------------
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve anywhere
+
+
+def read_secret(path: str | Path) -> str:
+    """The secret in a file (surrounding whitespace ignored), checked for length."""
+    path = Path(path)
+    try:
+        secret = path.read_text().strip()
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ValueError(f"cannot read the Raft secret file {path}: {exc.strerror}") from None
+    if len(secret) < MIN_SECRET_CHARS:
+        raise ValueError(
+            f"the Raft secret in {path} is too short ({len(secret)} < {MIN_SECRET_CHARS} characters)"
+        )
+    if mode & stat.S_IROTH:
+        log.warning(
+            "Raft secret file %s is readable by every user (mode %o): make it 0600", path, mode & 0o777
+        )
+    return secret
+
+
+def peer_password(raft: RaftSettings, bind: str, peers: list[str]) -> str | None:
+    """pysyncobj's `password` for this replica (None: insecure mode). Raises ValueError, with the
+    reason, when the node must not start: no secret without `insecure`, or `insecure` off loopback."""
+    if raft.insecure:
+        if raft.secret_file:
+            raise ValueError("raft.insecure and raft.secret_file are both set: choose one")
+        exposed = [a for a in [bind, *peers] if not _is_loopback(a)]
+        if exposed:
+            raise ValueError(
+                f"--insecure (raft.insecure) is for loopback only, refused with non-loopback "
+                f"Raft address(es) {', '.join(exposed)}"
+            )
+        log.warning(
+            "INSECURE: Raft traffic on %s is neither authenticated nor encrypted (raft.insecure / "
+            "--insecure); any local process can join this shard. Never use this outside a test machine.",
+            bind,
+        )
+        return None
+    if not raft.secret_file:
+        raise ValueError(
+            "no Raft secret: set raft.secret_file to the shard's secret file (`kvstore cluster up` "
+            "writes <dir>/secrets/shard-<N>.key), or pass --insecure for a loopback-only test node"
+        )
+    return read_secret(raft.secret_file)
+
+
+def peer_cipher(secret_file: str | Path) -> Any:
+    """The Fernet a Raft group's members use (for tools that must read their frames: the fault proxy)."""
+    return getEncryptor(read_secret(secret_file))
+
+
+# ----- connections ----------------------------------------------------------------------------------
+
+
+class GuardedTcpConnection(TcpConnection):
+    """pysyncobj's TcpConnection with a frame cap checked as headers arrive, a bounded decompression
+    and the restricted unpickler. Made by `guard()` from a connection pysyncobj just created (before
+    it read anything); only name-mangled helpers of the read path are replaced."""
+
+    _frame_cap: int
+    _message_cap: int
+    _scan_at: int  # offset in the read buffer of the next frame header not yet checked
+    _opened_at: float
+
+    @classmethod
+    def guard(cls, conn: TcpConnection, frame_cap: int, message_cap: int) -> GuardedTcpConnection:
+        conn.__class__ = cls
+        assert isinstance(conn, GuardedTcpConnection)
+        conn.set_caps(frame_cap, message_cap)
+        conn._scan_at = 0
+        conn._opened_at = time.monotonic()
+        return conn
+
+    def set_caps(self, frame_cap: int, message_cap: int) -> None:
+        self._frame_cap = frame_cap
+        self._message_cap = message_cap
+
+    def _TcpConnection__processRead(self) -> bool:  # noqa: N802 (pysyncobj's mangled name)
+        # Stop reading once a whole frame's worth is buffered: the frames are parsed first and the
+        # poller (level-triggered) calls back for the rest, so the buffer stays bounded.
+        if len(self._TcpConnection__readBuffer) > self._frame_cap:
+            return False
+        if not self._TcpConnection__readBuffer:
+            self._scan_at = 0  # nothing pending (also after a reconnect of this connection object)
+        more = TcpConnection._TcpConnection__processRead(self)
+        if more and not self._headers_fit():
+            self.disconnect()
+            return False
+        return more
+
+    def _headers_fit(self) -> bool:
+        buffer = self._TcpConnection__readBuffer
+        at = self._scan_at
+        while len(buffer) - at >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(buffer, at)
+            if not 0 < length <= self._frame_cap:
+                _refusal(f"frame of {length} bytes claimed (cap {self._frame_cap})")
+                return False
+            at += _LENGTH.size + length
+        self._scan_at = at
+        return True
+
+    def _TcpConnection__processParseMessage(self) -> Any:  # noqa: N802
+        buffer = self._TcpConnection__readBuffer
+        if len(buffer) < _LENGTH.size:
+            return None
+        (length,) = _LENGTH.unpack_from(buffer)
+        if not 0 < length <= self._frame_cap:  # checked on arrival too; never buffer past this
+            _refusal(f"frame of {length} bytes claimed (cap {self._frame_cap})")
+            self.disconnect()
+            return None
+        end = _LENGTH.size + length
+        if len(buffer) < end:
+            return None
+        data = buffer[_LENGTH.size : end]
+        self._TcpConnection__readBuffer = buffer[end:]
+        self._scan_at -= end
+        try:
+            return self._decode(data)
+        except Exception as exc:  # a bad token, a bomb, a refused global, a wrong key: drop the peer
+            _refusal(f"frame refused ({type(exc).__name__}: {exc})")
+            self.disconnect()
+            return None
+
+    def _decode(self, data: bytes) -> Any:
+        if self.encryptor:
+            timestamp = self.encryptor.extract_timestamp(data)
+            if timestamp < self.recvLastTimestamp:
+                raise ValueError("frame older than the previous one (replayed?)")
+            data = self.encryptor.decrypt(data)  # authenticates before anything is unpickled
+            self.recvLastTimestamp = timestamp
+        inflater = zlib.decompressobj()
+        raw = inflater.decompress(data, self._message_cap)
+        if inflater.unconsumed_tail or not inflater.eof:
+            raise ValueError(f"message larger than {self._message_cap} bytes decompressed, or truncated")
+        message = safe_pickle.loads(raw)
+        if self.recvRandKey:
+            if not (isinstance(message, tuple) and len(message) == 2 and message[0] == self.recvRandKey):
+                raise ValueError("connection key mismatch")
+            message = message[1]
+        return message
+
+
+_last_refusal_log = 0.0
+
+
+def _refusal(reason: str) -> None:
+    global _last_refusal_log
+    now = time.monotonic()
+    if now - _last_refusal_log >= _REFUSAL_LOG_INTERVAL:
+        _last_refusal_log = now
+        log.warning("Raft peer connection closed: %s", reason)
+
+
+# ----- the transport -------------------------------------------------------------------------------
+
+
+class SecurePeerTransport(TCPTransport):
+    """pysyncobj's TCP transport that accepts only this shard's configured members (see module doc).
+
+    Members are the `otherNodes` pysyncobj passes in (the replica's configured peers)."""
+
+    MAX_PENDING = 64  # unidentified incoming connections held at once; more are closed at accept
+
+    def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:  # noqa: N803
+        conf = syncObj.conf
+        self._message_cap = max_message_bytes(conf.appendEntriesBatchSizeBytes)
+        self._frame_cap = max_frame_bytes(self._message_cap)
+        self._handshake_cap = HANDSHAKE_MAX_BYTES
+        self._identify_timeout = conf.connectionTimeout
+        super().__init__(syncObj, selfNode, otherNodes)
+
+    # Outgoing: we dial a configured member, so its frames get the member caps at once.
+    def addNode(self, node: Any) -> None:  # noqa: N802
+        super().addNode(node)
+        conn = self._connections.get(node)
+        if conn is not None and not isinstance(conn, GuardedTcpConnection):
+            GuardedTcpConnection.guard(conn, self._frame_cap, self._message_cap)
+
+    # Incoming: handshake-sized caps until the peer proves it is a member.
+    def _onNewIncomingConnection(self, conn: TcpConnection) -> None:  # noqa: N802
+        GuardedTcpConnection.guard(conn, self._handshake_cap, self._handshake_cap)
+        if len(self._unknownConnections) >= self.MAX_PENDING:
+            _refusal(f"more than {self.MAX_PENDING} unidentified connections")
+            conn.disconnect()
+            return
+        super()._onNewIncomingConnection(conn)
+
+    def _onIncomingMessageReceived(self, conn: Any, message: Any) -> None:  # noqa: N802
+        if self._syncObj.encryptor and not conn.sendRandKey:
+            # First message of the authenticated handshake: the dialer's 32-byte connection key
+            # (it decrypted, so the dialer holds the group's secret).
+            if isinstance(message, bytes) and len(message) == 32:
+                super()._onIncomingMessageReceived(conn, message)
+            else:
+                self._refuse(conn, "malformed handshake")
+            return
+        if isinstance(message, str) and message in self._nodeAddrToNode:
+            conn.set_caps(self._frame_cap, self._message_cap)
+            super()._onIncomingMessageReceived(conn, message)
+            return
+        if message == "readonly":
+            self._refuse(conn, "read-only peers are not accepted")
+        elif isinstance(message, list):
+            self._refuse(conn, f"admin message {str(message[:1])[:40]} refused")
+        else:
+            self._refuse(conn, f"{str(message)[:60]!r} is not a member of this shard")
+
+    def _refuse(self, conn: Any, reason: str) -> None:
+        _refusal(reason)
+        conn.disconnect()
+        self._unknownConnections.discard(conn)
+
+    def _onTick(self) -> None:  # noqa: N802
+        super()._onTick()
+        if self._unknownConnections:
+            now = time.monotonic()
+            for conn in list(self._unknownConnections):
+                if now - getattr(conn, "_opened_at", now) > self._identify_timeout:
+                    self._refuse(conn, f"no identification within {self._identify_timeout:.1f}s")
