@@ -43,6 +43,8 @@ class RefusedGlobal(pickle.UnpicklingError):
 
 class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
+        if module == "__builtin__":  # protocol < 3 spells builtins the Python 2 way
+            module = "builtins"
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
