@@ -20,6 +20,7 @@ announces itself `'readonly'` (and streams it the log), runs list-form admin mes
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import logging
 import stat
@@ -196,10 +197,10 @@ class GuardedTcpConnection(TcpConnection):
 
     def _decode(self, data: bytes) -> Any:
         if self.encryptor:
-            timestamp = self.encryptor.extract_timestamp(data)
-            if timestamp < self.recvLastTimestamp:
-                raise ValueError("frame older than the previous one (replayed?)")
+            timestamp = _token_timestamp(data)  # signed: decrypt() verifies it with the rest
             data = self.encryptor.decrypt(data)  # authenticates before anything is unpickled
+            if timestamp < self.recvLastTimestamp:  # pysyncobj's ordering check
+                raise ValueError("frame older than the previous one (replayed?)")
             self.recvLastTimestamp = timestamp
         inflater = zlib.decompressobj()
         raw = inflater.decompress(data, self._message_cap)
@@ -211,6 +212,12 @@ class GuardedTcpConnection(TcpConnection):
                 raise ValueError("connection key mismatch")
             message = message[1]
         return message
+
+
+def _token_timestamp(token: bytes) -> int:
+    """A Fernet token's timestamp (version byte, then 8 bytes big-endian), from its first 12 base64
+    characters: Fernet.extract_timestamp decodes the whole token, a third of the cost of a small frame."""
+    return int.from_bytes(base64.urlsafe_b64decode(token[:12])[1:9], "big")
 
 
 _last_refusal_log = 0.0
