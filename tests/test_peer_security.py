@@ -54,13 +54,16 @@ class RaftDialer:
         self.send_key: bytes | None = None
         self.recv_key: bytes | None = None
 
-    def send(self, message: Any) -> None:
+    def frame(self, message: Any) -> bytes:
         if self.send_key is not None:
             message = (self.send_key, message)
         data = zlib.compress(pickle.dumps(message, 5), 3)
         if self.cipher is not None:
             data = self.cipher.encrypt_at_time(data, int(time.monotonic()))
-        self.sock.sendall(FRAME.pack(len(data)) + data)
+        return FRAME.pack(len(data)) + data
+
+    def send(self, message: Any) -> None:
+        self.sock.sendall(self.frame(message))
 
     def recv(self, timeout: float = 3.0) -> Any:
         """The next message, or raises ConnectionError when the node closed the connection."""
@@ -201,10 +204,12 @@ def test_a_node_of_another_shard_cannot_talk_to_this_one(secured: LocalCluster) 
     dialer.send(secured.node_config("s1r0").raft_advertise)
     assert dialer.closed_by_node()
     dialer.close()
-    # Control: the same handshake naming a shard 0 member is accepted (the connection stays open).
+    # Control: the same handshake naming a shard 0 member is accepted (the connection stays open),
+    # also with a 1 MiB message pipelined right behind the address, as a member may send it.
     dialer = RaftDialer(raft_port(secured, "s0r0"), password(secured, 0))
     dialer.handshake()
-    dialer.send(shard0_member)
+    padding = {"type": "test_padding", "pad": os.urandom(1 << 20)}  # a type pysyncobj ignores
+    dialer.sock.sendall(dialer.frame(shard0_member) + dialer.frame(padding))
     assert not dialer.closed_by_node(timeout=1.0)
     dialer.close()
     assert_serves(secured, b"after-shard-1")

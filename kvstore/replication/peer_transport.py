@@ -126,35 +126,53 @@ def peer_cipher(secret_file: str | Path) -> Any:
 
 
 class GuardedTcpConnection(TcpConnection):
-    """pysyncobj's TcpConnection with a frame cap checked as headers arrive, a bounded decompression
+    """pysyncobj's TcpConnection with frame caps checked as headers arrive, a bounded decompression
     and the restricted unpickler. Made by `guard()` from a connection pysyncobj just created (before
-    it read anything); only name-mangled helpers of the read path are replaced."""
+    it read anything); only name-mangled helpers of the read path are replaced.
 
-    _frame_cap: int
-    _message_cap: int
+    Until `identified()`, the first `handshake_frames` frames (a key and an address) may not exceed
+    HANDSHAKE_MAX_BYTES, and reading pauses once that much is buffered: an anonymous dialer gets one
+    socket read of buffer at most before its first frame is judged. Frames after the handshake may be
+    pipelined behind it (a member sends its address and then at once its first append-entries)."""
+
+    _frame_cap: int  # member frames, on the wire
+    _message_cap: int  # decompressed size allowed now
+    _member_message_cap: int
+    _handshake_frames: int
+    _identified: bool
+    _scanned: int  # frame headers checked so far on this connection
     _scan_at: int  # offset in the read buffer of the next frame header not yet checked
     _opened_at: float
 
     @classmethod
-    def guard(cls, conn: TcpConnection, frame_cap: int, message_cap: int) -> GuardedTcpConnection:
+    def guard(
+        cls, conn: TcpConnection, frame_cap: int, message_cap: int, handshake_frames: int = 0
+    ) -> GuardedTcpConnection:
         conn.__class__ = cls
         assert isinstance(conn, GuardedTcpConnection)
-        conn.set_caps(frame_cap, message_cap)
-        conn._scan_at = 0
+        conn._frame_cap = frame_cap
+        conn._member_message_cap = message_cap
+        conn._handshake_frames = handshake_frames
+        conn._identified = handshake_frames == 0
+        conn._message_cap = message_cap if conn._identified else HANDSHAKE_MAX_BYTES
+        conn._scanned = conn._scan_at = 0
         conn._opened_at = time.monotonic()
         return conn
 
-    def set_caps(self, frame_cap: int, message_cap: int) -> None:
-        self._frame_cap = frame_cap
-        self._message_cap = message_cap
+    def identified(self) -> None:
+        """The peer proved it is a member: member-sized messages from now on."""
+        self._identified = True
+        self._message_cap = self._member_message_cap
 
     def _TcpConnection__processRead(self) -> bool:  # noqa: N802 (pysyncobj's mangled name)
+        buffered = len(self._TcpConnection__readBuffer)
+        if not buffered:
+            self._scan_at = 0  # nothing pending (also after a reconnect of this connection object)
         # Stop reading once a whole frame's worth is buffered: the frames are parsed first and the
         # poller (level-triggered) calls back for the rest, so the buffer stays bounded.
-        if len(self._TcpConnection__readBuffer) > self._frame_cap:
+        limit = self._frame_cap if self._identified else HANDSHAKE_MAX_BYTES * self._handshake_frames
+        if buffered > limit:
             return False
-        if not self._TcpConnection__readBuffer:
-            self._scan_at = 0  # nothing pending (also after a reconnect of this connection object)
         more = TcpConnection._TcpConnection__processRead(self)
         if more and not self._headers_fit():
             self.disconnect()
@@ -166,10 +184,13 @@ class GuardedTcpConnection(TcpConnection):
         at = self._scan_at
         while len(buffer) - at >= _LENGTH.size:
             (length,) = _LENGTH.unpack_from(buffer, at)
-            if not 0 < length <= self._frame_cap:
-                _refusal(f"frame of {length} bytes claimed (cap {self._frame_cap})")
+            handshake = not self._identified and self._scanned < self._handshake_frames
+            cap = HANDSHAKE_MAX_BYTES if handshake else self._frame_cap
+            if not 0 < length <= cap:
+                _refusal(f"frame of {length} bytes claimed (cap {cap})")
                 return False
             at += _LENGTH.size + length
+            self._scanned += 1
         self._scan_at = at
         return True
 
@@ -245,7 +266,6 @@ class SecurePeerTransport(TCPTransport):
         conf = syncObj.conf
         self._message_cap = max_message_bytes(conf.appendEntriesBatchSizeBytes)
         self._frame_cap = max_frame_bytes(self._message_cap)
-        self._handshake_cap = HANDSHAKE_MAX_BYTES
         self._identify_timeout = conf.connectionTimeout
         super().__init__(syncObj, selfNode, otherNodes)
 
@@ -256,9 +276,11 @@ class SecurePeerTransport(TCPTransport):
         if conn is not None and not isinstance(conn, GuardedTcpConnection):
             GuardedTcpConnection.guard(conn, self._frame_cap, self._message_cap)
 
-    # Incoming: handshake-sized caps until the peer proves it is a member.
+    # Incoming: handshake-sized caps until the peer proves it is a member: its key (when encrypted),
+    # then its address.
     def _onNewIncomingConnection(self, conn: TcpConnection) -> None:  # noqa: N802
-        GuardedTcpConnection.guard(conn, self._handshake_cap, self._handshake_cap)
+        handshake_frames = 2 if self._syncObj.encryptor else 1
+        GuardedTcpConnection.guard(conn, self._frame_cap, self._message_cap, handshake_frames)
         if len(self._unknownConnections) >= self.MAX_PENDING:
             _refusal(f"more than {self.MAX_PENDING} unidentified connections")
             conn.disconnect()
@@ -275,7 +297,7 @@ class SecurePeerTransport(TCPTransport):
                 self._refuse(conn, "malformed handshake")
             return
         if isinstance(message, str) and message in self._nodeAddrToNode:
-            conn.set_caps(self._frame_cap, self._message_cap)
+            conn.identified()
             super()._onIncomingMessageReceived(conn, message)
             return
         if message == "readonly":
