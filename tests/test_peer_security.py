@@ -22,7 +22,7 @@ from pysyncobj.encryptor import getEncryptor
 
 from kvstore.cluster.local import LocalCluster
 from kvstore.replication.peer_transport import read_secret
-from tests.conftest import TEST_RAFT, client, running_cluster
+from tests.conftest import TEST_RAFT, client, running_cluster, wait_until
 
 FRAME = struct.Struct("=i")
 
@@ -323,3 +323,28 @@ def test_insecure_cluster_still_refuses_readonly_and_admin(tmp_path: Path) -> No
         dialer.close()
         assert not marker.exists()
         assert_serves(cluster, b"insecure-still-serves")
+
+
+def test_member_catches_up_through_large_encrypted_appends(tmp_path: Path) -> None:
+    """The caps leave room for large legal messages: a follower that missed 16 MiB of entries (no
+    snapshot in between) gets them in append-entries messages of several MiB and catches up.
+    (Catching up this way churns elections, with or without encryption: pysyncobj has no PreVote and
+    a multi-MiB batch holds the follower's tick thread past its election timeout.)"""
+    raft = dataclasses.replace(TEST_RAFT, compaction_max_bytes=256 << 20)
+    with running_cluster(tmp_path / "big", raft=raft) as cluster:
+        leader = cluster.leader_of(0)
+        lagging = next(n for n in cluster.node_names() if n != leader)
+        cluster.kill(lagging)
+        with client(cluster) as kv:
+            for i in range(32):
+                kv.put(b"big-%d" % i, os.urandom(512 << 10))
+        cluster.start(lagging)
+
+        def caught_up() -> bool:
+            applied = [r["applied_index"] for r in cluster.status()[0]["replicas"]]
+            return min(applied) == max(applied) > 32
+
+        wait_until(caught_up, 90.0)
+        logs = "".join(cluster.log_path(name).read_text() for name in cluster.node_names())
+        assert "Raft peer connection closed" not in logs
+        assert "installing snapshot" not in cluster.log_path(lagging).read_text()

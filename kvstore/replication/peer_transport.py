@@ -142,7 +142,7 @@ class GuardedTcpConnection(TcpConnection):
     _identified: bool
     _scanned: int  # frame headers checked so far on this connection
     _scan_at: int  # offset in the read buffer of the next frame header not yet checked
-    _opened_at: float
+    waited: float  # seconds of our ticks this connection has spent unidentified
 
     @classmethod
     def guard(
@@ -156,7 +156,7 @@ class GuardedTcpConnection(TcpConnection):
         conn._identified = handshake_frames == 0
         conn._message_cap = message_cap if conn._identified else HANDSHAKE_MAX_BYTES
         conn._scanned = conn._scan_at = 0
-        conn._opened_at = time.monotonic()
+        conn.waited = 0.0
         return conn
 
     def identified(self) -> None:
@@ -261,12 +261,14 @@ class SecurePeerTransport(TCPTransport):
     Members are the `otherNodes` pysyncobj passes in (the replica's configured peers)."""
 
     MAX_PENDING = 64  # unidentified incoming connections held at once; more are closed at accept
+    MAX_TICK_CHARGE = 0.25  # seconds; pysyncobj ticks every 50 ms when it is not busy
 
     def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:  # noqa: N803
         conf = syncObj.conf
         self._message_cap = max_message_bytes(conf.appendEntriesBatchSizeBytes)
         self._frame_cap = max_frame_bytes(self._message_cap)
         self._identify_timeout = conf.connectionTimeout
+        self._last_tick = time.monotonic()
         super().__init__(syncObj, selfNode, otherNodes)
 
     # Outgoing: we dial a configured member, so its frames get the member caps at once.
@@ -307,6 +309,15 @@ class SecurePeerTransport(TCPTransport):
         else:
             self._refuse(conn, f"{str(message)[:60]!r} is not a member of this shard")
 
+    def send(self, node: Any, message: Any) -> bool:
+        # pysyncobj marks an outgoing connection CONNECTED as soon as TCP connects, before the peer's
+        # connection key arrives: a message sent in between would go out without the key, and the
+        # peer drops the connection ("connection key mismatch"). Treat it as not connected yet.
+        conn = self._connections.get(node)
+        if conn is not None and self._syncObj.encryptor and not conn.sendRandKey:
+            return False
+        return bool(super().send(node, message))
+
     def _refuse(self, conn: Any, reason: str) -> None:
         _refusal(reason)
         conn.disconnect()
@@ -314,8 +325,11 @@ class SecurePeerTransport(TCPTransport):
 
     def _onTick(self) -> None:  # noqa: N802
         super()._onTick()
-        if self._unknownConnections:
-            now = time.monotonic()
-            for conn in list(self._unknownConnections):
-                if now - getattr(conn, "_opened_at", now) > self._identify_timeout:
-                    self._refuse(conn, f"no identification within {self._identify_timeout:.1f}s")
+        now = time.monotonic()
+        # pysyncobj runs this before it polls: after a long tick of our own (a large batch applied),
+        # a peer's handshake may be waiting unread. Count at most MAX_TICK_CHARGE per tick against it.
+        elapsed, self._last_tick = min(now - self._last_tick, self.MAX_TICK_CHARGE), now
+        for conn in list(self._unknownConnections):
+            conn.waited = getattr(conn, "waited", 0.0) + elapsed
+            if conn.waited > self._identify_timeout:
+                self._refuse(conn, f"no identification within {self._identify_timeout:.1f}s")
