@@ -451,10 +451,6 @@ class FaultProxy:
         if self._server is not None:
             raise RuntimeError(f"proxy {self.name} already started")
         self._loop = asyncio.get_running_loop()
-        if self._secret_file:
-            from kvstore.replication.peer_transport import peer_cipher
-
-            self._cipher = peer_cipher(self._secret_file)
         self._server = await asyncio.start_server(self._on_accept, *self._listen)
         host, port = self._server.sockets[0].getsockname()[:2]
         self.listen_address = f"{host}:{port}"
@@ -503,7 +499,7 @@ class FaultProxy:
         except OSError:
             return
         upstream = None
-        if message is None and self._cipher is not None and _looks_encrypted(head):
+        if message is None and _looks_encrypted(head) and self._load_cipher():
             try:  # the address comes after a key exchange with the target: relay it first
                 upstream = await self._dial_target()
                 head, message = await self._relay_handshake(head, (reader, writer), upstream)
@@ -533,6 +529,19 @@ class FaultProxy:
         finally:
             self._links.discard(link)
             _reset(upstream[1])
+
+    def _load_cipher(self) -> bool:
+        """Read the group's secret at the first encrypted dial: proxies may start before the cluster
+        writes its secrets (they must know the proxies' addresses first)."""
+        if self._cipher is None and self._secret_file:
+            from kvstore.replication.peer_transport import peer_cipher
+
+            try:
+                self._cipher = peer_cipher(self._secret_file)
+            except ValueError as exc:
+                log.warning("proxy %s: cannot read dialers' addresses: %s", self.name, exc)
+                self._secret_file = None  # said once; links stay unidentified
+        return self._cipher is not None
 
     async def _dial_target(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await asyncio.wait_for(asyncio.open_connection(*self._target), self._connect_timeout)
