@@ -224,6 +224,22 @@ def test_connection_that_never_identifies_is_closed(secured: LocalCluster) -> No
     dialer.close()
 
 
+def test_a_flood_of_idle_connections_does_not_keep_members_out(secured: LocalCluster) -> None:
+    """More unidentified connections than the node holds: the oldest are closed, and members (which
+    reconnect after a leader change) still get in."""
+    flood = [RaftDialer(raft_port(secured, "s0r0")) for _ in range(80)]
+    try:
+        assert flood[0].closed_by_node(timeout=1.0)  # evicted at once by the newer ones
+        leader = secured.leader_of(0)
+        assert leader
+        secured.kill(leader)  # every link to it drops; the rest redial the new leader
+        secured.start(leader)
+        assert_serves(secured, b"after-flood")
+    finally:
+        for dialer in flood:
+            dialer.close()
+
+
 def test_huge_frame_claims_are_refused_before_buffering(secured: LocalCluster) -> None:
     """A 2 GiB length claim, then 256 MiB streamed: the node closes at the header; RSS stays flat."""
     pid = secured.pid("s0r0")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import itertools
 import logging
 import stat
 import struct
@@ -43,7 +44,8 @@ _LENGTH = struct.Struct("=i")  # pysyncobj: struct.pack('i', len(data)), native 
 # Handshake messages (a 32-byte key, an address) take ~200 bytes even encrypted.
 HANDSHAKE_MAX_BYTES = 4096
 MIN_SECRET_CHARS = 32
-_REFUSAL_LOG_INTERVAL = 1.0  # a flood of hostile connections must not flood the log
+_REFUSAL_LOG_INTERVAL = 1.0
+_ACCEPTED = itertools.count()  # a flood of hostile connections must not flood the log
 
 
 def max_message_bytes(batch_size_bytes: int) -> int:
@@ -143,6 +145,7 @@ class GuardedTcpConnection(TcpConnection):
     _scanned: int  # frame headers checked so far on this connection
     _scan_at: int  # offset in the read buffer of the next frame header not yet checked
     waited: float  # seconds of our ticks this connection has spent unidentified
+    accepted: int  # order of arrival
 
     @classmethod
     def guard(
@@ -157,6 +160,7 @@ class GuardedTcpConnection(TcpConnection):
         conn._message_cap = message_cap if conn._identified else HANDSHAKE_MAX_BYTES
         conn._scanned = conn._scan_at = 0
         conn.waited = 0.0
+        conn.accepted = next(_ACCEPTED)
         return conn
 
     def identified(self) -> None:
@@ -284,9 +288,10 @@ class SecurePeerTransport(TCPTransport):
         handshake_frames = 2 if self._syncObj.encryptor else 1
         GuardedTcpConnection.guard(conn, self._frame_cap, self._message_cap, handshake_frames)
         if len(self._unknownConnections) >= self.MAX_PENDING:
-            _refusal(f"more than {self.MAX_PENDING} unidentified connections")
-            conn.disconnect()
-            return
+            # Evict the oldest: a member identifies within milliseconds, so a flood of idle
+            # connections cannot keep one out for long.
+            oldest = min(self._unknownConnections, key=lambda c: getattr(c, "accepted", 0))
+            self._refuse(oldest, f"more than {self.MAX_PENDING} unidentified connections")
         super()._onNewIncomingConnection(conn)
 
     def _onIncomingMessageReceived(self, conn: Any, message: Any) -> None:  # noqa: N802
