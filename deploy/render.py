@@ -40,6 +40,10 @@ RAFT_PORT = 7001
 HEALTH_PORT = 7002  # grpc.health.v1 only, plaintext: what probes and healthchecks ask
 ROUTER_PORT = 7400
 CONFIG_MOUNT = "/etc/kvstore"  # where the rendered cluster.json and nodes/ are mounted
+# Where a node finds its shard's Raft secret (shard-<N>.key): a Kubernetes Secret or a compose secret,
+# never the ConfigMap or a rendered file. The node configs only name the file.
+SECRETS_MOUNT = "/etc/kvstore-secrets"
+COMPOSE_SECRETS_DIR = "secrets"  # beside docker-compose.yml: shard-<N>.key, created by the operator
 DATA_MOUNT = "/data"  # the image's data volume
 APP = "kvstore"
 SHARD_LABEL = "kvstore.io/shard"
@@ -140,13 +144,25 @@ def k8s_layout(shards: int, replicas: int, namespace: str, domain: str) -> list[
     return layout
 
 
+def secret_file_name(shard: int) -> str:
+    return f"shard-{shard}.key"
+
+
+def secret_name(shard: int) -> str:
+    """The Kubernetes Secret holding shard N's Raft secret (key `raft.key`): one per shard, so a pod
+    mounts only its own shard's secret."""
+    return f"{APP}-s{shard}-raft"
+
+
 def build(
     layout: list[list[Placement]],
     cluster_map_path: str,
     vnodes: int,
     settings: dict[str, dict[str, Any]] | None = None,
+    secrets_dir: str = SECRETS_MOUNT,
 ) -> tuple[ClusterMap, list[NodeConfig]]:
-    """The cluster map and every replica's NodeConfig: kvstore.config's defaults, then `settings`."""
+    """The cluster map and every replica's NodeConfig: kvstore.config's defaults, then `settings`.
+    Each config names its shard's secret file under `secrets_dir` (the secret itself is never rendered)."""
     shards = []
     configs = []
     for members in layout:
@@ -168,8 +184,11 @@ def build(
                 "cluster_map": cluster_map_path,
                 "health_listen": f"{p.bind_host}:{p.health_port}",
             }
+            sections: dict[str, Any] = dict(settings or {})
+            secret = {"secret_file": f"{secrets_dir}/{secret_file_name(shard)}"}
+            sections["raft"] = {**secret, **sections.get("raft", {})}
             # from_dict rejects unknown setting names, as `kvstore node` would when loading the file.
-            configs.append(NodeConfig.from_dict({**identity, **(settings or {})}))
+            configs.append(NodeConfig.from_dict({**identity, **sections}))
     return ClusterMap(epoch=1, shards=tuple(shards), vnodes_per_shard=vnodes), configs
 
 
@@ -221,6 +240,9 @@ def compose_file(layout: list[list[Placement]], opts: Options) -> dict[str, Any]
         # no `ports`: Raft stays on the compose network
         service["expose"] = [str(GRPC_PORT), str(RAFT_PORT), str(HEALTH_PORT)]
         service["volumes"] = [config_volume, f"{p.name}-data:{DATA_MOUNT}"]
+        service["secrets"] = [
+            {"source": f"raft-shard-{p.shard}", "target": f"{SECRETS_MOUNT}/{secret_file_name(p.shard)}"}
+        ]
         services[p.name] = service
         volumes[f"{p.name}-data"] = {}
     router = _compose_service(
@@ -231,7 +253,14 @@ def compose_file(layout: list[list[Placement]], opts: Options) -> dict[str, Any]
     router["volumes"] = [config_volume]
     router["depends_on"] = list(services)
     services["router"] = router
-    return {"name": APP, "services": services, "volumes": volumes}
+    # Compose mounts each file read-only into the services that name it (the router needs none).
+    secrets = {
+        f"raft-shard-{members[0].shard}": {
+            "file": f"./{COMPOSE_SECRETS_DIR}/{secret_file_name(members[0].shard)}"
+        }
+        for members in layout
+    }
+    return {"name": APP, "services": services, "volumes": volumes, "secrets": secrets}
 
 
 def render_compose(opts: Options) -> dict[str, str]:
@@ -349,9 +378,19 @@ def _node_container(opts: Options) -> dict[str, Any]:
         "securityContext": _security(pod=False),
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+            {"name": "raft-secret", "mountPath": SECRETS_MOUNT, "readOnly": True},
             {"name": "data", "mountPath": DATA_MOUNT},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
+    }
+
+
+def _secret_volume(shard: int) -> dict[str, Any]:
+    # Group-readable for the pod's fsGroup (the image's user), nobody else.
+    items = [{"key": "raft.key", "path": secret_file_name(shard)}]
+    return {
+        "name": "raft-secret",
+        "secret": {"secretName": secret_name(shard), "defaultMode": 0o440, "items": items},
     }
 
 
@@ -376,7 +415,7 @@ def statefulset(members: list[Placement], files: dict[str, str], opts: Options) 
         "securityContext": _security(pod=True),
         "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [spread]}},
         "containers": [_node_container(opts)],
-        "volumes": [_config_volume(paths), {"name": "tmp", "emptyDir": {}}],
+        "volumes": [_config_volume(paths), _secret_volume(shard), {"name": "tmp", "emptyDir": {}}],
     }
     claim = {
         "metadata": {"name": "data", "labels": labels},

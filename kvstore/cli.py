@@ -18,6 +18,10 @@ from typing import Any
 
 from kvstore import errors
 
+_INSECURE_HELP = (
+    "no Raft secret: peer traffic unauthenticated and unencrypted (loopback only, warned at every start)"
+)
+
 
 def _add_cluster_commands(sub: Any) -> None:
     cluster = sub.add_parser("cluster", help="run a local multi-process cluster").add_subparsers(
@@ -33,6 +37,7 @@ def _add_cluster_commands(sub: Any) -> None:
     up.add_argument("--vnodes", type=int, default=256)
     up.add_argument("--timeout", type=float, default=60.0)
     up.add_argument("--faults", action="store_true", help="put a fault proxy in front of every Raft port")
+    up.add_argument("--insecure", action="store_true", help=_INSECURE_HELP)
     fault = cluster.add_parser("fault", help="cut, delay or heal Raft links (cluster started with --faults)")
     fault.add_argument("--dir", required=True)
     fault.add_argument(
@@ -103,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     node = sub.add_parser("node", help="run one replica")
     node.add_argument("--config", required=True)
     node.add_argument("--listen", default=None, help="override the gRPC listen address")
+    node.add_argument("--insecure", action="store_true", help=_INSECURE_HELP)
     router = sub.add_parser("router", parents=[target_after], help="run a stateless router with the KV API")
     health = sub.add_parser(
         "health", help="ask a node or router's grpc.health.v1 service; exit 0 only if SERVING"
@@ -152,7 +158,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from kvstore.config import NodeConfig
         from kvstore.server.node import run
 
-        run(NodeConfig.load(args.config, {"listen": args.listen}))
+        config = NodeConfig.load(args.config, {"listen": args.listen})
+        if args.insecure:
+            config.raft.insecure = True
+            config.raft.secret_file = ""
+        run(config)
         return 0
     if args.command == "cluster":
         return _cluster(args)
@@ -193,7 +203,12 @@ def _cluster(args: argparse.Namespace) -> int:
     cluster = LocalCluster(args.dir)
     if args.action == "up":
         if not cluster.map_path.exists():
-            cluster.create(args.shards, args.replicas, args.base_port, args.vnodes, faults=args.faults)
+            from kvstore.config import RaftSettings
+
+            raft = RaftSettings(insecure=args.insecure)
+            cluster.create(
+                args.shards, args.replicas, args.base_port, args.vnodes, raft=raft, faults=args.faults
+            )
         else:
             existing = cluster.cluster_map()
             shape = (len(existing.shards), len(existing.shards[0].replicas), cluster.has_fault_proxies)

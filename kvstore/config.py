@@ -157,9 +157,12 @@ class RaftSettings(_Section):
     # (pysyncobj's defaults cache answers for 600 s).
     dns_cache_time: float = setting(5.0, 0.0, 86_400.0)
     dns_fail_cache_time: float = setting(1.0, 0.0, 86_400.0)
-    # Encrypts and authenticates Raft traffic (pysyncobj's Fernet); without it, anyone who reaches a
-    # Raft port can run code in the node. Needs the `cryptography` package (extra: kvstore[secure]).
-    password: str = ""
+    # File holding this shard's Raft secret (one per shard; `cluster up` writes
+    # <dir>/secrets/shard-<N>.key with mode 0600; deploy mounts a Kubernetes Secret). It keys the
+    # encryption and authentication of all Raft traffic (kvstore/replication/peer_transport.py).
+    secret_file: str = ""
+    # No secret, no encryption: loopback only, warned about at every start (flag --insecure).
+    insecure: bool = False
 
     def check(self) -> None:
         _require(
@@ -298,7 +301,11 @@ class NodeConfig(_Section):
 
 
 _SESSIONS_NOW = "max_dedup_sessions (retention is now dedup_retention_seconds per client session)"
-_RENAMED = {"dedup_window_entries": _SESSIONS_NOW, "dedup_window_ids": _SESSIONS_NOW}
+_RENAMED = {
+    "dedup_window_entries": _SESSIONS_NOW,
+    "dedup_window_ids": _SESSIONS_NOW,
+    "password": "secret_file (a file holding the shard's secret; never the secret itself)",
+}
 
 
 def _build(cls: type, data: Any) -> Any:

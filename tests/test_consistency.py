@@ -190,9 +190,10 @@ def proxied_cluster(directory: Path) -> Iterator[tuple[LocalCluster, ProxyCluste
     # LocalCluster.create gives replica i the ports [2i] (gRPC) and [2i+1] (Raft): choose them now,
     # so the proxies know the real Raft addresses before the replicas are told to advertise proxies.
     real = {name: f"127.0.0.1:{ports[2 * i + 1]}" for i, name in enumerate(names)}
-    proxies = ProxyCluster(real)
-    advertised = proxies.start()
     cluster = LocalCluster(directory)
+    # Raft traffic is encrypted: the proxies read who dials with the shard's secret (written by create()).
+    proxies = ProxyCluster(real, secret_files={name: cluster.secret_path(0) for name in names})
+    advertised = proxies.start()
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(local_cluster, "free_ports", lambda count: ports)

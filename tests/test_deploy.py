@@ -471,6 +471,45 @@ def test_committed_yaml_parses_to_what_render_built() -> None:
     assert kustomization["kind"] == "Kustomization"
 
 
+def test_raft_secret_comes_from_a_secret_never_the_configmap(tmp_path: Path) -> None:
+    """Every node config names its shard's secret file under the secrets mount; the file comes from a
+    per-shard Kubernetes Secret or compose secret; no rendered file holds a secret or a password."""
+    by_kind = _docs_by_kind(_k8s_render(tmp_path))
+    (configmap,) = by_kind["ConfigMap"]
+    assert not any("password" in text for text in configmap["data"].values())
+    for sts in by_kind["StatefulSet"]:
+        pod = sts["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["raft-secret"] == {
+            "name": "raft-secret",
+            "mountPath": render.SECRETS_MOUNT,
+            "readOnly": True,
+        }
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "raft-secret"]
+        shard = int(sts["metadata"]["labels"][render.SHARD_LABEL])
+        assert volume["secret"]["secretName"] == render.secret_name(shard)
+        assert volume["secret"]["defaultMode"] & 0o007 == 0  # not world-readable
+        (item,) = volume["secret"]["items"]
+        for key in configmap["data"]:
+            if key.startswith(sts["metadata"]["name"] + "-"):
+                config = NodeConfig.from_dict(tomllib.loads(configmap["data"][key]))
+                assert config.raft.secret_file == f"{render.SECRETS_MOUNT}/{item['path']}"
+                assert config.shard == shard and not config.raft.insecure
+    assert render.main(["compose", "--shards", "2", "--out", str(tmp_path / "c")]) == 0
+    compose = parse_yaml((tmp_path / "c" / "docker-compose.yml").read_text())[0]
+    for name, service in compose["services"].items():
+        if name == "router":
+            assert "secrets" not in service
+            continue
+        config = NodeConfig.load(tmp_path / "c" / render.COMPOSE_CONFIG_DIR / "nodes" / f"{name}.toml")
+        (secret,) = service["secrets"]
+        assert secret["target"] == config.raft.secret_file
+        assert compose["secrets"][secret["source"]] == {"file": f"./secrets/shard-{config.shard}.key"}
+    for path in [*(tmp_path / "c").rglob("*.*"), *(tmp_path / "k8s").glob("*")]:
+        assert "password" not in path.read_text(), path
+
+
 def test_yaml_emitter_quotes_what_yaml_would_misread() -> None:
     scalars = ["yes", "No", "on", "OFF", "true", "null", "y", "N", "~", "", "7000", "0.0.0.0", "1e3", "0x10"]
     scalars += ["-1", "a: b", "#x", "- x", "x #y", "[x]", "{x}", "*x", "&x", "!x", "%x", "@x", "`x", "'x'"]
@@ -556,7 +595,10 @@ def test_dns_named_shard_elects_and_serves(tmp_path: Path) -> None:
             for r in range(3)
         ]
     ]
-    cluster_map, configs = render.build(layout, str(tmp_path / "cluster.json"), 64)
+    cluster_map, configs = render.build(layout, str(tmp_path / "cluster.json"), 64, secrets_dir=str(tmp_path))
+    secret = tmp_path / render.secret_file_name(0)
+    secret.write_text("a-test-secret-that-is-long-enough-0123456789\n")
+    secret.chmod(0o600)
     for path, text in render.config_files(cluster_map, configs).items():
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text(text)

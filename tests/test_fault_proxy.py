@@ -11,6 +11,7 @@ import struct
 import time
 import zlib
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,8 @@ from pysyncobj.poller import createPoller
 from pysyncobj.tcp_connection import TcpConnection
 
 from kvstore.chaos.proxy import FaultProxy, LinkController, ProxyCluster, decode_first_frame, encode_frame
+from kvstore.cluster.local import LocalCluster
+from tests.conftest import TEST_RAFT, client, new_leader, wait_until
 
 CLI_ADDR = "127.0.0.1:1"  # the address our test client announces, registered as replica "cli"
 NOT_A_FRAME = b"\xff\xff\xff\xff"  # length -1: the proxy knows at once the dialer is anonymous
@@ -468,3 +471,64 @@ def test_raft_cluster_through_proxies_survives_leader_isolation() -> None:
     finally:
         stop_nodes(nodes)
         cluster.stop()
+
+
+# ---------------------------------------------------------------- real kvstore nodes, secured (the default)
+
+
+def test_partition_cuts_links_on_a_secured_cluster(tmp_path: Path) -> None:
+    """Raft traffic is encrypted by default: the proxies read who dials from the decrypted handshake
+    (they get the shard's secret file), so partitions between named replicas still cut links."""
+    cluster = LocalCluster(tmp_path / "c")
+    started: list[ProxyCluster] = []
+    advertised: dict[str, str] = {}
+
+    def via_proxies(binds: dict[str, str]) -> dict[str, str]:
+        for _ in range(10):
+            proxies = ProxyCluster(binds, secret_files=cluster.secret_files)
+            addresses = proxies.start()
+            if not {int(a.rsplit(":", 1)[1]) for a in addresses.values()} & cluster.reserved_ports:
+                started.append(proxies)
+                advertised.update(addresses)
+                return addresses
+            proxies.stop()
+        raise RuntimeError("could not place the proxies")
+
+    try:
+        cluster.create(shards=1, replicas=3, raft=TEST_RAFT, advertise_for=via_proxies)
+        assert set(cluster.secret_files) == {"s0r0", "s0r1", "s0r2"}
+        assert cluster.node_config("s0r0").raft.secret_file
+        proxies = started[0]
+        cluster.start_all()
+        cluster.wait_for_leaders(30)
+        # Every link was identified through the encrypted handshake.
+        expected = {n: {m for m in advertised if advertised[m] > advertised[n]} for n in advertised}
+        assert wait_for(
+            lambda: {n: {src for src, _, _ in links} for n, links in proxies.links().items()} == expected,
+            10.0,
+        ), proxies.links()
+
+        old = cluster.leader_of(0)
+        assert old is not None
+        others = [n for n in advertised if n != old]
+        proxies.controller.partition([old], others)
+        new = new_leader(cluster, 0, not_name=old, timeout=20.0)
+        assert new in others
+        stats = proxies.stats().values()
+        assert sum(s["cut"] for s in stats) >= 1, stats
+        crossing = [
+            (src, dst) for links in proxies.links().values() for src, dst, _ in links if old in (src, dst)
+        ]
+        assert crossing == []
+        with client(cluster) as kv:
+            kv.put(b"during-partition", b"majority")
+        proxies.controller.heal()
+        with client(cluster) as kv:
+            kv.put(b"after-heal", b"everyone")
+        assert wait_until(
+            lambda: len({r["applied_index"] for r in cluster.status()[0]["replicas"]}) == 1, 20.0
+        )
+    finally:
+        cluster.down()
+        for proxies in started:
+            proxies.stop()

@@ -5,18 +5,22 @@ included, names R by the address of R's proxy (``selfNode``/``otherNodes``). pys
 that string, so peers dial R's proxy and the proxy forwards to R's real port.
 
 Who is dialing: in pysyncobj 0.3.17 only the node with the greater address string dials
-(``TCPTransport._shouldConnect``) and, without a password, its first message is its own advertised address
-(``TCPTransport._sendSelfAddress``), framed by ``TcpConnection.send`` as
-``struct.pack('i', len(data)) + data`` with ``data = zlib.compress(pickle.dumps(address), 3)``
-(pysyncobj's pickler: protocol 2, or 5 once kvstore's state machine module is imported).
-The proxy reads that one frame before it connects upstream, decodes it with an unpickler that refuses every
-global (so peer bytes can only build plain str/list/tuple, never run code), maps the address to a replica
-name through the ``LinkController`` registry, then forwards the frame unchanged.
+(``TCPTransport._shouldConnect``) and announces its own advertised address (``_sendSelfAddress``), framed
+by ``TcpConnection.send`` as ``struct.pack('i', len(data)) + data`` with
+``data = zlib.compress(pickle.dumps(message), 3)``, Fernet-encrypted when the group has a secret.
+- Without a secret (``--insecure``, and raw pysyncobj tests), the address is the dialer's first frame:
+  the proxy reads it before it connects upstream.
+- With a secret (the default), the dialer first sends a connection key, the target answers with its own,
+  and only then does the dialer send ``(target's key, address)``. A proxy given the group's secret file
+  (``secret_file``) connects upstream at once, relays these two handshake frames, decrypts the third and
+  only then applies the rules (a cut link is reset at that point).
+Frames are decoded with an unpickler that refuses every global (peer bytes can only build plain
+str/list/tuple, never run code), and the address is mapped to a replica name through the
+``LinkController`` registry; the frames are forwarded unchanged.
 
-Connections it cannot identify get source ``None``: with ``SyncObjConf(password=...)`` the first frame is a
-Fernet token (and the address only comes after a key exchange), admin tools (``syncobj_admin``) send a list,
-other clients send anything. Only rules that need no source apply to them: ``isolate`` of the target and
-delays with ``src=None``.
+Connections it cannot identify get source ``None``: an encrypted handshake without the secret, admin tools
+(``syncobj_admin``) that send a list, other clients that send anything. Only rules that need no source apply
+to them: ``isolate`` of the target and delays with ``src=None``.
 
 Faults: a cut link is reset on both sides (RST) and new dials on it are reset before reaching the target;
 pysyncobj notices at once and redials every ``connectionRetryTime``. A one-way blackhole keeps the
@@ -39,6 +43,7 @@ import struct
 import threading
 import zlib
 from collections.abc import Callable, Coroutine, Iterable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pysyncobj import pickle as pysyncobj_pickle
@@ -97,14 +102,18 @@ def frame_length(buf: bytes) -> int | None:
     return _FRAME_HEADER.size + length
 
 
-def decode_first_frame(buf: bytes) -> object | None:
-    """The message in pysyncobj's unencrypted first frame at the start of buf, or None if there is none."""
+def decode_first_frame(buf: bytes, cipher: Any = None) -> object | None:
+    """The message in the pysyncobj frame at the start of buf (decrypted with cipher, pysyncobj's
+    Fernet, if given), or None if there is none."""
     total = frame_length(buf)
     if total is None or len(buf) < total or total == _FRAME_HEADER.size:
         return None
     inflater = zlib.decompressobj()
     try:
-        raw = inflater.decompress(buf[_FRAME_HEADER.size : total], _MAX_ID_DECOMPRESSED)
+        body = buf[_FRAME_HEADER.size : total]
+        if cipher is not None:
+            body = cipher.decrypt(body)
+        raw = inflater.decompress(body, _MAX_ID_DECOMPRESSED)
         if not inflater.eof:  # truncated, or bigger than any address: not an id frame
             return None
         return _NoGlobalsUnpickler(io.BytesIO(raw)).load()
@@ -419,6 +428,7 @@ class FaultProxy:
         *,
         identify_timeout: float = 1.0,
         connect_timeout: float = 2.0,
+        secret_file: str | Path | None = None,
     ) -> None:
         self.name = name
         self.controller = controller
@@ -430,6 +440,8 @@ class FaultProxy:
         # completes; only clients that wait for the server to speak first pay this once per connection.
         self._identify_timeout = identify_timeout
         self._connect_timeout = connect_timeout
+        self._secret_file = secret_file
+        self._cipher: Any = None  # the Raft group's Fernet, to read who dials (see module doc)
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -486,17 +498,30 @@ class FaultProxy:
             head, message = await self._sniff(reader)
         except OSError:
             return
+        upstream = None
+        if message is None and _looks_encrypted(head) and self._load_cipher():
+            try:  # the address comes after a key exchange with the target: relay it first
+                upstream = await self._dial_target()
+                head, message = await self._relay_handshake(head, (reader, writer), upstream)
+            except (OSError, EOFError, TimeoutError, ValueError):
+                if upstream is not None:
+                    _reset(upstream[1])
+                self.stats.refused += 1
+                return
         announced = message if isinstance(message, str) else None
         src = self.controller.name_of(announced)
         self.stats.identified += src is not None
         if self.controller.is_cut(src, self.name):
             self.stats.refused += 1  # reset at once, so the dialer notices now rather than on a timeout
+            if upstream is not None:
+                _reset(upstream[1])
             return
-        try:
-            upstream = await asyncio.wait_for(asyncio.open_connection(*self._target), self._connect_timeout)
-        except (OSError, TimeoutError):
-            self.stats.refused += 1
-            return
+        if upstream is None:
+            try:
+                upstream = await self._dial_target()
+            except (OSError, TimeoutError):
+                self.stats.refused += 1
+                return
         link = _Link(self, src, announced, (reader, writer), upstream)
         self._links.add(link)
         try:
@@ -504,6 +529,48 @@ class FaultProxy:
         finally:
             self._links.discard(link)
             _reset(upstream[1])
+
+    def _load_cipher(self) -> bool:
+        """Read the group's secret at the first encrypted dial: proxies may start before the cluster
+        writes its secrets (they must know the proxies' addresses first)."""
+        if self._cipher is None and self._secret_file:
+            from kvstore.replication.peer_transport import peer_cipher
+
+            try:
+                self._cipher = peer_cipher(self._secret_file)
+            except ValueError as exc:
+                log.warning("proxy %s: cannot read dialers' addresses: %s", self.name, exc)
+                self._secret_file = None  # said once; links stay unidentified
+        return self._cipher is not None
+
+    async def _dial_target(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.wait_for(asyncio.open_connection(*self._target), self._connect_timeout)
+
+    async def _relay_handshake(
+        self,
+        first: bytes,
+        client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    ) -> tuple[bytes, object | None]:
+        """pysyncobj's encrypted handshake: forward the dialer's key, relay the target's, read the
+        dialer's `(key, address)`. Returns that frame (still to forward) and the address in it."""
+        upstream[1].write(first)
+        await upstream[1].drain()
+        client[1].write(await self._read_id_frame(upstream[0]))
+        await client[1].drain()
+        frame = await self._read_id_frame(client[0])
+        message = decode_first_frame(frame, self._cipher)
+        if isinstance(message, tuple) and len(message) == 2:
+            return frame, message[1]
+        return frame, None
+
+    async def _read_id_frame(self, reader: asyncio.StreamReader) -> bytes:
+        async with asyncio.timeout(self._identify_timeout):
+            header = await reader.readexactly(_FRAME_HEADER.size)
+            total = frame_length(header)
+            if total is None:
+                raise ValueError("not a handshake frame")
+            return header + await reader.readexactly(total - _FRAME_HEADER.size)
 
     async def _sniff(self, reader: asyncio.StreamReader) -> tuple[bytes, object | None]:
         """Read the dialer's first frame (bounded in size and time); return the bytes read and the
@@ -546,9 +613,16 @@ class ProxyCluster:
     """N proxies, one per replica, on an event loop in a background thread (for synchronous callers)."""
 
     def __init__(
-        self, replicas: dict[str, str], *, listen_host: str = "127.0.0.1", identify_timeout: float = 1.0
+        self,
+        replicas: dict[str, str],
+        *,
+        listen_host: str = "127.0.0.1",
+        identify_timeout: float = 1.0,
+        secret_files: dict[str, Path] | None = None,
     ) -> None:
+        """replicas: name -> real Raft address; secret_files: name -> its Raft group's secret file."""
         self.controller = LinkController()
+        self._secret_files = dict(secret_files or {})
         self.proxies: dict[str, FaultProxy] = {}
         self._replicas = dict(replicas)
         self._listen_host = listen_host
@@ -613,6 +687,7 @@ class ProxyCluster:
                 _host_port(real),
                 self.controller,
                 identify_timeout=self._identify_timeout,
+                secret_file=self._secret_files.get(name),
             )
             self.proxies[name] = proxy  # before start(), so stop() cleans up a partial start
             await proxy.start()

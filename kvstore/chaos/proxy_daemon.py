@@ -58,13 +58,20 @@ def apply_rules(controller: LinkController, faults: dict[str, Any]) -> None:
 
 
 async def serve(directory: Path) -> None:
-    layout = json.loads(proxies_path(directory).read_text())  # name -> {"listen": a, "target": b}
+    # name -> {"listen": a, "target": b, "secret_file": the shard's secret, to read who dials}
+    layout = json.loads(proxies_path(directory).read_text())
     controller = LinkController()
     proxies = []
     for name, ends in layout.items():
         host, port = ends["listen"].rsplit(":", 1)
         t_host, t_port = ends["target"].rsplit(":", 1)
-        proxy = FaultProxy(name, (host, int(port)), (t_host, int(t_port)), controller)
+        proxy = FaultProxy(
+            name,
+            (host, int(port)),
+            (t_host, int(t_port)),
+            controller,
+            secret_file=ends.get("secret_file") or None,
+        )
         await proxy.start()
         proxies.append(proxy)
     log.info("fault proxies up for %s", ", ".join(layout))

@@ -136,7 +136,8 @@ class ChaosRun:
 
         def via_proxies(binds: dict[str, str]) -> dict[str, str]:
             for _ in range(10):
-                proxies = ProxyCluster(binds)
+                # create() wrote the shards' secrets already: the proxies read who dials with them.
+                proxies = ProxyCluster(binds, secret_files=cluster.secret_files)
                 addresses = proxies.start()
                 if not {int(a.rsplit(":", 1)[1]) for a in addresses.values()} & cluster.reserved_ports:
                     self.proxies = proxies

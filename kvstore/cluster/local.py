@@ -2,7 +2,8 @@
 
 Layout of `<dir>`:
 - `cluster.json`        the cluster map (shards, replicas, addresses, epoch)
-- `nodes/<name>.toml`   each replica's NodeConfig
+- `nodes/<name>.toml`   each replica's NodeConfig (it names its shard's secret file, never the secret)
+- `secrets/shard-<N>.key` each shard's generated Raft secret (mode 0600; none with --insecure)
 - `data/<name>/`        each replica's LMDB and Raft journal/snapshot
 - `logs/<name>.log`     each replica's output
 - `run/<name>.pid`      each running replica's PID (processes are detached: they outlive the CLI)
@@ -13,8 +14,10 @@ Every replica is its own process: pysyncobj's tick thread must not share a GIL w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -76,6 +79,7 @@ class LocalCluster:
     def __init__(self, directory: str | Path) -> None:
         self.dir = Path(directory).absolute()
         self.reserved_ports: set[int] = set()  # chosen by create() for nodes not yet started
+        self.secret_files: dict[str, Path] = {}  # replica name -> its shard's secret file (create())
 
     # ----- paths -----
 
@@ -88,6 +92,9 @@ class LocalCluster:
 
     def _pid_path(self, name: str) -> Path:
         return self.dir / "run" / f"{name}.pid"
+
+    def secret_path(self, shard: int) -> Path:
+        return self.dir / "secrets" / f"shard-{shard}.key"
 
     def log_path(self, name: str) -> Path:
         return self.dir / "logs" / f"{name}.log"
@@ -132,6 +139,13 @@ class LocalCluster:
         # (a fault proxy on port 0) must not take one of them.
         self.reserved_ports = set(ports)
         health_ports = {f"s{i // replicas}r{i % replicas}": ports[2 * count + i] for i in range(count)}
+        raft = raft or RaftSettings()
+        # One secret per shard: a replica of one shard cannot pose as a member of another.
+        self.secret_files = {}
+        if not raft.insecure:
+            for shard in range(shards):
+                path = self._write_secret(shard)
+                self.secret_files.update({f"s{shard}r{r}": path for r in range(replicas)})
         if advertise_for is not None:
             binds = {
                 f"s{i // replicas}r{i % replicas}": f"127.0.0.1:{ports[2 * i + 1]}" for i in range(count)
@@ -163,7 +177,7 @@ class LocalCluster:
                         cluster_map=str(self.map_path),
                         zone=zone,
                         health_listen=f"127.0.0.1:{health_ports[name]}",
-                        raft=raft or RaftSettings(),
+                        raft=dataclasses.replace(raft, secret_file=str(self.secret_files.get(name, ""))),
                         storage=storage or StorageSettings(),
                         server=server or ServerSettings(),
                     )
@@ -176,6 +190,15 @@ class LocalCluster:
         cluster_map.save(self.map_path)
         return cluster_map
 
+    def _write_secret(self, shard: int) -> Path:
+        path = self.secret_path(shard)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Created 0600 (never briefly readable by others), refused if it already exists.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+        return path
+
     def _plan_fault_proxies(self, count: int, replicas: int, ports: list[int]) -> dict[str, str]:
         """One proxy address per replica, recorded for the proxy daemon (kvstore.chaos.proxy_daemon)."""
         taken = set(ports)
@@ -186,6 +209,8 @@ class LocalCluster:
             layout[name] = {
                 "listen": f"127.0.0.1:{proxy_ports[i]}",
                 "target": f"127.0.0.1:{ports[2 * i + 1]}",
+                # The proxy reads who dials from the encrypted handshake (kvstore.chaos.proxy).
+                "secret_file": str(self.secret_files.get(name, "")),
             }
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "proxies.json").write_text(json.dumps(layout, indent=2))

@@ -10,7 +10,8 @@ into elections, so we:
    entries the snapshot covers.
 The very first snapshot (no dump yet to link) is written synchronously: the store is small then.
 
-Snapshot file: MAGIC, storage applied index, pickled raft meta, then the compacted LMDB file.
+Snapshot file: MAGIC, storage applied index, raft meta (JSON), then the compacted LMDB file. Files
+and transfers of the first format (KVSNAP01, a pickled meta) are still read, with a restricted unpickler.
 The same file is streamed to lagging followers, whose `deserialize` installs it. `deserialize` also
 runs on every restart (pysyncobj loads the dump first): it replaces the local LMDB only when the
 snapshot is ahead of it, so a restart never rolls the store back.
@@ -18,10 +19,12 @@ snapshot is ahead of it, so a restart never rolls the store back.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
+import json
 import logging
 import os
-import pickle
 import struct
 import threading
 import time
@@ -30,12 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from pysyncobj.config import SERIALIZER_STATE
+from pysyncobj.node import TCPNode
 
+from kvstore.replication import safe_pickle
 from kvstore.storage.engine import Storage
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"KVSNAP01"
+MAGIC = b"KVSNAP02"  # raft meta as JSON
+_PICKLED_META_MAGIC = b"KVSNAP01"  # raft meta as a pickle (read only)
 _HEADER = struct.Struct(">8sQQ")  # magic, storage applied index, meta length
 
 
@@ -117,9 +123,9 @@ class SnapshotManager:
     def deserialize(self, path: str) -> Any:
         with open(path, "rb") as f:
             magic, applied, meta_len = _HEADER.unpack(f.read(_HEADER.size))
-            if magic != MAGIC:
+            if magic not in (MAGIC, _PICKLED_META_MAGIC):
                 raise ValueError(f"{path} is not a kvstore snapshot")
-            raft_meta = pickle.loads(f.read(meta_len))
+            raft_meta = decode_meta(magic, f.read(meta_len))
             lmdb_len = struct.unpack(">Q", f.read(8))[0]
             if applied > self._storage.applied_index():
                 # LMDB may not be closed under a transaction: let our own snapshot copy finish.
@@ -144,7 +150,7 @@ class SnapshotManager:
     def _write(self, txn: Any, applied: int, raft_meta: Any, path: Path) -> None:
         """Write the snapshot file; ends `txn` in every case, and leaves no partial file."""
         try:
-            meta = pickle.dumps(raft_meta)
+            meta = encode_meta(raft_meta)
             with open(path, "wb") as f:
                 f.write(_HEADER.pack(MAGIC, applied, len(meta)))
                 f.write(meta)
@@ -174,3 +180,32 @@ class SnapshotManager:
     def wait_idle(self, timeout: float) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
+
+
+# Raft meta: what pysyncobj hands its serializer (the last two applied log entries as
+# (command bytes, index, term), and the cluster as a set of TCPNode) and expects back on load.
+
+
+def encode_meta(raft_meta: Any) -> bytes:
+    last, before_last, cluster = raft_meta
+    entries = [[base64.b64encode(cmd).decode(), idx, term] for cmd, idx, term in (last, before_last)]
+    return json.dumps({"entries": entries, "cluster": sorted(node.address for node in cluster)}).encode()
+
+
+def decode_meta(magic: bytes, blob: bytes) -> Any:
+    if magic == _PICKLED_META_MAGIC:
+        return _PickledMetaUnpickler(io.BytesIO(blob)).load()
+    meta = json.loads(blob)
+    last, before_last = (
+        (base64.b64decode(cmd, validate=True), int(idx), int(term)) for cmd, idx, term in meta["entries"]
+    )
+    return last, before_last, {TCPNode(str(address)) for address in meta["cluster"]}
+
+
+class _PickledMetaUnpickler(safe_pickle.RestrictedUnpickler):
+    """KVSNAP01 metas hold pysyncobj TCPNode objects: that class and nothing else besides the defaults."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("pysyncobj.node", "TCPNode"):
+            return TCPNode
+        return super().find_class(module, name)

@@ -32,11 +32,11 @@ from typing import Any
 import lmdb
 import pysyncobj.pickle as pysyncobj_pickle
 from pysyncobj import SyncObjConf, replicated
-from pysyncobj.transport import TCPTransport
 
 from kvstore import errors
 from kvstore.config import RaftSettings, StorageSettings
 from kvstore.replication import commands, journal
+from kvstore.replication.peer_transport import SecurePeerTransport, peer_password
 from kvstore.replication.raft_fixes import PatchedSyncObj
 from kvstore.replication.snapshots import SnapshotManager
 from kvstore.replication.storage_health import StorageHealth, is_transient
@@ -68,7 +68,7 @@ class ReplicaSettings:
     storage: StorageSettings = field(default_factory=StorageSettings)
 
 
-class _FreshnessStampingTransport(TCPTransport):
+class _FreshnessStampingTransport(SecurePeerTransport):
     """Carries what bounded-staleness reads need (pysyncobj ignores unknown message keys):
     - on append-entries from the leader: `sent_at`, its send time on its own monotonic clock
       (only ever compared with that clock again, when echoed), and `confirmed_age`, how many
@@ -164,7 +164,7 @@ class ShardStateMachine(PatchedSyncObj):
             dynamicMembershipChange=False,
             dnsCacheTime=raft.dns_cache_time,
             dnsFailCacheTime=raft.dns_fail_cache_time,
-            password=raft.password or None,
+            password=peer_password(raft, settings.bind, settings.peers),  # None only with --insecure
         )
         # The tick thread starts inside this call and may replay the journal at once: everything
         # apply_entry needs is set up above.
