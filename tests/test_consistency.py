@@ -186,9 +186,10 @@ class Writer(threading.Thread):
 def proxied_cluster(directory: Path) -> Iterator[tuple[LocalCluster, ProxyCluster]]:
     """1 shard x 3 replicas whose Raft traffic all goes through fault proxies."""
     names = [f"s0r{r}" for r in range(3)]
-    ports = local_cluster.free_ports(2 * len(names))
-    # LocalCluster.create gives replica i the ports [2i] (gRPC) and [2i+1] (Raft): choose them now,
-    # so the proxies know the real Raft addresses before the replicas are told to advertise proxies.
+    ports = local_cluster.free_ports(3 * len(names))  # gRPC, Raft, then health ports
+    # LocalCluster.create gives replica i the ports [2i] (gRPC) and [2i+1] (Raft), then the health
+    # ports: choose them now, so the proxies know the real Raft addresses before the replicas are
+    # told to advertise proxies.
     real = {name: f"127.0.0.1:{ports[2 * i + 1]}" for i, name in enumerate(names)}
     cluster = LocalCluster(directory)
     # Raft traffic is encrypted: the proxies read who dials with the shard's secret (written by create()).
