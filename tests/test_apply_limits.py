@@ -29,7 +29,10 @@ from kvstore.replication.snapshots import SnapshotManager
 from kvstore.replication.state_machine import ReplicaSettings, ShardStateMachine
 from kvstore.storage.engine import Storage
 
-RAFT = RaftSettings(min_timeout=0.4, max_timeout=0.6)
+# A one-member group on loopback with nobody to talk to: no secret needed.
+RAFT = RaftSettings(min_timeout=0.4, max_timeout=0.6, insecure=True)
+# What pysyncobj hands a snapshot serializer: the last two entries and the members.
+META = ((b"x", 2, 1), (b"w", 1, 1), set())
 
 BIG_REQUEST = b"c" * 16 + (1).to_bytes(8, "big")  # client id + sequence
 
@@ -228,7 +231,7 @@ def test_a_failed_snapshot_start_releases_its_read_transaction(
     storage = Storage(tmp_path, map_size=1 << 20, fsync=False)
     dump = tmp_path / "raft.dump"
     manager = SnapshotManager(storage, dump, lambda applied: None)
-    manager.serialize(str(tmp_path / "first.tmp"), {"meta": 1})  # the first one is synchronous
+    manager.serialize(str(tmp_path / "first.tmp"), META)  # the first one is synchronous
     assert storage._snapshots_running == 0 and manager.check() == SERIALIZER_STATE.SUCCESS
     os.replace(tmp_path / "first.tmp", dump)  # what pysyncobj does next
 
@@ -237,7 +240,7 @@ def test_a_failed_snapshot_start_releases_its_read_transaction(
 
     monkeypatch.setattr(os, "link", no_link)
     with pytest.raises(OSError, match="cross-device"):
-        manager.serialize(str(tmp_path / "raft.dump.tmp"), {"meta": 2})
+        manager.serialize(str(tmp_path / "raft.dump.tmp"), META)
     assert storage._snapshots_running == 0  # released: map growth is not disabled
     assert manager.check() == SERIALIZER_STATE.NOT_SERIALIZING  # pysyncobj may try again
     before = storage._env.info()["map_size"]
@@ -245,7 +248,7 @@ def test_a_failed_snapshot_start_releases_its_read_transaction(
     # A background write that fails leaves no side file behind and releases its transaction too.
     monkeypatch.undo()
     monkeypatch.setattr(storage, "write_snapshot", _failing_write(storage))
-    manager.serialize(str(tmp_path / "raft.dump.tmp"), {"meta": 3})
+    manager.serialize(str(tmp_path / "raft.dump.tmp"), META)
     manager.wait_idle(5)
     assert manager.check() == SERIALIZER_STATE.FAILED
     assert storage._snapshots_running == 0 and not (tmp_path / "raft.dump.writing").exists()
