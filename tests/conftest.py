@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,10 +20,17 @@ TEST_RAFT = RaftSettings(min_timeout=0.8, max_timeout=1.6, leader_fallback_timeo
 
 
 def start_cluster(
-    directory: Path, shards: int = 1, replicas: int = 3, raft: RaftSettings | None = None, vnodes: int = 256
+    directory: Path,
+    shards: int = 1,
+    replicas: int = 3,
+    raft: RaftSettings | None = None,
+    vnodes: int = 256,
+    **settings: Any,
 ) -> LocalCluster:
+    """Create and start a cluster, waiting for its leaders. `settings`: the other sections
+    (storage=, server=) for every node, as `LocalCluster.create` takes them."""
     cluster = LocalCluster(directory)
-    cluster.create(shards=shards, replicas=replicas, raft=raft or TEST_RAFT, vnodes=vnodes)
+    cluster.create(shards=shards, replicas=replicas, raft=raft or TEST_RAFT, vnodes=vnodes, **settings)
     cluster.start_all()
     try:
         cluster.wait_for_leaders(30)
@@ -67,6 +76,16 @@ def sharded_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalC
     """3 shards x 3 replicas."""
     with running_cluster(tmp_path_factory.mktemp("sharded"), shards=3) as cluster:
         yield cluster
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a process a test started, SIGKILL it if it lingers, and reap it."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.1) -> object:

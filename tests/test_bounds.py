@@ -30,7 +30,7 @@ from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.replication import commands
 from kvstore.server.router import start_router
 from tests import amplification as amp
-from tests.conftest import TEST_RAFT, wait_until
+from tests.conftest import running_cluster, wait_until
 
 LIMITS = Limits()
 # What the leader may grow by while it answers an amplification attempt: the answer limit
@@ -252,21 +252,11 @@ def test_the_message_limit_fits_the_largest_legal_request_and_answer() -> None:
 @pytest.fixture(scope="module")
 def tight_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """1x3 with small caps: 24 RPCs (10,000 ops) at once, 8 writes waiting to be applied."""
-    cluster = LocalCluster(tmp_path_factory.mktemp("tight") / "c")
-    cluster.create(
-        shards=1,
-        replicas=3,
-        raft=TEST_RAFT,
-        server=ServerSettings(
-            max_concurrent_rpcs=24, max_concurrent_ops=10_000, max_pending_proposals=8, session_wait=2.0
-        ),
+    server = ServerSettings(
+        max_concurrent_rpcs=24, max_concurrent_ops=10_000, max_pending_proposals=8, session_wait=2.0
     )
-    cluster.start_all()
-    try:
-        cluster.wait_for_leaders(30)
+    with running_cluster(tmp_path_factory.mktemp("tight") / "c", server=server) as cluster:
         yield cluster
-    finally:
-        cluster.down()
 
 
 async def _session_reads(address: str, count: int) -> list[grpc.StatusCode]:

@@ -21,7 +21,7 @@ from kvstore.replication import commands
 from kvstore.replication.state_machine import ShardStateMachine
 from kvstore.storage.dedup import CAS_FAILED, DONE, Outcome
 from kvstore.storage.engine import Storage
-from tests.conftest import TEST_RAFT
+from tests.conftest import running_cluster
 
 SECOND = 1_000_000  # the tables count in µs
 RETENTION = 60 * SECOND
@@ -275,16 +275,9 @@ SESSION_CAP = 3
 @pytest.fixture(scope="module")
 def capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """1 shard x 3 replicas keeping at most SESSION_CAP client sessions."""
-    cluster = LocalCluster(tmp_path_factory.mktemp("dedup"))
-    cluster.create(
-        shards=1, replicas=3, raft=TEST_RAFT, storage=StorageSettings(max_dedup_sessions=SESSION_CAP)
-    )
-    cluster.start_all()
-    try:
-        cluster.wait_for_leaders(30)
+    storage = StorageSettings(max_dedup_sessions=SESSION_CAP)
+    with running_cluster(tmp_path_factory.mktemp("dedup"), storage=storage) as cluster:
         yield cluster
-    finally:
-        cluster.down()
 
 
 def _leader_stub(cluster: LocalCluster, channels: list[grpc.Channel]) -> pb_grpc.KVStub:

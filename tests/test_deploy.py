@@ -28,7 +28,7 @@ from kvstore.config import NodeConfig
 from kvstore.routing.cluster_map import ClusterMap
 from kvstore.server import health
 
-from .conftest import wait_until
+from .conftest import stop_process, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -628,12 +628,7 @@ def test_dns_named_shard_elects_and_serves(tmp_path: Path) -> None:
             assert wait_until(lambda: _get_or_none(thin, b"deploy:k") == b"v", 20)
     finally:
         if router is not None:
-            router.terminate()
-            try:
-                router.wait(10)
-            except subprocess.TimeoutExpired:
-                router.kill()
-                router.wait(5)
+            stop_process(router)
         cluster.down()
 
 

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from kvstore.cluster.local import LocalCluster, free_ports
 from kvstore.config import Limits
 from kvstore.proto import kvstore_pb2 as pb
-from tests.conftest import running_cluster, wait_until
+from tests.conftest import running_cluster, stop_process, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -288,12 +288,7 @@ def test_the_router_answers_hostile_requests_as_clearly(cluster: LocalCluster, l
     finally:
         through_router.close()
         node.close()
-        router.terminate()
-        try:
-            router.wait(10)
-        except subprocess.TimeoutExpired:
-            router.kill()
-            router.wait(5)
+        stop_process(router)
 
 
 # ----- Raft ports ---------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.replication.liveness import ReplicaLiveness
 from kvstore.server.health import NodeHealth
 
-from .conftest import TEST_RAFT, client, wait_until
+from .conftest import TEST_RAFT, client, stop_process, wait_until
 
 STALL = 2.0  # health_stall_seconds in the cluster under test
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -348,10 +348,5 @@ def test_router_serves_health(cluster: LocalCluster, tmp_path: Path) -> None:
         wait_until(lambda: _cli("health", "--address", address).returncode == 0, 20, interval=0.3)
         assert _check(address, "kvstore.v2.KV") == SERVING
     finally:
-        router.terminate()
-        try:
-            router.wait(10)
-        except subprocess.TimeoutExpired:
-            router.kill()
-            router.wait(5)
+        stop_process(router)
         log.close()

@@ -32,7 +32,7 @@ from kvstore.cluster.local import LocalCluster, free_ports
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.routing.cluster_map import ClusterMap
-from tests.conftest import new_leader, wait_until
+from tests.conftest import new_leader, stop_process, wait_until
 
 SHARDS = 3
 
@@ -71,12 +71,7 @@ def router(sharded_cluster: LocalCluster) -> Iterator[str]:
         wait_until(lambda: _listening(address, proc, log_path), 30, interval=0.2)
         yield address
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
 
 
 def _listening(address: str, proc: subprocess.Popen[bytes], log_path: Any) -> bool:
