@@ -31,10 +31,18 @@ def _add_cluster_commands(sub: Any) -> None:
         "up", help="create (if needed) and start a cluster; waits for every shard's leader"
     )
     up.add_argument("--dir", required=True)
-    up.add_argument("--shards", type=int, default=1)
-    up.add_argument("--replicas", type=int, default=3)
-    up.add_argument("--base-port", type=int, default=None, help="first port (default: free ports)")
-    up.add_argument("--vnodes", type=int, default=256)
+    up.add_argument(
+        "--topology",
+        default=None,
+        help="a topology file (shards, replicas, zones, ports), e.g. cluster/local-3x3.toml; "
+        "the four flags below describe the shape instead, and are refused alongside it",
+    )
+    up.add_argument("--shards", type=int, default=None, help="default 1")
+    up.add_argument("--replicas", type=int, default=None, help="per shard; default 3")
+    up.add_argument(
+        "--base-port", type=int, default=None, help="first of 3 ports per replica (default: free)"
+    )
+    up.add_argument("--vnodes", type=int, default=None, help="ring points per shard; default 256")
     up.add_argument("--timeout", type=float, default=60.0)
     up.add_argument("--faults", action="store_true", help="put a fault proxy in front of every Raft port")
     up.add_argument("--insecure", action="store_true", help=_INSECURE_HELP)
@@ -50,9 +58,18 @@ def _add_cluster_commands(sub: Any) -> None:
     )
     fault.add_argument("--src", default=None, help="delay: only links from this node")
     fault.add_argument("--dst", default=None, help="delay: only links to this node")
-    status = cluster.add_parser("status", help="per shard: leader, replicas, indexes, key counts")
+    status = cluster.add_parser(
+        "status",
+        help="per shard: leader, slots, replicas, indexes, key counts; exit 0 only if every shard "
+        "has a leader and every node is serving",
+    )
     status.add_argument("--dir", required=True)
-    status.add_argument("--json", action="store_true")
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="the documented document (docs/cluster-status.md); exit 0 whenever it is printed: "
+        'read its "healthy"',
+    )
     kill = cluster.add_parser("kill", help="send a signal to one node")
     kill.add_argument("--dir", required=True)
     kill.add_argument("node")
@@ -118,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--timeout", type=float, default=2.0)
     router.add_argument("--listen", default="127.0.0.1:7400")
     demo = sub.add_parser("demo", help="start a 3x3 cluster, run the Locust phases, print a summary")
+    demo.add_argument(
+        "--topology", default=None, help="a topology file (default: cluster/local-3x3.toml; 2+ shards)"
+    )
     demo.add_argument("--phase-seconds", type=float, default=25.0)
     demo.add_argument("--users", type=int, default=24)
     demo.add_argument("--dir", default=".kvstore/demo-run", help="the demo's own cluster (replaced each run)")
@@ -199,20 +219,31 @@ def _run_repo_script(relative: str, args: argparse.Namespace) -> int:
 
 def _cluster(args: argparse.Namespace) -> int:
     from kvstore.cluster.local import LocalCluster
+    from kvstore.cluster.status import problems, status_document
 
     cluster = LocalCluster(args.dir)
     if args.action == "up":
+        from kvstore.cluster.topology import load_topology, resolve_topology
+
+        topology = resolve_topology(
+            load_topology(args.topology) if args.topology else None,
+            args.shards,
+            args.replicas,
+            args.vnodes,
+            args.base_port,
+        )
         if not cluster.map_path.exists():
             from kvstore.config import RaftSettings
 
             raft = RaftSettings(insecure=args.insecure)
-            cluster.create(
-                args.shards, args.replicas, args.base_port, args.vnodes, raft=raft, faults=args.faults
-            )
+            cluster.create(topology=topology, raft=raft, faults=args.faults)
         else:
             existing = cluster.cluster_map()
             shape = (len(existing.shards), len(existing.shards[0].replicas), cluster.has_fault_proxies)
-            if shape != (args.shards, args.replicas, args.faults):
+            asked = args.topology or any(
+                v is not None for v in (args.shards, args.replicas, args.vnodes, args.base_port)
+            )
+            if shape != (topology.shards, topology.replicas, args.faults) and (asked or args.faults):
                 print(
                     f"note: {args.dir} already holds a cluster of {shape[0]} shard(s) x {shape[1]} replica(s)"
                     f"{' with fault proxies' if shape[2] else ''}; starting it as it is "
@@ -225,15 +256,18 @@ def _cluster(args: argparse.Namespace) -> int:
         except TimeoutError:
             cluster.down()
             raise
-        _print_status(shards)
+        _print_status(status_document(cluster.cluster_map(), shards, cluster.dir))
         print(f"cluster up: {args.dir} ({len(shards)} shard(s))")
         print(f"stop it with: kvstore cluster down --dir {args.dir}")
     elif args.action == "status":
-        shards = cluster.status()
+        document = status_document(cluster.cluster_map(), cluster.status(), cluster.dir)
         if args.json:
-            print(json.dumps({"dir": str(cluster.dir), "shards": shards}, indent=2))
-        else:
-            _print_status(shards)
+            print(json.dumps(document, indent=2))
+            return 0  # the document says whether all is well ("healthy"); tools read it, not this
+        _print_status(document)
+        if not document["healthy"]:
+            print(f"not healthy: {'; '.join(problems(document['shards']))}", file=sys.stderr)
+            return 1
     elif args.action == "kill":
         pid = cluster.kill(args.node, args.signal)
         print(f"sent SIG{args.signal} to {args.node} (pid {pid})")
@@ -272,18 +306,21 @@ def _fault(cluster: Any, args: argparse.Namespace) -> None:
     print(json.dumps(faults, indent=2))
 
 
-def _print_status(shards: list[dict[str, Any]]) -> None:
-    for shard in shards:
+def _print_status(document: Any) -> None:
+    from kvstore.cluster.status import METRICS
+
+    for shard in document["shards"]:
         print(
-            f"shard {shard['shard']}: leader={shard['leader'] or '-'} vnodes={shard['vnodes']} "
-            f"keys={shard['key_count']}"
+            f"shard {shard['shard']}: leader={shard['leader'] or '-'} slots={shard['slots']} "
+            f"vnodes={shard['vnodes']} keys={shard['key_count']}"
         )
         for r in shard["replicas"]:
-            staleness = f"{r['staleness_seconds']:.2f}s" if r["staleness_seconds"] >= 0 else "-"
+            m = r["metrics"] or dict.fromkeys(METRICS, 0) | {"staleness_seconds": -1.0}
+            staleness = f"{m['staleness_seconds']:.2f}s" if m["staleness_seconds"] >= 0 else "-"
             print(
                 f"  {r['node']:<8} {r['role']:<11} {r['address']:<21} pid={r['pid'] or '-':<7} "
-                f"term={r['term']:<4} applied={r['applied_index']:<8} commit={r['commit_index']:<8} "
-                f"leader_commit={r['leader_commit_index']:<8} staleness={staleness:<7} zone={r['zone']:<7} "
+                f"term={m['term']:<4} applied={m['applied_index']:<8} commit={m['commit_index']:<8} "
+                f"leader_commit={m['leader_commit_index']:<8} staleness={staleness:<7} zone={r['zone']:<7} "
                 f"health={r['health']}"
             )
 

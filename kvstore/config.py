@@ -28,8 +28,11 @@ def setting(default: Any, lo: float, hi: float) -> Any:
     return field(default=default, metadata={"range": (lo, hi)})
 
 
-class _Section:
-    """Range-checks its fields on construction (`setting`), then `check()`s how they relate."""
+class Section:
+    """Range-checks its fields on construction (`setting`), then `check()`s how they relate.
+
+    The base of every settings table: the node's (below) and the local cluster's topology
+    (kvstore/cluster/topology.py)."""
 
     section = ""  # the TOML table name, for messages
 
@@ -78,7 +81,7 @@ MAX_PROPOSAL_BYTES = 12 * MiB
 
 
 @dataclass
-class Limits(_Section):
+class Limits(Section):
     """Checked before anything is proposed or read: a rejected request changes nothing."""
 
     section = "limits"
@@ -133,7 +136,7 @@ class Limits(_Section):
 
 
 @dataclass
-class RaftSettings(_Section):
+class RaftSettings(Section):
     section = "raft"
 
     # Election timeouts: wide enough that a GIL stall on a busy 2-core machine does not start an
@@ -172,7 +175,7 @@ class RaftSettings(_Section):
 
 
 @dataclass
-class StorageSettings(_Section):
+class StorageSettings(Section):
     section = "storage"
 
     # Initial LMDB map; doubled whenever it is half full, up to max_map_size_bytes and the spare
@@ -208,7 +211,7 @@ class StorageSettings(_Section):
 
 
 @dataclass
-class ServerSettings(_Section):
+class ServerSettings(Section):
     section = "server"
 
     # A proposal not applied by then is reported as unknown outcome.
@@ -245,7 +248,7 @@ class ServerSettings(_Section):
 
 
 @dataclass
-class NodeConfig(_Section):
+class NodeConfig(Section):
     name: str
     shard: int = field(metadata={"range": (0, 1_000_000)})
     listen: str  # gRPC host:port
@@ -284,8 +287,8 @@ class NodeConfig(_Section):
     def from_dict(cls, data: dict[str, Any]) -> NodeConfig:
         kwargs = dict(data)
         for name, section_cls in _SECTIONS.items():
-            kwargs[name] = _build(section_cls, kwargs.get(name, {}))
-        return _build(cls, kwargs)
+            kwargs[name] = build_section(section_cls, kwargs.get(name, {}))
+        return build_section(cls, kwargs)
 
     @classmethod
     def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> NodeConfig:
@@ -308,7 +311,8 @@ _RENAMED = {
 }
 
 
-def _build(cls: type, data: Any) -> Any:
+def build_section(cls: type, data: Any) -> Any:
+    """A `Section` from a TOML table: unknown keys, missing or ill-typed settings raise ConfigError."""
     if not isinstance(data, dict):
         raise ConfigError(f"{cls.__name__} settings must be a table, not {data!r}")
     known = {f.name for f in dataclasses.fields(cls)}

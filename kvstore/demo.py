@@ -1,4 +1,5 @@
-"""`kvstore demo` (`make demo`): a 3-shard x 3-replica cluster under Locust, phase by phase.
+"""`kvstore demo` (`make demo`): a 3-shard x 3-replica cluster (cluster/local-3x3.toml) under
+Locust, phase by phase.
 
 1. strong reads and writes across 3 shards (every request to a shard leader),
 2. the same load with session and eventual reads served by replicas,
@@ -28,13 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from kvstore.cluster.local import LocalCluster
+from kvstore.cluster.topology import Topology, load_topology, named_topology
+from kvstore.config import ConfigError
 
-SHARDS, REPLICAS = 3, 3
+DEMO_TOPOLOGY = "local-3x3"  # in the repository's cluster/ folder
 KEYSPACE, VALUE_SIZE, READ_RATIO = 10_000, 100, 0.8
 # An operation not done within this deadline counts as failed: it makes a failover visible as
 # errors (on the failed shard only) instead of only as latency.
 CLIENT_DEADLINE = 2.0
-FAULT_SHARD = 1
+FAULT_SHARD = 1  # so the demo needs at least two shards
 WORKLOAD = (
     f"--kv-keyspace {KEYSPACE} --kv-value-size {VALUE_SIZE} --kv-read-ratio {READ_RATIO} "
     f"--kv-timeout {CLIENT_DEADLINE}"
@@ -48,14 +51,14 @@ class Phase:
     fault: bool = False
 
 
-def phases(seconds: int) -> list[Phase]:
+def phases(seconds: int, shards: int = 3) -> list[Phase]:
     kill_at = max(2.0, round(0.3 * seconds, 1))
     restart_after = max(1.5, round(0.25 * seconds, 1))
     strong = "--kv-consistency-mix strong:1 --kv-read-policy leader".split()
     replicas = "--kv-consistency-mix session:1,eventual:1 --kv-read-policy round_robin".split()
     fault = f"--kv-kill-leader-at {kill_at} --kv-restart-after {restart_after} --kv-kill-shard {FAULT_SHARD}"
     return [
-        Phase("strong reads + writes, 3 shards", strong),
+        Phase(f"strong reads + writes, {shards} shards", strong),
         Phase("session + eventual reads on replicas", replicas),
         Phase(f"shard {FAULT_SHARD} leader SIGKILLed + restarted", strong + fault.split(), fault=True),
     ]
@@ -78,6 +81,7 @@ def run_demo(args: Any) -> int:
     seconds = max(2, round(float(args.phase_seconds)))
     users = max(1, int(args.users))
     results = Path(args.results).absolute()
+    topology = _topology(getattr(args, "topology", None))
     cluster = LocalCluster(args.dir)
     locust = _LocustProcess()
     started = time.monotonic()
@@ -85,12 +89,12 @@ def run_demo(args: Any) -> int:
         try:
             locustfile = _locustfile()
             results.mkdir(parents=True, exist_ok=True)
-            _start_cluster(cluster)
+            _start_cluster(cluster, topology)
             outcomes = []
-            for number, phase in enumerate(phases(seconds), 1):
+            for number, phase in enumerate(phases(seconds, topology.shards), 1):
                 outcome = _run_phase(number, phase, cluster, locust, users, seconds, results, locustfile)
                 outcomes.append(outcome)
-            summary = render_summary(outcomes, users, seconds, time.monotonic() - started)
+            summary = render_summary(outcomes, topology, users, seconds, time.monotonic() - started)
             (results / "summary.md").write_text(summary)
             (results / "summary.json").write_text(json.dumps(summary_data(outcomes), indent=1))
             print("\n" + summary)
@@ -115,11 +119,21 @@ def _locustfile() -> Path:
 # ----- cluster -------------------------------------------------------------------------------
 
 
-def _start_cluster(cluster: LocalCluster) -> None:
+def _topology(path: str | None) -> Topology:
+    topology = load_topology(path) if path else named_topology(DEMO_TOPOLOGY)
+    if topology.shards <= FAULT_SHARD:
+        raise ConfigError(
+            f"the demo needs at least {FAULT_SHARD + 1} shards (it fails shard {FAULT_SHARD}'s leader); "
+            f"the topology {topology.label} has {topology.shards}"
+        )
+    return topology
+
+
+def _start_cluster(cluster: LocalCluster, topology: Topology) -> None:
     _remove_stale(cluster)
-    print(f"starting a {SHARDS}-shard x {REPLICAS}-replica cluster in {cluster.dir} ...", flush=True)
+    print(f"starting the {topology.label} cluster in {cluster.dir} ...", flush=True)
     t = time.monotonic()
-    cluster.create(shards=SHARDS, replicas=REPLICAS)
+    cluster.create(topology=topology)
     cluster.start_all()
     shards = cluster.wait_for_leaders(60.0)
     leaders = ", ".join(f"shard {s['shard']}: {s['leader']}" for s in shards)
@@ -429,9 +443,12 @@ def summary_data(outcomes: list[Outcome]) -> dict[str, Any]:
 # ----- summary.md ----------------------------------------------------------------------------
 
 
-def render_summary(outcomes: list[Outcome], users: int, seconds: int, elapsed: float) -> str:
+def render_summary(
+    outcomes: list[Outcome], topology: Topology, users: int, seconds: int, elapsed: float
+) -> str:
+    shape = f"{topology.shards} shards x {topology.replicas} replicas"
     lines = [
-        f"# kvstore demo: {SHARDS} shards x {REPLICAS} replicas, {users} Locust users, {seconds} s per phase",
+        f"# kvstore demo: {shape}, {users} Locust users, {seconds} s per phase",
         "",
         f"Machine: {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}; cluster and load generator share it. "

@@ -13,6 +13,7 @@ import pytest
 
 from kvstore import Client
 from kvstore.cluster.local import LocalCluster
+from kvstore.cluster.topology import Topology, named_topology
 from kvstore.config import RaftSettings
 
 # Faster failure detection than the defaults, still wide enough for a loaded 2-core machine.
@@ -21,16 +22,28 @@ TEST_RAFT = RaftSettings(min_timeout=0.8, max_timeout=1.6, leader_fallback_timeo
 
 def start_cluster(
     directory: Path,
-    shards: int = 1,
-    replicas: int = 3,
+    shards: int | None = None,
+    replicas: int | None = None,
     raft: RaftSettings | None = None,
-    vnodes: int = 256,
+    vnodes: int | None = None,
+    topology: Topology | str | None = None,
     **settings: Any,
 ) -> LocalCluster:
-    """Create and start a cluster, waiting for its leaders. `settings`: the other sections
-    (storage=, server=) for every node, as `LocalCluster.create` takes them."""
+    """Create and start a cluster, waiting for its leaders. Its shape: `topology` (a Topology or
+    the name of a file in cluster/), or `shards`, `replicas` and `vnodes` (1 x 3, 256 vnodes by
+    default), never both. `settings`: the other sections (storage=, server=) for every node, as
+    `LocalCluster.create` takes them."""
+    if isinstance(topology, str):
+        topology = named_topology(topology)
     cluster = LocalCluster(directory)
-    cluster.create(shards=shards, replicas=replicas, raft=raft or TEST_RAFT, vnodes=vnodes, **settings)
+    cluster.create(
+        shards=shards,
+        replicas=replicas,
+        raft=raft or TEST_RAFT,
+        vnodes=vnodes,
+        topology=topology,
+        **settings,
+    )
     cluster.start_all()
     try:
         cluster.wait_for_leaders(30)
@@ -67,14 +80,14 @@ def make_cluster(tmp_path: Path) -> Iterator[Callable[..., LocalCluster]]:
 @pytest.fixture(scope="module")
 def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """One 1-shard x 3-replica cluster reused by a module's read-only-ish tests."""
-    with running_cluster(tmp_path_factory.mktemp("shared")) as cluster:
+    with running_cluster(tmp_path_factory.mktemp("shared"), topology="local-1x3") as cluster:
         yield cluster
 
 
 @pytest.fixture(scope="module")
 def sharded_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """3 shards x 3 replicas."""
-    with running_cluster(tmp_path_factory.mktemp("sharded"), shards=3) as cluster:
+    with running_cluster(tmp_path_factory.mktemp("sharded"), topology="local-3x3") as cluster:
         yield cluster
 
 

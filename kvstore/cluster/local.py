@@ -2,6 +2,7 @@
 
 Layout of `<dir>`:
 - `cluster.json`        the cluster map (shards, replicas, addresses, epoch)
+- `topology.toml`       the topology it was created from (kvstore/cluster/topology.py)
 - `nodes/<name>.toml`   each replica's NodeConfig (it names its shard's secret file, never the secret)
 - `secrets/shard-<N>.key` each shard's generated Raft secret (mode 0600; none with --insecure)
 - `data/<name>/`        each replica's LMDB and Raft journal/snapshot
@@ -30,13 +31,14 @@ from typing import Any
 
 import grpc
 
+from kvstore.cluster.status import status_document
+from kvstore.cluster.topology import PORTS_PER_REPLICA, Topology, resolve_topology
 from kvstore.config import NodeConfig, RaftSettings, ServerSettings, StorageSettings
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.routing.cluster_map import ClusterMap, ReplicaInfo, ShardInfo
 
 PROXY_DAEMON = "fault-proxies"  # name of the proxy daemon's log and PID files
-ZONES = ("zone-a", "zone-b", "zone-c", "zone-d", "zone-e")
 SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "STOP": signal.SIGSTOP, "CONT": signal.SIGCONT}
 
 
@@ -70,6 +72,7 @@ class ReplicaStatus:
     leader: str = ""
     zone: str = ""
     health: str = "down"  # serving, not_serving: <reason>, down, paused, unreachable
+    raft_log_size: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -86,6 +89,10 @@ class LocalCluster:
     @property
     def map_path(self) -> Path:
         return self.dir / "cluster.json"
+
+    @property
+    def topology_path(self) -> Path:
+        return self.dir / "topology.toml"
 
     def _config_path(self, name: str) -> Path:
         return self.dir / "nodes" / f"{name}.toml"
@@ -114,27 +121,36 @@ class LocalCluster:
 
     def create(
         self,
-        shards: int = 1,
-        replicas: int = 3,
+        shards: int | None = None,
+        replicas: int | None = None,
         base_port: int | None = None,
-        vnodes: int = 256,
+        vnodes: int | None = None,
         raft: RaftSettings | None = None,
         proxied_raft: dict[str, str] | None = None,
         storage: StorageSettings | None = None,
         advertise_for: Callable[[dict[str, str]], dict[str, str]] | None = None,
         server: ServerSettings | None = None,
         faults: bool = False,
+        topology: Topology | None = None,
     ) -> ClusterMap:
         """Write the map and node configs.
 
+        The shape comes from `topology` (kvstore/cluster/topology.py) or from `shards`, `replicas`,
+        `base_port` and `vnodes` (defaults: 1 x 3, free ports, 256 vnodes), never both.
         A replica binds its Raft port but may advertise another address (a fault proxy's):
         `proxied_raft` maps replica name -> advertised address, or `advertise_for` is called with
         name -> bound Raft address and returns that mapping (so proxies can be started in between)."""
+        topology = resolve_topology(topology, shards, replicas, vnodes, base_port)
         if self.map_path.exists():
             raise FileExistsError(f"a cluster already exists at {self.dir}")
-        count = shards * replicas
+        shards, replicas = topology.shards, topology.replicas
+        count = topology.replica_count
         # gRPC and Raft port of each replica in turn, then each replica's health port.
-        ports = [base_port + i for i in range(3 * count)] if base_port else free_ports(3 * count)
+        ports = (
+            [topology.base_port + i for i in range(PORTS_PER_REPLICA * count)]
+            if topology.base_port
+            else free_ports(PORTS_PER_REPLICA * count)
+        )
         # Ports handed out above are free but unbound until the nodes start: whoever binds next
         # (a fault proxy on port 0) must not take one of them.
         self.reserved_ports = set(ports)
@@ -162,7 +178,7 @@ class LocalCluster:
                 name = f"s{shard}r{r}"
                 grpc_addr, raft_addr = f"127.0.0.1:{ports[2 * i]}", f"127.0.0.1:{ports[2 * i + 1]}"
                 advertise = (proxied_raft or {}).get(name, raft_addr)
-                members.append((name, grpc_addr, raft_addr, advertise, ZONES[r % len(ZONES)]))
+                members.append((name, grpc_addr, raft_addr, advertise, topology.zone_of(r)))
             shard_infos.append(ShardInfo(shard, tuple(ReplicaInfo(m[0], m[1], m[3], m[4]) for m in members)))
             for name, grpc_addr, raft_addr, advertise, zone in members:
                 configs.append(
@@ -186,7 +202,9 @@ class LocalCluster:
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         for config in configs:
             self._config_path(config.name).write_text(config.to_toml())
-        cluster_map = ClusterMap(epoch=1, shards=tuple(shard_infos), vnodes_per_shard=vnodes)
+        # What the cluster was made from, for whoever looks later (the map is what nodes read).
+        self.topology_path.write_text(topology.to_toml())
+        cluster_map = ClusterMap(epoch=1, shards=tuple(shard_infos), vnodes_per_shard=topology.vnodes)
         cluster_map.save(self.map_path)
         return cluster_map
 
@@ -340,7 +358,12 @@ class LocalCluster:
             s.leader,
             replica.zone,
             s.health,
+            s.raft_log_size,
         )
+
+    def status_document(self, timeout: float = 1.0) -> dict[str, Any]:
+        """What `cluster status --json` prints: the schema of docs/cluster-status.md."""
+        return status_document(self.cluster_map(), self.status(timeout), self.dir)
 
     def wait_for_leaders(self, timeout: float = 30.0) -> list[dict[str, Any]]:
         """Block until every shard has a replica that reports itself leader."""

@@ -1,0 +1,139 @@
+"""The `kvstore cluster status --json` document: one schema, documented in docs/cluster-status.md
+and pinned by tests/test_cluster_status.py. Later changes add keys; they never rename, retype or
+move one, so tools written against it keep working.
+
+Built from the cluster map (shards, replicas, addresses, epoch, the ring) and what each replica's
+`Admin.Status` answered (`LocalCluster.status()`). Shards and replicas the map no longer lists
+(removed ones) are not in it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypedDict
+
+from kvstore import errors
+from kvstore.routing.cluster_map import ClusterMap, ReplicaInfo
+from kvstore.routing.ring import SLOT_COUNT
+
+# A replica is caught up when it has proven, within this many seconds, that it held every write
+# the leader had acknowledged (the proof bounded-staleness reads rely on). A follower hears from
+# its leader many times a second, so a healthy one stays far below this.
+CAUGHT_UP_STALENESS_SECONDS = 2.0
+# Roles of a replica that did not answer (its process is gone, stopped, or not answering).
+SILENT_ROLES = ("down", "paused", "unreachable")
+METRICS = (
+    "term",
+    "applied_index",
+    "commit_index",
+    "leader_commit_index",
+    "staleness_seconds",
+    "key_count",
+    "raft_log_size",
+)
+
+
+class ReplicaDocument(TypedDict):
+    node: str
+    address: str  # gRPC
+    raft_address: str  # advertised Raft address (a fault proxy's in a `--faults` cluster)
+    zone: str
+    pid: int | None
+    role: str  # leader, follower, candidate, down, paused, unreachable
+    health: str  # serving, not_serving: <reason>, down, paused, unreachable
+    voter: bool  # every replica votes until membership changes add learners
+    caught_up: bool
+    metrics: dict[str, int | float]  # METRICS of a replica that answered; empty otherwise
+
+
+class ShardDocument(TypedDict):
+    shard: int
+    leader: str | None
+    slots: int | None  # slots the ring gives it; None if the map's placement is not this version's
+    vnodes: int
+    key_count: int
+    replicas: list[ReplicaDocument]
+
+
+class StatusDocument(TypedDict):
+    epoch: int
+    healthy: bool
+    dir: str
+    slot_count: int
+    vnodes_per_shard: int
+    shards: list[ShardDocument]
+
+
+def status_document(
+    cluster_map: ClusterMap, shard_statuses: list[dict[str, Any]], directory: str | Path
+) -> StatusDocument:
+    """`shard_statuses`: what `LocalCluster.status()` returned for `cluster_map`."""
+    slots = slot_counts(cluster_map)
+    by_id = {s["shard"]: s for s in shard_statuses}
+    shards: list[ShardDocument] = []
+    for info in cluster_map.shards:
+        status = by_id[info.id]
+        answered = {r["node"]: r for r in status["replicas"]}
+        shards.append(
+            {
+                "shard": info.id,
+                "leader": status["leader"],
+                "slots": None if slots is None else slots.get(info.id, 0),
+                "vnodes": cluster_map.vnodes_per_shard,
+                "key_count": status["key_count"],
+                "replicas": [_replica_document(r, answered[r.name]) for r in info.replicas],
+            }
+        )
+    return {
+        "epoch": cluster_map.epoch,
+        "healthy": is_healthy(shards),
+        "dir": str(directory),
+        "slot_count": SLOT_COUNT,
+        "vnodes_per_shard": cluster_map.vnodes_per_shard,
+        "shards": shards,
+    }
+
+
+def is_healthy(shards: list[ShardDocument]) -> bool:
+    """Every shard has a leader and every replica reports itself serving."""
+    return not problems(shards)
+
+
+def problems(shards: list[ShardDocument]) -> list[str]:
+    """What keeps the cluster from being healthy, one line each."""
+    found = [f"shard {s['shard']} has no leader" for s in shards if not s["leader"]]
+    found += [
+        f"{r['node']} is {r['health']}" for s in shards for r in s["replicas"] if r["health"] != "serving"
+    ]
+    return found
+
+
+def slot_counts(cluster_map: ClusterMap) -> dict[int, int] | None:
+    """Slots each shard owns under the map's ring (every one of SLOT_COUNT routed: ~0.1 s)."""
+    try:
+        ring = cluster_map.ring
+    except errors.KvError:  # a map from before this placement scheme: listed, never routed
+        return None
+    counts = dict.fromkeys(ring.shard_ids, 0)
+    for slot in range(SLOT_COUNT):
+        counts[ring.shard_for_slot(slot)] += 1
+    return counts
+
+
+def _replica_document(info: ReplicaInfo, status: dict[str, Any]) -> ReplicaDocument:
+    answered = status["role"] not in SILENT_ROLES
+    staleness = status["staleness_seconds"]
+    return {
+        "node": info.name,
+        "address": info.address,
+        "raft_address": info.raft_address,
+        "zone": info.zone,
+        "pid": status["pid"],
+        "role": status["role"],
+        "health": status["health"],
+        "voter": True,
+        "caught_up": answered
+        and status["role"] in ("leader", "follower")
+        and 0 <= staleness <= CAUGHT_UP_STALENESS_SECONDS,
+        "metrics": {name: status[name] for name in METRICS} if answered else {},
+    }
