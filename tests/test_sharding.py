@@ -462,7 +462,7 @@ def test_cluster_status_json_reports_shards_and_key_counts(kv: Client, sharded_c
             assert replica["address"] == expected.address
             assert replica["pid"] == sharded_cluster.pid(expected.name)
             assert replica["role"] in ("leader", "follower")
-            assert replica["term"] > 0 and replica["applied_index"] > 0
+            assert replica["metrics"]["term"] > 0 and replica["metrics"]["applied_index"] > 0
         assert [r["role"] for r in shard["replicas"]].count("leader") == 1
         assert next(r for r in shard["replicas"] if r["role"] == "leader")["node"] == shard["leader"]
 
