@@ -31,7 +31,7 @@ from typing import Any
 
 import grpc
 
-from kvstore.cluster.status import status_document
+from kvstore.cluster.status import StatusDocument, status_document
 from kvstore.cluster.topology import PORTS_PER_REPLICA, Topology, resolve_topology
 from kvstore.config import NodeConfig, RaftSettings, ServerSettings, StorageSettings
 from kvstore.proto import kvstore_pb2 as pb
@@ -361,7 +361,7 @@ class LocalCluster:
             s.raft_log_size,
         )
 
-    def status_document(self, timeout: float = 1.0) -> dict[str, Any]:
+    def status_document(self, timeout: float = 1.0) -> StatusDocument:
         """What `cluster status --json` prints: the schema of docs/cluster-status.md."""
         return status_document(self.cluster_map(), self.status(timeout), self.dir)
 
