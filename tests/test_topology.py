@@ -58,7 +58,7 @@ def _write(tmp_path: Path, text: str) -> Path:
         ('zones = ["a", ""]\n', "every zone must be a non-empty string"),
         ("zones = [1]\n", "every zone must be a non-empty string, not 1"),
         ("base_port = 80\n", "topology.base_port = 80: 3 replicas need ports 80..88"),
-        ("shards = 3\nbase_port = 65500\n", "9 replicas need ports 65500..65526"),
+        ("shards = 3\nbase_port = 65520\n", "9 replicas need ports 65520..65546"),
         ("base_port = 70000\n", "topology.base_port = 70000 is out of range"),
         ("name = 3\n", "topology.name must be a string"),
         ("shards = \n", "cannot be read"),
