@@ -40,7 +40,10 @@ def _add_cluster_commands(sub: Any) -> None:
     up.add_argument("--shards", type=int, default=None, help="default 1")
     up.add_argument("--replicas", type=int, default=None, help="per shard; default 3")
     up.add_argument(
-        "--base-port", type=int, default=None, help="first of 3 ports per replica (default: free)"
+        "--base-port",
+        type=int,
+        default=None,
+        help="first of 3 consecutive ports per replica (default: free ports)",
     )
     up.add_argument("--vnodes", type=int, default=None, help="ring points per shard; default 256")
     up.add_argument("--timeout", type=float, default=60.0)
@@ -67,8 +70,8 @@ def _add_cluster_commands(sub: Any) -> None:
     status.add_argument(
         "--json",
         action="store_true",
-        help="the documented document (docs/cluster-status.md); exit 0 whenever it is printed: "
-        'read its "healthy"',
+        help="print the status document (schema: docs/cluster-status.md); exit 0 whenever it is "
+        'printed: read its "healthy"',
     )
     kill = cluster.add_parser("kill", help="send a signal to one node")
     kill.add_argument("--dir", required=True)
