@@ -19,8 +19,10 @@ from pysyncobj import SyncObj, SyncObjConf, SyncObjException, replicated
 from pysyncobj.poller import createPoller
 from pysyncobj.tcp_connection import TcpConnection
 
-from kvstore.chaos.proxy import FaultProxy, LinkController, ProxyCluster, decode_first_frame, encode_frame
+from kvstore.chaos.link_rules import LinkController
+from kvstore.chaos.proxy import FaultProxy, ProxyCluster
 from kvstore.cluster.local import LocalCluster
+from kvstore.replication.peer_frames import decode_first_frame, encode_frame
 from tests.conftest import TEST_RAFT, client, new_leader, wait_until
 
 CLI_ADDR = "127.0.0.1:1"  # the address our test client announces, registered as replica "cli"
