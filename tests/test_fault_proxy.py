@@ -1,9 +1,9 @@
-"""Tests for the fault-injecting Raft proxy: raw TCP behaviour, then a real 3-node pysyncobj cluster."""
+"""Tests for the fault-injecting Raft proxy: raw TCP behaviour, then a real 3-node pysyncobj cluster.
+(How the proxy reads pysyncobj's frames: tests/test_peer_frames.py.)"""
 
 from __future__ import annotations
 
 import asyncio
-import datetime
 import pickle
 import random
 import socket
@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 from pysyncobj import SyncObj, SyncObjConf, SyncObjException, replicated
-from pysyncobj.poller import createPoller
-from pysyncobj.tcp_connection import TcpConnection
 
-from kvstore.chaos.proxy import FaultProxy, LinkController, ProxyCluster, decode_first_frame, encode_frame
+from kvstore.chaos.link_rules import LinkController
+from kvstore.chaos.proxy import FaultProxy, ProxyCluster
 from kvstore.cluster.local import LocalCluster
+from kvstore.replication.peer_frames import encode_frame
 from tests.conftest import TEST_RAFT, client, new_leader, wait_until
 
 CLI_ADDR = "127.0.0.1:1"  # the address our test client announces, registered as replica "cli"
@@ -110,32 +110,6 @@ class Bench:
         frame = encode_frame(CLI_ADDR) if identify else NOT_A_FRAME
         client = await self.dial(frame)
         return client, await self.backend_conn(skip=len(frame))
-
-
-# ---------------------------------------------------------------- identification
-
-
-def test_decodes_the_address_pysyncobj_actually_sends() -> None:
-    """The frame written by pysyncobj's own TcpConnection decodes to the announced address."""
-    ours, theirs = socket.socketpair()
-    conn = TcpConnection(createPoller("select"), socket=ours)
-    try:
-        conn.send("127.0.0.1:4321")
-        data = theirs.recv(4096)
-        assert decode_first_frame(data) == "127.0.0.1:4321"
-        assert data == encode_frame("127.0.0.1:4321")
-    finally:
-        conn.disconnect()
-        theirs.close()
-
-
-def test_refuses_garbage_and_globals() -> None:
-    assert decode_first_frame(b"") is None
-    assert decode_first_frame(NOT_A_FRAME + b"x" * 10) is None
-    assert decode_first_frame(encode_frame("addr")[:-1]) is None  # truncated
-    # A pickle that needs a global (here datetime.date) is refused instead of being imported.
-    assert decode_first_frame(encode_frame(datetime.date(2020, 1, 1))) is None
-    assert decode_first_frame(encode_frame(["status"])) == ["status"]  # admin tools: not an address
 
 
 # ---------------------------------------------------------------- plain TCP behind the proxy

@@ -4,19 +4,16 @@ Topology: replica R binds its real Raft port (``SyncObjConf(bindAddress=real)``)
 included, names R by the address of R's proxy (``selfNode``/``otherNodes``). pysyncobj's node identity is
 that string, so peers dial R's proxy and the proxy forwards to R's real port.
 
-Who is dialing: in pysyncobj 0.3.17 only the node with the greater address string dials
-(``TCPTransport._shouldConnect``) and announces its own advertised address (``_sendSelfAddress``), framed
-by ``TcpConnection.send`` as ``struct.pack('i', len(data)) + data`` with
-``data = zlib.compress(pickle.dumps(message), 3)``, Fernet-encrypted when the group has a secret.
+Who is dialing: the dialer announces its advertised address in its handshake (the frame format and the
+handshake are in ``kvstore.replication.peer_frames``, with the rest of pysyncobj's wire format).
 - Without a secret (``--insecure``, and raw pysyncobj tests), the address is the dialer's first frame:
   the proxy reads it before it connects upstream.
-- With a secret (the default), the dialer first sends a connection key, the target answers with its own,
-  and only then does the dialer send ``(target's key, address)``. A proxy given the group's secret file
-  (``secret_file``) connects upstream at once, relays these two handshake frames, decrypts the third and
-  only then applies the rules (a cut link is reset at that point).
-Frames are decoded with an unpickler that refuses every global (peer bytes can only build plain
-str/list/tuple, never run code), and the address is mapped to a replica name through the
-``LinkController`` registry; the frames are forwarded unchanged.
+- With a secret (the default), the address comes after a key exchange with the target. A proxy given
+  the group's secret file (``secret_file``) connects upstream at once, relays the two key frames,
+  decrypts the third and only then applies the rules (a cut link is reset at that point).
+Handshake frames are decoded with an unpickler that refuses every global (peer bytes can only build
+plain str/list/tuple, never run code), and the address is mapped to a replica name through the
+``LinkController`` registry (``link_rules``); the frames are forwarded unchanged.
 
 Connections it cannot identify get source ``None``: an encrypted handshake without the secret, admin tools
 (``syncobj_admin``) that send a list, other clients that send anything. Only rules that need no source apply
@@ -35,29 +32,22 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import io
 import logging
-import pickle
 import socket
 import struct
 import threading
-import zlib
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pysyncobj import pickle as pysyncobj_pickle
+from kvstore.chaos.link_rules import LinkController
+from kvstore.replication import peer_frames
+from kvstore.replication.peer_frames import FRAME_HEADER, HANDSHAKE_MAX_BYTES
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# pysyncobj packs the length with struct.pack('i', ...): native byte order, 4-byte signed int.
-_FRAME_HEADER = struct.Struct("=i")
-# An address frame is a few dozen bytes; a larger length means "not an id frame", and it must not be
-# buffered while we wait for it.
-_MAX_ID_FRAME = 4096
-_MAX_ID_DECOMPRESSED = 4096
 _CHUNK = 64 * 1024
 # Per-direction queue bound, in chunks. A delayed direction holds delay * throughput bytes; past this bound
 # the reader stops reading and TCP flow control pushes back on the sender instead of us buffering forever.
@@ -85,155 +75,6 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-class _NoGlobalsUnpickler(pickle.Unpickler):
-    """Unpickler that cannot import anything: bytes from a peer must never run code in our process."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"global {module}.{name} refused")
-
-
-def frame_length(buf: bytes) -> int | None:
-    """Bytes needed for the pysyncobj frame starting buf (header included), or None if it cannot be one."""
-    if len(buf) < _FRAME_HEADER.size:
-        return _FRAME_HEADER.size
-    (length,) = _FRAME_HEADER.unpack_from(buf)
-    if not 0 < length <= _MAX_ID_FRAME:
-        return None
-    return _FRAME_HEADER.size + length
-
-
-def decode_first_frame(buf: bytes, cipher: Any = None) -> object | None:
-    """The message in the pysyncobj frame at the start of buf (decrypted with cipher, pysyncobj's
-    Fernet, if given), or None if there is none."""
-    total = frame_length(buf)
-    if total is None or len(buf) < total or total == _FRAME_HEADER.size:
-        return None
-    inflater = zlib.decompressobj()
-    try:
-        body = buf[_FRAME_HEADER.size : total]
-        if cipher is not None:
-            body = cipher.decrypt(body)
-        raw = inflater.decompress(body, _MAX_ID_DECOMPRESSED)
-        if not inflater.eof:  # truncated, or bigger than any address: not an id frame
-            return None
-        return _NoGlobalsUnpickler(io.BytesIO(raw)).load()
-    except Exception:  # garbage raises anything from zlib.error to EOFError/ValueError: "not a frame"
-        return None
-
-
-def _looks_encrypted(buf: bytes) -> bool:
-    """A pysyncobj frame holding a Fernet token (``SyncObjConf(password=...)``): framed, not decodable."""
-    total = frame_length(buf)
-    return total is not None and len(buf) >= total > _FRAME_HEADER.size and buf[4:10] == b"gAAAAA"
-
-
-def encode_frame(message: object) -> bytes:
-    """Frame a message exactly as pysyncobj 0.3.17 ``TcpConnection.send`` does without a password
-    (with pysyncobj's own pickler, whose protocol kvstore's state machine raises to 5)."""
-    data = zlib.compress(pysyncobj_pickle.dumps(message), 3)
-    return _FRAME_HEADER.pack(len(data)) + data
-
-
-@dataclasses.dataclass(frozen=True)
-class _Rules:
-    """Immutable rule set: setters swap in a new one, so the data path reads rules without a lock."""
-
-    cuts: frozenset[frozenset[str]] = frozenset()
-    isolated: frozenset[str] = frozenset()
-    blackholes: frozenset[tuple[str, str]] = frozenset()
-    delays: tuple[tuple[str | None, str | None, float], ...] = ()
-    version: int = 0
-
-
-class LinkController:
-    """Fault rules shared by all proxies of a cluster. Setters are thread-safe and take effect at once:
-    every chunk read after a setter returns is judged by the new rules, and proxies close cut links."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._rules = _Rules()
-        self._names: dict[str, str] = {}  # address (advertised or real) -> replica name
-        self._listeners: list[Callable[[], None]] = []
-
-    # --- registry and listeners (used by FaultProxy) ---
-    def register(self, name: str, *addresses: str) -> None:
-        """Map addresses a dialer may announce to the replica name used in rules."""
-        with self._lock:
-            self._names.update({address: name for address in addresses})
-
-    def name_of(self, address: str | None) -> str | None:
-        return None if address is None else self._names.get(address)
-
-    def subscribe(self, callback: Callable[[], None]) -> None:
-        with self._lock:
-            self._listeners.append(callback)
-
-    def unsubscribe(self, callback: Callable[[], None]) -> None:
-        with self._lock:
-            if callback in self._listeners:
-                self._listeners.remove(callback)
-
-    # --- rule setters ---
-    def partition(self, group_a: Iterable[str], group_b: Iterable[str]) -> None:
-        pairs = {frozenset((a, b)) for a in set(group_a) for b in set(group_b) if a != b}
-        self._update(lambda r: dataclasses.replace(r, cuts=r.cuts | pairs))
-
-    def blackhole(self, src: str, dst: str) -> None:
-        self._update(lambda r: dataclasses.replace(r, blackholes=r.blackholes | {(src, dst)}))
-
-    def isolate(self, name: str) -> None:
-        self._update(lambda r: dataclasses.replace(r, isolated=r.isolated | {name}))
-
-    def delay(self, src: str | None, dst: str | None, seconds: float) -> None:
-        """Latency on links from src to dst (None = any, including unidentified dialers). A new call for
-        the same (src, dst) replaces the old one; 0 removes it; overlapping rules take the largest."""
-        if seconds < 0:
-            raise ValueError("delay must be >= 0")
-
-        def change(r: _Rules) -> _Rules:
-            kept = tuple(d for d in r.delays if (d[0], d[1]) != (src, dst))
-            added = ((src, dst, float(seconds)),) if seconds > 0 else ()
-            return dataclasses.replace(r, delays=kept + added)
-
-        self._update(change)
-
-    def heal(self) -> None:
-        self._update(lambda r: _Rules())
-
-    def _update(self, change: Callable[[_Rules], _Rules]) -> None:
-        with self._lock:
-            version = self._rules.version + 1
-            self._rules = dataclasses.replace(change(self._rules), version=version)
-            listeners = list(self._listeners)
-        for callback in listeners:  # outside the lock: callbacks only schedule work on their loops
-            callback()
-
-    # --- queries for the data path (lock-free: one attribute read of an immutable object) ---
-    def is_cut(self, a: str | None, b: str | None) -> bool:
-        """True if the link between a and b (either direction) is cut. None is an unidentified end."""
-        rules = self._rules
-        if a in rules.isolated or b in rules.isolated:
-            return True
-        return a is not None and b is not None and frozenset((a, b)) in rules.cuts
-
-    def is_blackholed(self, src: str | None, dst: str | None) -> bool:
-        return (src, dst) in self._rules.blackholes
-
-    def delay_for(self, src: str | None, dst: str | None) -> float:
-        matching = [s for ds, dd, s in self._rules.delays if ds in (None, src) and dd in (None, dst)]
-        return max(matching, default=0.0)
-
-    def snapshot(self) -> dict[str, Any]:
-        rules = self._rules
-        return {
-            "version": rules.version,
-            "partitions": sorted(sorted(pair) for pair in rules.cuts),
-            "isolated": sorted(rules.isolated),
-            "blackholes": sorted([src, dst] for src, dst in rules.blackholes),
-            "delays": [{"src": s, "dst": d, "seconds": sec} for s, d, sec in rules.delays],
-        }
-
-
 @dataclasses.dataclass
 class ProxyStats:
     accepted: int = 0
@@ -246,60 +87,6 @@ class ProxyStats:
 
 class _LinkCut(Exception):
     """A chunk arrived on a link that a rule has cut."""
-
-
-class _FrameGate:
-    """Lets whole pysyncobj frames through or drops them, deciding once per frame when its header arrives.
-
-    Dropping raw bytes would cut frames in two: after a heal the receiver would read the middle of one
-    message as the length of the next and lose sync (or, if the dialer's address frame was dropped, take
-    a Raft message for the address: pysyncobj 0.3.17 then raises TypeError on every tick). Whole-frame
-    drops keep the stream well-formed, so a blackhole looks to pysyncobj like lost messages."""
-
-    def __init__(self, framed: bool, pass_first: bool, blocked: Callable[[], bool]) -> None:
-        self._framed = framed
-        # The dialer's address frame is connection setup (like a TCP handshake): never dropped.
-        self._pass_next = pass_first
-        self._blocked = blocked
-        self._header = b""
-        self._left = 0  # body bytes of the current frame still to come
-        self._keep = True
-
-    def filter(self, chunk: bytes) -> tuple[bytes, int]:
-        """(bytes to forward, count of bytes dropped) for the next chunk of the stream."""
-        if not self._framed:
-            return (b"", len(chunk)) if self._blocked() else (chunk, 0)
-        kept: list[bytes] = []
-        dropped = pos = 0
-        while pos < len(chunk):  # every pass consumes at least one byte
-            if not self._framed:  # a negative length: judge the rest as raw bytes
-                piece, pos = chunk[pos:], len(chunk)
-                self._keep = not self._blocked()
-            elif self._left == 0:
-                take = _FRAME_HEADER.size - len(self._header)
-                self._header += chunk[pos : pos + take]
-                pos += take
-                if len(self._header) < _FRAME_HEADER.size:
-                    break  # the header continues in the next chunk
-                piece = self._start_frame()
-            else:
-                take = min(self._left, len(chunk) - pos)
-                piece, pos = chunk[pos : pos + take], pos + take
-                self._left -= take
-            if self._keep:
-                kept.append(piece)
-            else:
-                dropped += len(piece)
-        return b"".join(kept), dropped
-
-    def _start_frame(self) -> bytes:
-        header, self._header = self._header, b""
-        (length,) = _FRAME_HEADER.unpack(header)
-        self._keep = self._pass_next or not self._blocked()
-        self._pass_next = False
-        self._framed = length >= 0
-        self._left = max(length, 0)
-        return header
 
 
 class _Pipe:
@@ -318,7 +105,7 @@ class _Pipe:
         self._src, self._dst = ends
         self._reader, self._writer = streams
         blocked = functools.partial(proxy.controller.is_blackholed, self._src, self._dst)
-        self._gate = _FrameGate(framed, pass_first, blocked)
+        self._gate = peer_frames.FrameFilter(framed, pass_first, blocked)
         self._queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(_QUEUE_CHUNKS)
 
     async def read_loop(self, head: bytes) -> None:
@@ -499,7 +286,7 @@ class FaultProxy:
         except OSError:
             return
         upstream = None
-        if message is None and _looks_encrypted(head) and self._load_cipher():
+        if message is None and peer_frames.looks_encrypted(head) and self._load_cipher():
             try:  # the address comes after a key exchange with the target: relay it first
                 upstream = await self._dial_target()
                 head, message = await self._relay_handshake(head, (reader, writer), upstream)
@@ -525,7 +312,7 @@ class FaultProxy:
         link = _Link(self, src, announced, (reader, writer), upstream)
         self._links.add(link)
         try:
-            await link.run(head, framed=message is not None or _looks_encrypted(head))
+            await link.run(head, framed=message is not None or peer_frames.looks_encrypted(head))
         finally:
             self._links.discard(link)
             _reset(upstream[1])
@@ -559,18 +346,15 @@ class FaultProxy:
         client[1].write(await self._read_id_frame(upstream[0]))
         await client[1].drain()
         frame = await self._read_id_frame(client[0])
-        message = decode_first_frame(frame, self._cipher)
-        if isinstance(message, tuple) and len(message) == 2:
-            return frame, message[1]
-        return frame, None
+        return frame, peer_frames.handshake_address(peer_frames.decode_first_frame(frame, self._cipher))
 
     async def _read_id_frame(self, reader: asyncio.StreamReader) -> bytes:
         async with asyncio.timeout(self._identify_timeout):
-            header = await reader.readexactly(_FRAME_HEADER.size)
-            total = frame_length(header)
+            header = await reader.readexactly(FRAME_HEADER.size)
+            total = peer_frames.frame_length(header)
             if total is None:
                 raise ValueError("not a handshake frame")
-            return header + await reader.readexactly(total - _FRAME_HEADER.size)
+            return header + await reader.readexactly(total - FRAME_HEADER.size)
 
     async def _sniff(self, reader: asyncio.StreamReader) -> tuple[bytes, object | None]:
         """Read the dialer's first frame (bounded in size and time); return the bytes read and the
@@ -578,8 +362,8 @@ class FaultProxy:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._identify_timeout
         buf = b""
-        for _ in range(_MAX_ID_FRAME + _FRAME_HEADER.size):  # each pass reads >= 1 byte or stops
-            need = frame_length(buf)
+        for _ in range(HANDSHAKE_MAX_BYTES + FRAME_HEADER.size):  # each pass reads >= 1 byte or stops
+            need = peer_frames.frame_length(buf)
             remaining = deadline - loop.time()
             if need is None or len(buf) >= need or remaining <= 0:
                 break
@@ -590,7 +374,7 @@ class FaultProxy:
             if not chunk:
                 break
             buf += chunk
-        return buf, decode_first_frame(buf)
+        return buf, peer_frames.decode_first_frame(buf)
 
     def _on_rules_changed(self) -> None:
         """Called from any thread by the controller: hop onto our loop to close links a rule cuts."""

@@ -17,7 +17,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from kvstore.chaos.proxy import FaultProxy, LinkController
+from kvstore.chaos.link_rules import LinkController
+from kvstore.chaos.proxy import FaultProxy
 
 log = logging.getLogger(__name__)
 

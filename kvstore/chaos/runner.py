@@ -11,7 +11,8 @@ The run, in order:
    delay) at seeded random times, healing each after a while;
 4. heal everything, stop the workload, read every key strongly, wait for replicas to converge;
 5. check: linearizability of strong ops, session guarantees, bounded staleness, no acknowledged
-   write lost, convergence (same applied index and same data on every replica of a shard).
+   write lost, convergence (same applied index and same data on every replica of a shard), and
+   write the report (kvstore.chaos.report).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import shutil
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from kvstore import errors
 from kvstore.chaos import checker
 from kvstore.chaos.history import History, Op
 from kvstore.chaos.proxy import ProxyCluster
+from kvstore.chaos.report import ChaosReport, aggregate, write_report
 from kvstore.client.core import Consistency, ReadPolicy
 from kvstore.client.sync import Client
 from kvstore.cluster.local import LocalCluster
@@ -70,50 +72,6 @@ class Fault:
     target: str
     start: float
     end: float = 0.0
-
-
-@dataclass
-class ChaosReport:
-    seed: int
-    duration: float
-    ops_recorded: int
-    ops_checked: int
-    indeterminate: int
-    faults: dict[str, int]
-    anomalies: dict[str, int]
-    lost_writes: int
-    converged: bool
-    convergence: dict[str, Any]
-    linearizable: bool
-    explanation: str = ""
-    fault_log: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.linearizable and not self.anomalies and self.converged
-
-    def to_markdown(self) -> str:
-        lines = [
-            f"# kvstore chaos run (seed {self.seed}, {self.duration:.0f} s)",
-            "",
-            "| measure | value |",
-            "| --- | --- |",
-            f"| operations recorded | {self.ops_recorded} |",
-            f"| operations checked (linearizability) | {self.ops_checked} |",
-            f"| indeterminate operations | {self.indeterminate} |",
-            f"| faults injected | {_fmt_counts(self.faults)} |",
-            f"| anomalies | {_fmt_counts(self.anomalies) or '0'} |",
-            f"| acknowledged writes lost | {self.lost_writes} |",
-            f"| replicas converged | {'yes' if self.converged else 'NO'} |",
-            f"| verdict | {'PASS' if self.ok else 'FAIL'} |",
-        ]
-        if self.explanation:
-            lines += ["", "```", self.explanation, "```"]
-        return "\n".join(lines) + "\n"
-
-
-def _fmt_counts(counts: dict[str, int]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
 
 
 class ChaosRun:
@@ -426,18 +384,8 @@ class ChaosRun:
             explanation=lin.explanation if not lin.ok else "",
             fault_log=[asdict(f) for f in self.faults],
         )
-        self._write(report, anomalies)
+        write_report(self.o.out, report, self.history, anomalies)
         return report
-
-    def _write(self, report: ChaosReport, anomalies: list[checker.Anomaly]) -> None:
-        self.history.to_jsonl(self.o.out / "history.jsonl")
-        (self.o.out / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str))
-        text = report.to_markdown()
-        if anomalies:
-            text += "\n## Anomalies\n\n" + "\n".join(
-                f"- {a.kind} on {a.key}: {a.detail[:500]}" for a in anomalies[:50]
-            )
-        (self.o.out / "report.md").write_text(text + "\n")
 
 
 def _replica_state(address: str) -> dict[str, Any]:
@@ -487,23 +435,3 @@ def run_chaos_cli(args: Any) -> int:
         (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps(summary, indent=2))
     return 0 if all(r.ok for r in reports) else 1
-
-
-def aggregate(reports: list[ChaosReport]) -> dict[str, Any]:
-    faults: Counter[str] = Counter()
-    anomalies: Counter[str] = Counter()
-    for r in reports:
-        faults.update(r.faults)
-        anomalies.update(r.anomalies)
-    return {
-        "runs": len(reports),
-        "passed": sum(r.ok for r in reports),
-        "operations_recorded": sum(r.ops_recorded for r in reports),
-        "operations_checked": sum(r.ops_checked for r in reports),
-        "indeterminate": sum(r.indeterminate for r in reports),
-        "faults": dict(faults),
-        "anomalies": dict(anomalies),
-        "lost_writes": sum(r.lost_writes for r in reports),
-        "not_converged": sum(not r.converged for r in reports),
-        "failed_seeds": [r.seed for r in reports if not r.ok],
-    }

@@ -25,9 +25,7 @@ import ipaddress
 import itertools
 import logging
 import stat
-import struct
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +35,10 @@ from pysyncobj.transport import TCPTransport
 
 from kvstore.config import RaftSettings
 from kvstore.replication import safe_pickle
+from kvstore.replication.peer_frames import FRAME_HEADER, HANDSHAKE_MAX_BYTES, inflate
 
 log = logging.getLogger(__name__)
 
-_LENGTH = struct.Struct("=i")  # pysyncobj: struct.pack('i', len(data)), native order
-# Handshake messages (a 32-byte key, an address) take ~200 bytes even encrypted.
-HANDSHAKE_MAX_BYTES = 4096
 MIN_SECRET_CHARS = 32
 _REFUSAL_LOG_INTERVAL = 1.0
 _ACCEPTED = itertools.count()  # a flood of hostile connections must not flood the log
@@ -186,31 +182,31 @@ class GuardedTcpConnection(TcpConnection):
     def _headers_fit(self) -> bool:
         buffer = self._TcpConnection__readBuffer
         at = self._scan_at
-        while len(buffer) - at >= _LENGTH.size:
-            (length,) = _LENGTH.unpack_from(buffer, at)
+        while len(buffer) - at >= FRAME_HEADER.size:
+            (length,) = FRAME_HEADER.unpack_from(buffer, at)
             handshake = not self._identified and self._scanned < self._handshake_frames
             cap = HANDSHAKE_MAX_BYTES if handshake else self._frame_cap
             if not 0 < length <= cap:
                 _refusal(f"frame of {length} bytes claimed (cap {cap})")
                 return False
-            at += _LENGTH.size + length
+            at += FRAME_HEADER.size + length
             self._scanned += 1
         self._scan_at = at
         return True
 
     def _TcpConnection__processParseMessage(self) -> Any:  # noqa: N802
         buffer = self._TcpConnection__readBuffer
-        if len(buffer) < _LENGTH.size:
+        if len(buffer) < FRAME_HEADER.size:
             return None
-        (length,) = _LENGTH.unpack_from(buffer)
+        (length,) = FRAME_HEADER.unpack_from(buffer)
         if not 0 < length <= self._frame_cap:  # checked on arrival too; never buffer past this
             _refusal(f"frame of {length} bytes claimed (cap {self._frame_cap})")
             self.disconnect()
             return None
-        end = _LENGTH.size + length
+        end = FRAME_HEADER.size + length
         if len(buffer) < end:
             return None
-        data = buffer[_LENGTH.size : end]
+        data = buffer[FRAME_HEADER.size : end]
         self._TcpConnection__readBuffer = buffer[end:]
         self._scan_at -= end
         try:
@@ -227,11 +223,7 @@ class GuardedTcpConnection(TcpConnection):
             if timestamp < self.recvLastTimestamp:  # pysyncobj's ordering check
                 raise ValueError("frame older than the previous one (replayed?)")
             self.recvLastTimestamp = timestamp
-        inflater = zlib.decompressobj()
-        raw = inflater.decompress(data, self._message_cap)
-        if inflater.unconsumed_tail or not inflater.eof:
-            raise ValueError(f"message larger than {self._message_cap} bytes decompressed, or truncated")
-        message = safe_pickle.loads(raw)
+        message = safe_pickle.loads(inflate(data, self._message_cap))
         if self.recvRandKey:
             if not (isinstance(message, tuple) and len(message) == 2 and message[0] == self.recvRandKey):
                 raise ValueError("connection key mismatch")
