@@ -8,6 +8,7 @@ from kvstore.client import (
     Item,
     ReadConsistency,
     ReadPolicy,
+    RetryPolicy,
     ScanPage,
 )
 
@@ -19,6 +20,7 @@ __all__ = [
     "Item",
     "ReadConsistency",
     "ReadPolicy",
+    "RetryPolicy",
     "ScanPage",
 ]
 __version__ = "0.1.0"

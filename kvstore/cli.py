@@ -347,7 +347,7 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _router(args: argparse.Namespace) -> int:
-    from kvstore.client.api import load_cluster_map
+    from kvstore.client.factory import load_cluster_map
     from kvstore.server.router import run_router
 
     cluster_map = load_cluster_map(args.cluster) if args.cluster else None
@@ -410,7 +410,7 @@ def _kv(args: argparse.Namespace) -> int:
 
 
 def _ring(args: argparse.Namespace) -> int:
-    from kvstore.client.api import load_cluster_map
+    from kvstore.client.factory import load_cluster_map
     from kvstore.routing.ring import SLOT_COUNT
 
     if args.cluster:

@@ -131,8 +131,14 @@ class Limits(Section):
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """Channel and server options for these limits (nodes, router and SDK use the same)."""
-        size = self.max_message_bytes
-        return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+        return grpc_message_options(self.max_message_bytes)
+
+
+def grpc_message_options(size: int) -> list[tuple[str, int]]:
+    """gRPC channel or server options capping messages at `size` bytes both ways (the only place
+    these options are spelled: `Limits.grpc_options()` for kvstore's own processes; tools and
+    tests that must send or accept more pass their own size)."""
+    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
 
 
 @dataclass

@@ -23,12 +23,12 @@ class KvError(Exception):
     #: True when the client may retry the same request elsewhere or later without risk.
     retryable: bool = False
 
-    def __init__(self, message: str = "") -> None:
+    def __init__(self, message: str = "", *, from_server: bool = True) -> None:
         super().__init__(message or self.__class__.__doc__ or self.kind)
         self.message = message or (self.__class__.__doc__ or self.kind).strip()
         #: False when the error came from the transport (no kvstore server said it): for a write,
         #: the request may have reached a server and been applied.
-        self.from_server = True
+        self.from_server = from_server
 
     def metadata(self) -> list[tuple[str, str]]:
         return [(KIND_KEY, self.kind)]
@@ -187,9 +187,7 @@ def from_status(code: grpc.StatusCode, details: str, metadata: dict[str, str]) -
         return _BY_KIND[kind](details)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _GRPC_CONCURRENCY_LIMIT in details:
         return Overloaded(f"{code.name}: {details}")  # refused before the method ran: not applied
-    err = _BY_CODE.get(code, KvError)(f"{code.name}: {details}")
-    err.from_server = False
-    return err
+    return _BY_CODE.get(code, KvError)(f"{code.name}: {details}", from_server=False)
 
 
 _CODE_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}

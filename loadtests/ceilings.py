@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_lib as lib  # noqa: E402
 
+from kvstore.config import grpc_message_options  # noqa: E402
+
 ECHO_UNARY = "ceiling grpc echo unary (Get)"
 ECHO_MULTI_GET = "ceiling grpc echo batched (MultiGet 100)"
 ECHO_MULTI_PUT = "ceiling grpc echo batched (MultiPut 100)"
@@ -37,7 +39,7 @@ SYNCOBJ_MSET = "ceiling pysyncobj update 100"
 LMDB_PUT_SYNC = "ceiling lmdb put, 1 synced txn each"
 LMDB_PUT_BATCH = "ceiling lmdb put, 1000 per synced txn"
 LMDB_GET = "ceiling lmdb get, 1 read txn each"
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+CHANNEL_OPTIONS = grpc_message_options(64 << 20)
 
 
 # ----- grpc echo -----------------------------------------------------------------------------------

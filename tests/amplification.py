@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 
 from kvstore.cluster.local import LocalCluster
+from kvstore.config import grpc_message_options
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 
@@ -31,7 +32,7 @@ BIG_VALUE = b"v" * MiB  # the largest legal value
 SCAN_PREFIX = b"amp:scan:"
 SCAN_VALUES = 60  # 60 MiB: under the old 64 MiB message limit, so the old code builds it all
 # Raw channels accept anything: the attempt is the node's answer, not what a client limits.
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 1 << 30), ("grpc.max_send_message_length", 1 << 30)]
+CHANNEL_OPTIONS = grpc_message_options(1 << 30)
 
 
 def memory(pid: int) -> dict[str, int]:

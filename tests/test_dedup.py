@@ -11,10 +11,11 @@ import grpc
 import pytest
 
 from kvstore import Client, errors
-from kvstore.client.core import ClientCore, _sub_request_id
+from kvstore.client.core import ClientCore
 from kvstore.client.plans import Call, Plan
+from kvstore.client.split import sub_request_id
 from kvstore.cluster.local import LocalCluster
-from kvstore.config import NodeConfig, StorageSettings
+from kvstore.config import NodeConfig, StorageSettings, grpc_message_options
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.replication import commands
@@ -228,10 +229,10 @@ def test_sdk_request_ids_are_its_client_id_and_a_sequence() -> None:
     assert len(first) == 24 and first[:16] == second[:16] == core.client_id != other.client_id
     assert int.from_bytes(second[16:], "big") == int.from_bytes(first[16:], "big") + 1
     # One shard's part of a split write: same client and sequence, 8 bytes naming the part.
-    part = _sub_request_id(first, 2, [b"b", b"a"], whole=False)
+    part = sub_request_id(first, 2, [b"b", b"a"], whole=False)
     assert part[:24] == first and len(part) == 32
-    assert part == _sub_request_id(first, 2, [b"a", b"b"], whole=False)  # stable across retries
-    assert part != _sub_request_id(first, 1, [b"a", b"b"], whole=False)
+    assert part == sub_request_id(first, 2, [b"a", b"b"], whole=False)  # stable across retries
+    assert part != sub_request_id(first, 1, [b"a", b"b"], whole=False)
     commands.check_request_id(part)
 
 
@@ -284,7 +285,7 @@ def _leader_stub(cluster: LocalCluster, channels: list[grpc.Channel]) -> pb_grpc
     leader = cluster.wait_for_leaders(30)[0]["leader"]
     channel = grpc.insecure_channel(
         cluster.cluster_map().replica(leader)[1].address,
-        options=[("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)],
+        options=grpc_message_options(64 << 20),
     )
     channels.append(channel)
     return pb_grpc.KVStub(channel)

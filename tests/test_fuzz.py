@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvstore.cluster.local import LocalCluster, free_ports
-from kvstore.config import Limits
+from kvstore.config import Limits, grpc_message_options
 from kvstore.proto import kvstore_pb2 as pb
 from tests.conftest import running_cluster, stop_process, wait_until
 
@@ -55,10 +55,7 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 256 << 20),
-    ("grpc.max_send_message_length", 256 << 20),
-]
+CHANNEL_OPTIONS = grpc_message_options(256 << 20)
 
 
 class Node:

@@ -242,7 +242,7 @@ class ChaosRun:
                 op.revision = kv.put(key, value.encode())
                 seen[key] = (value, op.revision)
             elif kind == "delete":
-                response = kv._run(kv.core.delete([key]))
+                response = kv.send(pb.DeleteRequest(keys=[key]))  # the delete's revision too
                 op.revision = response.header.revision
                 seen[key] = (None, 0)
             else:

@@ -1,8 +1,9 @@
 """The kvstore SDK: one core (core.py), two front doors (sync.Client, aio.AsyncClient)."""
 
 from kvstore.client.aio import AsyncClient
-from kvstore.client.api import CasResult, Item, ScanPage
 from kvstore.client.core import Consistency, ReadConsistency, ReadPolicy
+from kvstore.client.results import CasResult, Item, ScanPage
+from kvstore.client.retry import RetryPolicy
 from kvstore.client.sync import Client
 
 __all__ = [
@@ -13,5 +14,6 @@ __all__ = [
     "Item",
     "ReadConsistency",
     "ReadPolicy",
+    "RetryPolicy",
     "ScanPage",
 ]

@@ -8,19 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from kvstore import errors
-from kvstore.client import api
+from kvstore.batch_ops import FIELD_BY_METHOD
+from kvstore.client import factory, results
 from kvstore.client.core import ClientCore, Consistency, ReadConsistency, ReadPolicy
-from kvstore.client.pipeline import BATCH_FIELDS, Pipeline, lane
+from kvstore.client.pipeline import Pipeline, lane
 from kvstore.client.plans import Call, Parallel, Plan, Sleep
-from kvstore.config import Limits
-from kvstore.proto import kvstore_pb2_grpc as pb_grpc
-
-_STUBS = {"KV": pb_grpc.KVStub, "Admin": pb_grpc.AdminStub}
-# The same message limits as a node with the default Limits (derived there from the request and
-# answer limits): what the SDK may send, a node accepts, and what a node may answer, the SDK reads.
-_CHANNEL_OPTIONS = Limits().grpc_options()
+from kvstore.client.retry import RetryPolicy
+from kvstore.client.transport import CHANNEL_OPTIONS, STUBS
 
 
 class AsyncClient:
@@ -28,6 +25,8 @@ class AsyncClient:
 
     async with AsyncClient.from_cluster(".kvstore/demo") as kv:
         await kv.put(b"k", b"v")
+
+    `timeout` and `retry` (a `RetryPolicy`) as for `Client`.
     """
 
     def __init__(
@@ -40,12 +39,13 @@ class AsyncClient:
         session: str | None = None,
         timeout: float = 10.0,
         zone: str = "",
+        retry: RetryPolicy | None = None,
         pipelining: bool = True,
         pipeline_depth: int = 1,
         _core: ClientCore | None = None,
     ) -> None:
-        self.core = _core or api.make_core(
-            endpoints, router, None, consistency, read_policy, session, timeout, zone
+        self.core = _core or factory.make_core(
+            endpoints, router, None, consistency, read_policy, session, timeout, zone, retry
         )
         # Concurrent calls to one endpoint travel as Batch RPCs, at most `pipeline_depth` of them
         # in flight per endpoint and lane (`pipeline.lane`): a Python gRPC call costs ~0.3 ms of CPU
@@ -62,7 +62,7 @@ class AsyncClient:
 
     @classmethod
     def from_cluster(cls, directory: str | Path, **kwargs: Any) -> AsyncClient:
-        core = api.core_from_cluster(directory, kwargs)
+        core = factory.core_from_cluster(directory, kwargs)
         return cls(_core=core, **kwargs)
 
     # ----- running plans ---------------------------------------------------------------------
@@ -98,7 +98,7 @@ class AsyncClient:
 
     def _start(self, call: Call) -> Awaitable[Any]:
         """The call under way: a pipelined one is a plain future (no task of its own)."""
-        if self.pipelining and call.service == "KV" and call.method in BATCH_FIELDS:
+        if self.pipelining and call.service == "KV" and call.method in FIELD_BY_METHOD:
             return self._pipeline(call.address, lane(call)).submit(call)
         return self._call(call)
 
@@ -159,9 +159,9 @@ class AsyncClient:
             channel = self._channels.get(address)
             if channel is None:
                 channel = self._channels[address] = grpc.aio.insecure_channel(
-                    address, options=_CHANNEL_OPTIONS
+                    address, options=CHANNEL_OPTIONS
                 )
-            stub = self._stubs[key] = _STUBS[service](channel)
+            stub = self._stubs[key] = STUBS[service](channel)
         return stub
 
     async def close(self) -> None:
@@ -188,10 +188,12 @@ class AsyncClient:
         return (await self._run(self.core.put(key, value))).header.revision
 
     async def get(self, key: bytes, *, consistency: ReadConsistency | None = None) -> bytes | None:
-        return api.get_result(await self._run(self.core.get(key, consistency)))
+        return results.get_result(await self._run(self.core.get(key, consistency)))
 
-    async def get_item(self, key: bytes, *, consistency: ReadConsistency | None = None) -> api.Item | None:
-        return api.get_item_result(await self._run(self.core.get(key, consistency)))
+    async def get_item(
+        self, key: bytes, *, consistency: ReadConsistency | None = None
+    ) -> results.Item | None:
+        return results.get_item_result(await self._run(self.core.get(key, consistency)))
 
     async def delete(self, key: bytes) -> bool:
         return (await self._run(self.core.delete([key]))).deleted == 1
@@ -199,24 +201,24 @@ class AsyncClient:
     async def delete_many(self, keys: list[bytes], *, atomic: bool = True) -> int:
         return (await self._run(self.core.delete(list(keys), atomic))).deleted
 
-    async def compare_and_set(self, key: bytes, value: bytes, *, expected_revision: int) -> api.CasResult:
-        return api.cas_result(await self._run(self.core.compare_and_set(key, value, expected_revision)))
+    async def compare_and_set(self, key: bytes, value: bytes, *, expected_revision: int) -> results.CasResult:
+        return results.cas_result(await self._run(self.core.compare_and_set(key, value, expected_revision)))
 
     async def multi_put(self, items: Mapping[bytes, bytes] | list[tuple[bytes, bytes]]) -> int:
         """Atomic write of keys on one shard (use a shared {hash tag}); returns its revision."""
-        return (await self._run(self.core.multi_put(api.as_items(items), atomic=True))).header.revision
+        return (await self._run(self.core.multi_put(results.as_items(items), atomic=True))).header.revision
 
     async def put_many(
         self, items: Mapping[bytes, bytes] | list[tuple[bytes, bytes]], *, atomic: bool = False
     ) -> dict[int, int]:
         """Write keys that may span shards: atomic per shard only. Returns {shard: revision}."""
-        return api.revisions(await self._run(self.core.multi_put(api.as_items(items), atomic=atomic)))
+        return results.revisions(await self._run(self.core.multi_put(results.as_items(items), atomic=atomic)))
 
     async def multi_get(
         self, keys: list[bytes], *, consistency: ReadConsistency | None = None
     ) -> dict[bytes, bytes]:
         keys = list(keys)
-        return api.multi_get_result(keys, await self._run(self.core.multi_get(keys, consistency)))
+        return results.multi_get_result(keys, await self._run(self.core.multi_get(keys, consistency)))
 
     async def scan(
         self,
@@ -227,7 +229,7 @@ class AsyncClient:
         limit: int = 1000,
         continuation: bytes = b"",
         consistency: ReadConsistency | None = None,
-    ) -> api.ScanPage:
+    ) -> results.ScanPage:
         plan = self.core.scan(
             start=start,
             end=end,
@@ -236,7 +238,12 @@ class AsyncClient:
             continuation=continuation,
             consistency=consistency,
         )
-        return api.scan_result(await self._run(plan))
+        return results.scan_result(await self._run(plan))
+
+    async def send(self, request: Message) -> Message:
+        """Send one KV request message the way this client sends its own calls (routing, split by
+        shard, retries) and return the response message with its header (see `Client.send`)."""
+        return await self._run(self.core.send(request))
 
     def session_token(self) -> str:
         return self.core.session_token()

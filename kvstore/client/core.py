@@ -6,18 +6,17 @@ Two modes:
 - router: sends everything to one router address, which runs this same core in smart mode.
 
 Every operation is a plan (see plans.py) returning the raw protobuf response; the front doors turn
-it into Python values. No I/O happens here.
+it into Python values. No I/O happens here. Whether and when to try again is the `RetryPolicy`'s
+(retry.py); where the next attempt goes is decided here. Splitting multi-key operations by shard
+and merging their answers: split.py.
 """
 
 from __future__ import annotations
 
-import base64
 import bisect
 import enum
-import hashlib
 import heapq
 import itertools
-import json
 import os
 import random
 import threading
@@ -27,14 +26,28 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from kvstore import errors
-from kvstore.client.plans import Call, Parallel, Plan, Sleep
+from kvstore.client.plans import Call, Parallel, Plan
+from kvstore.client.retry import Attempts, RetryPolicy
+from kvstore.client.session import decode_session, encode_session
+from kvstore.client.split import (
+    MAX_REGROUPS,
+    REGROUP,
+    MapChanged,
+    check_one_request,
+    combine_headers,
+    combine_multi_get,
+    combined_failure,
+    cut_to_limits,
+    multi_put_request,
+    outcome_of,
+    sub_request_id,
+    within_budget,
+)
 from kvstore.config import Limits
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.routing.cluster_map import ClusterMap, ShardInfo
 
 STRONG, SESSION, BOUNDED, EVENTUAL = pb.STRONG, pb.SESSION, pb.BOUNDED, pb.EVENTUAL
-# The longest a write is retried under one request id (see `ClientCore._deadline`).
-MAX_WRITE_RETRY_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -89,8 +102,9 @@ class ReadPolicy(enum.Enum):
 
 @dataclass(frozen=True)
 class ClientSettings:
-    timeout: float = 10.0  # whole operation, retries included (writes: at most MAX_WRITE_RETRY_SECONDS)
-    rpc_timeout: float = 5.0  # one attempt
+    timeout: float = 10.0  # whole operation, retries included (writes: see RetryPolicy.write_deadline)
+    rpc_timeout: float = 5.0  # one call
+    # The default RetryPolicy's back-off (a `retry` policy given to ClientCore has its own).
     backoff_initial: float = 0.02
     backoff_max: float = 0.5
     zone: str = ""  # NEAREST prefers replicas with this zone label
@@ -116,6 +130,7 @@ class ClientCore:
         settings: ClientSettings | None = None,
         track_session: bool = True,
         limits: Limits | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.router = router
         self.seeds = list(seeds)
@@ -125,6 +140,9 @@ class ClientCore:
         self.consistency = consistency
         self.read_policy = read_policy
         self.settings = settings or ClientSettings()
+        self.retry = retry or RetryPolicy(
+            backoff_initial=self.settings.backoff_initial, backoff_max=self.settings.backoff_max
+        )
         self.limits = limits or Limits()  # the nodes' (the defaults unless a cluster changed them)
         self.track_session = track_session
         self.session: dict[int, int] = decode_session(session) if session else {}
@@ -196,7 +214,7 @@ class ClientCore:
 
     def _shard_of(self, keys: list[bytes], split: bool = False, routed: Routed | None = None) -> ShardInfo:
         """The one shard owning `keys`. If they span shards: a part of a split operation must be
-        regrouped (`_MapChanged`); an atomic write is refused (`CrossShardWrite`).
+        regrouped (`MapChanged`); an atomic write is refused (`CrossShardWrite`).
 
         `routed` is what grouping the keys found; it stands while the map is the one it came from,
         so a split operation hashes each key once, not once per part and attempt."""
@@ -206,7 +224,7 @@ class ClientCore:
         groups = self.cluster_map.ring.shards_for(keys)
         if len(groups) > 1:
             if split:
-                raise _MapChanged()
+                raise MapChanged()
             raise errors.CrossShardWrite(
                 f"an atomic write's keys span shards {sorted(groups)}; use a shared {{hash tag}} "
                 "or the non-atomic variant (put_many/delete_many with atomic=False)"
@@ -242,23 +260,10 @@ class ClientCore:
 
         return [r.address for r in sorted(shard.replicas, key=distance)]
 
-    # ----- the retry loops -------------------------------------------------------------------
+    # ----- the retry loops: the policy says whether to go on, these say where -----------------
 
-    def _deadline(self, write: bool = False) -> float:
-        timeout = self.settings.timeout
-        if write:
-            # A write is retried under one request id only while the servers surely still hold
-            # its outcome (storage.dedup_retention_seconds >= 40 s): past that, a retry could
-            # only end in SessionExpired.
-            timeout = min(timeout, MAX_WRITE_RETRY_SECONDS)
-        return time.monotonic() + timeout
-
-    def _attempt_timeout(self, deadline: float) -> float:
-        return max(0.001, min(self.settings.rpc_timeout, deadline - time.monotonic()))
-
-    def _backoff(self, attempt: int) -> Sleep:
-        ceiling = min(self.settings.backoff_max, self.settings.backoff_initial * (2**attempt))
-        return Sleep(random.uniform(ceiling / 2, ceiling))
+    def _attempts(self, write: bool = False) -> Attempts:
+        return self.retry.start(self.settings.timeout, self.settings.rpc_timeout, write=write)
 
     def write(
         self, keys: list[bytes], method: str, request: Any, split: bool = False, routed: Routed | None = None
@@ -272,45 +277,39 @@ class ClientCore:
             request.request_id = self.new_request_id()  # e.g. a bare gRPC client through the router
         if self.router:
             return (yield from self._via_router(method, request, is_write=True))
-        deadline = self._deadline(write=True)
-        ambiguous = False
-        last: errors.KvError | None = None
-        free_redirects = 2  # a redirect to a named leader or a new map is retried at once, twice
-        for attempt in itertools.count():
+        attempts = self._attempts(write=True)
+        while True:
+            attempts.begin()
             yield from self._ensure_map()
             shard = self._shard_of(keys, split, routed)
             address = self._leader_guess(shard)
             request.epoch = self.cluster_map.epoch
-            request.retry = request.retry or ambiguous  # a router passes its caller's flag on
+            request.retry = request.retry or attempts.may_have_applied  # a router passes its caller's on
             try:
-                response = yield Call(address, "KV", method, request, self._attempt_timeout(deadline))
+                response = yield Call(address, "KV", method, request, attempts.call_timeout())
+            except errors.KvError as err:
+                if not self.retry.retryable(err):
+                    raise
+                attempts.failed(err)
+                if isinstance(err, errors.WrongShard):
+                    yield from self.refresh_map(err.epoch)
+                    if attempts.redirect():
+                        continue
+                elif isinstance(err, errors.NotLeader):
+                    self.leaders[shard.id] = err.leader or self._next_replica(shard, address)
+                    if err.leader and attempts.redirect():
+                        continue
+                elif not isinstance(err, errors.Overloaded):
+                    # No answer, or no leader there: the next replica may lead now. (Overloaded:
+                    # refused before it started, the leader is busy: back off, same leader.)
+                    self.leaders[shard.id] = self._next_replica(shard, address)
+            else:
                 self.leaders[shard.id] = address
                 self.observe(response.header)
                 return response
-            except errors.WrongShard as err:
-                yield from self.refresh_map(err.epoch)
-                last = err
-                if free_redirects > 0 and time.monotonic() < deadline:
-                    free_redirects -= 1
-                    continue
-            except errors.NotLeader as err:
-                self.leaders[shard.id] = err.leader or self._next_replica(shard, address)
-                last = err
-                if err.leader and free_redirects > 0 and time.monotonic() < deadline:
-                    free_redirects -= 1
-                    continue
-            except errors.Overloaded as err:
-                last = err  # refused before it started (the leader is busy): back off, same leader
-            except (errors.Unavailable, errors.UnknownOutcome) as err:
-                ambiguous = ambiguous or isinstance(err, errors.UnknownOutcome) or not err.from_server
-                self.leaders[shard.id] = self._next_replica(shard, address)
-                last = err
-            if time.monotonic() >= deadline:
-                break
-            yield self._backoff(attempt)
-        if ambiguous:
-            raise errors.UnknownOutcome(f"write outcome unknown after {self.settings.timeout}s: {last}")
-        raise last or errors.Unavailable("no attempt made")
+            if attempts.exhausted():
+                raise attempts.give_up("no attempt made")
+            yield attempts.pause()
 
     def read(
         self,
@@ -326,59 +325,60 @@ class ClientCore:
         if self.router:
             request.read.CopyFrom(self._read_options(consistency, None, session))
             return (yield from self._via_router(method, request, is_write=False))
-        deadline = self._deadline()
-        last: errors.KvError | None = None
+        attempts = self._attempts()
         refusal: errors.KvError | None = None
         level = consistency
-        for attempt in itertools.count():
+        while True:
+            attempts.begin()
             yield from self._ensure_map()
             if keys is None:
                 shard = self.cluster_map.shard(shard_id)
             else:
                 shard = self._shard_of(keys, split=True, routed=routed)
             if shard.id not in self.leaders and self.read_policy in _LEADER_AWARE:
-                yield from self._discover_leader(shard, deadline)
+                yield from self._discover_leader(shard, attempts)
             for address in self._read_targets(shard, self.read_policy):
                 request.read.CopyFrom(self._read_options(level, shard.id, session))
                 request.epoch = self.cluster_map.epoch
                 started = time.monotonic()
                 try:
-                    response = yield Call(address, "KV", method, request, self._attempt_timeout(deadline))
-                except errors.WrongShard as err:
-                    yield from self.refresh_map(err.epoch)
-                    last = err
-                    break
-                except errors.ReplicaBehind as err:
-                    last = refusal = err
-                    if level.level == BOUNDED:
-                        level = Consistency.STRONG  # the leader's barrier is always within any bound
-                    continue
-                except errors.UnknownOutcome as err:
-                    # For a read, "outcome unknown" only means no answer in time.
-                    last = errors.Timeout(f"read timed out at {address}: {err.message}")
-                    continue
-                except (errors.Unavailable, errors.NotLeader) as err:
-                    last = err
-                    if isinstance(err, errors.NotLeader) and err.leader:
-                        self.leaders[shard.id] = err.leader
+                    response = yield Call(address, "KV", method, request, attempts.call_timeout())
+                except errors.KvError as err:
+                    if not self.retry.retryable(err):
+                        raise
+                    if isinstance(err, errors.WrongShard):
+                        attempts.failed(err)
+                        yield from self.refresh_map(err.epoch)
+                        break
+                    if isinstance(err, errors.ReplicaBehind):
+                        attempts.failed(err)
+                        refusal = err
+                        if level.level == BOUNDED:
+                            level = Consistency.STRONG  # the leader's barrier is always within any bound
+                    elif isinstance(err, errors.UnknownOutcome):
+                        # For a read, "outcome unknown" only means no answer in time.
+                        attempts.failed(errors.Timeout(f"read timed out at {address}: {err.message}"))
+                    else:  # unavailable, not the leader: the next replica
+                        attempts.failed(err)
+                        if isinstance(err, errors.NotLeader) and err.leader:
+                            self.leaders[shard.id] = err.leader
                     continue
                 self.record_latency(address, time.monotonic() - started)
                 self.observe(response.header)
                 return response
-            if time.monotonic() >= deadline:
+            if attempts.exhausted():
                 # Prefer what a server said (e.g. replica_behind) over the timeout that ended it.
-                raise refusal or last or errors.Unavailable("no replica answered")
-            yield self._backoff(attempt)
-        raise AssertionError("unreachable")
+                raise refusal or attempts.give_up("no replica answered")
+            yield attempts.pause()
 
-    def _discover_leader(self, shard: ShardInfo, deadline: float) -> Plan:
+    def _discover_leader(self, shard: ShardInfo, attempts: Attempts) -> Plan:
         """Ask the shard's replicas who leads, so leader-aware read policies start right (a client
         that only reads would otherwise never learn it). Best effort: no answer leaves a guess."""
         addresses = {r.address for r in shard.replicas}
         for replica in shard.replicas:
             try:
                 status = yield Call(
-                    replica.address, "Admin", "Status", pb.StatusRequest(), self._attempt_timeout(deadline)
+                    replica.address, "Admin", "Status", pb.StatusRequest(), attempts.call_timeout()
                 )
             except errors.KvError:
                 continue
@@ -401,25 +401,25 @@ class ClientCore:
         return options
 
     def _via_router(self, method: str, request: Any, *, is_write: bool) -> Plan:
-        deadline = self._deadline(write=is_write)
-        ambiguous = False
-        last: errors.KvError | None = None
-        for attempt in itertools.count():
+        """Send to the router until it answers: it does the routing, so only an unreachable or busy
+        router, or no answer, is tried again (`RetryPolicy.retryable(through_router=True)`)."""
+        attempts = self._attempts(write=is_write)
+        while True:
+            attempts.begin()
             if is_write:
-                request.retry = request.retry or ambiguous
+                request.retry = request.retry or attempts.may_have_applied
             try:
-                response = yield Call(self.router, "KV", method, request, self._attempt_timeout(deadline))
+                response = yield Call(self.router, "KV", method, request, attempts.call_timeout())
+            except errors.KvError as err:
+                if not self.retry.retryable(err, through_router=True):
+                    raise
+                attempts.failed(err)
+            else:
                 self.observe(response.header)
                 return response
-            except (errors.Unavailable, errors.UnknownOutcome) as err:
-                ambiguous = ambiguous or isinstance(err, errors.UnknownOutcome) or not err.from_server
-                last = err
-            if time.monotonic() >= deadline:
-                break
-            yield self._backoff(attempt)
-        if is_write and ambiguous:
-            raise errors.UnknownOutcome(f"write outcome unknown: {last}")
-        raise last or errors.Unavailable("router unreachable")
+            if attempts.exhausted():
+                raise attempts.give_up("router unreachable")
+            yield attempts.pause()
 
     # ----- operations (raw protobuf results) ---------------------------------------------------
 
@@ -451,46 +451,46 @@ class ClientCore:
         `max_batch_keys` or `max_request_bytes`. `request_id`, `retry`: a router passes its caller's on."""
         request_id = request_id or self.new_request_id()
         if atomic:
-            _check_one_request(
+            check_one_request(
                 self.limits,
                 len(items),
                 sum(map(len, itertools.chain.from_iterable(items))),
                 "an atomic multi_put",
             )
         if self.router:
-            request = _multi_put_request(items, request_id)
-            request.non_atomic = not atomic
+            request = multi_put_request(items, request_id)
+            request.non_atomic, request.retry = not atomic, retry
             return (yield from self.write([], "MultiPut", request))
         by_key = dict(items)
 
         def part(routed: Routed, keys: list[bytes]) -> Plan:
             whole = len(keys) == len(items)
-            sub_id = _sub_request_id(request_id, routed.shard, keys, whole)
-            request = _multi_put_request(items if whole else [(k, by_key[k]) for k in keys], sub_id)
+            sub_id = sub_request_id(request_id, routed.shard, keys, whole)
+            request = multi_put_request(items if whole else [(k, by_key[k]) for k in keys], sub_id)
             request.retry = retry
             return self.write(keys, "MultiPut", request, split=not atomic, routed=routed)
 
         keys = [k for k, _ in items]
         responses = yield from self._per_shard(keys, atomic, part, chunked=not atomic, values=by_key)
-        return _combine(pb.MultiPutResponse(), responses)
+        return combine_headers(pb.MultiPutResponse(), responses)
 
     def delete(
         self, keys: list[bytes], atomic: bool = True, request_id: bytes = b"", retry: bool = False
     ) -> Plan:
         request_id = request_id or self.new_request_id()
         if atomic:
-            _check_one_request(self.limits, len(keys), sum(map(len, keys)), "an atomic delete")
+            check_one_request(self.limits, len(keys), sum(map(len, keys)), "an atomic delete")
         if self.router:
-            request = pb.DeleteRequest(keys=keys, request_id=request_id, non_atomic=not atomic)
+            request = pb.DeleteRequest(keys=keys, request_id=request_id, non_atomic=not atomic, retry=retry)
             return (yield from self.write([], "Delete", request))
 
         def part(routed: Routed, group: list[bytes]) -> Plan:
-            sub_id = _sub_request_id(request_id, routed.shard, group, len(group) == len(keys))
+            sub_id = sub_request_id(request_id, routed.shard, group, len(group) == len(keys))
             request = pb.DeleteRequest(keys=group, request_id=sub_id, retry=retry)
             return self.write(group, "Delete", request, split=not atomic, routed=routed)
 
         responses = yield from self._per_shard(keys, atomic, part, chunked=not atomic)
-        combined = _combine(pb.DeleteResponse(), responses)
+        combined = combine_headers(pb.DeleteResponse(), responses)
         combined.deleted = sum(r.deleted for r in responses)
         return combined
 
@@ -511,7 +511,7 @@ class ClientCore:
         `values`) is split into several parts."""
         yield from self._ensure_map()
         remaining, responses = list(keys), []
-        for _ in range(_MAX_REGROUPS):
+        for _ in range(MAX_REGROUPS):
             epoch = self.cluster_map.epoch
             groups = self.cluster_map.ring.shards_for(remaining)
             if atomic and len(groups) > 1:
@@ -519,17 +519,17 @@ class ClientCore:
             chunks = [
                 (shard, chunk)
                 for shard, group in groups.items()
-                for chunk in (_chunks(group, values, self.limits) if chunked else (group,))
+                for chunk in (cut_to_limits(group, values, self.limits) if chunked else (group,))
             ]
             parts = [part(Routed(shard, epoch), chunk) for shard, chunk in chunks]
-            results = yield Parallel([_outcome_of(p) for p in parts])
+            results = yield Parallel([outcome_of(p) for p in parts])
             remaining = [
-                k for (_, chunk), r in zip(chunks, results, strict=True) if r is _REGROUP for k in chunk
+                k for (_, chunk), r in zip(chunks, results, strict=True) if r is REGROUP for k in chunk
             ]
             failures = [r for r in results if isinstance(r, errors.KvError)]
-            responses += [r for r in results if r is not _REGROUP and not isinstance(r, errors.KvError)]
+            responses += [r for r in results if r is not REGROUP and not isinstance(r, errors.KvError)]
             if failures:
-                raise _combined_failure(failures, succeeded=len(responses), is_write=writes)
+                raise combined_failure(failures, len(responses), writes, self.retry)
             if not remaining:
                 return responses
         raise errors.Unavailable("the cluster map kept changing while keys were split by shard")
@@ -540,7 +540,7 @@ class ClientCore:
         consistency: ReadConsistency | None = None,
         session: dict[int, int] | None = None,
     ) -> Plan:
-        """One response per shard read (the caller merges them: `combine_multi_get` or a dict)."""
+        """One response per shard read (the caller merges them: `combine_multi_get`, or a dict)."""
         level = consistency or self.consistency
         if self.router:
             request = pb.MultiGetRequest(keys=keys)
@@ -586,149 +586,56 @@ class ClientCore:
         if ends:
             page = page[: bisect.bisect_right(page, min(ends), key=lambda kv: kv.key)]
         if len(responses) > 1:  # each shard's page is within the answer limit, together maybe not
-            within = _within(page, self.limits.max_response_bytes)
+            within = within_budget(page, self.limits.max_response_bytes)
             more = more or len(within) < len(page)
             page = within
-        combined = _combine(pb.ScanResponse(), responses)
+        combined = combine_headers(pb.ScanResponse(), responses)
         combined.kvs.extend(page)
         combined.continuation = page[-1].key if more and page else b""
         return combined
 
+    # ----- one KV request message (`Client.send`: the router, tools that want the headers) --------
 
-def _check_one_request(limits: Limits, keys: int, size: int, what: str) -> None:
-    if keys > limits.max_batch_keys or size > limits.max_request_bytes:
-        raise errors.InvalidArgument(
-            f"{what} of {keys} keys and {size} bytes exceeds one request's limits "
-            f"({limits.max_batch_keys} keys, {limits.max_request_bytes} bytes of keys and values): "
-            "split it, or use put_many/delete_many with atomic=False"
+    def send(self, request: Any) -> Plan:
+        """The plan for one KV request message, run as this client runs its own operations
+        (routing, splitting by shard, retries). The request's fields stand: its request id and
+        `retry` flag (assigned if empty), `non_atomic`, its read options (a read without session
+        tokens uses this client's). The answer is the one response message a node gives: a split
+        operation's parts merged under one header (per-shard revisions in `header.revisions`)."""
+        if isinstance(request, pb.PutRequest):
+            return (yield from self.write([request.key], "Put", request))
+        if isinstance(request, pb.CompareAndSetRequest):
+            return (yield from self.write([request.key], "CompareAndSet", request))
+        if isinstance(request, pb.MultiPutRequest):
+            if len(request.keys) != len(request.values):
+                raise errors.InvalidArgument(
+                    f"{len(request.keys)} keys but {len(request.values)} values: they must pair up"
+                )
+            items = list(zip(request.keys, request.values, strict=True))
+            atomic = not request.non_atomic
+            return (yield from self.multi_put(items, atomic, request.request_id, request.retry))
+        if isinstance(request, pb.DeleteRequest):
+            keys = list(request.keys)
+            return (yield from self.delete(keys, not request.non_atomic, request.request_id, request.retry))
+        if not isinstance(request, pb.GetRequest | pb.MultiGetRequest | pb.ScanRequest):
+            raise TypeError(f"not a KV request message: {type(request).__name__}")
+        level = ReadConsistency(request.read.consistency, request.read.max_staleness_seconds)
+        session = dict(request.read.session) or None
+        if isinstance(request, pb.GetRequest):
+            return (yield from self.get(request.key, level, session))
+        if isinstance(request, pb.MultiGetRequest):
+            keys = list(request.keys)
+            return combine_multi_get(keys, (yield from self.multi_get(keys, level, session)))
+        plan = self.scan(
+            start=request.start,
+            end=request.end,
+            prefix=request.prefix,
+            limit=request.limit,
+            continuation=request.continuation,
+            consistency=level,
+            session=session,
         )
-
-
-def _chunks(keys: list[bytes], values: dict[bytes, bytes] | None, limits: Limits) -> list[list[bytes]]:
-    """`keys` cut into runs within one request's limits (count, and bytes of keys and values)."""
-    if len(keys) <= limits.max_batch_keys:
-        total = sum(map(len, keys))
-        if values is not None:
-            total += sum(map(len, map(values.__getitem__, keys)))
-        if total <= limits.max_request_bytes:
-            return [keys]  # the usual case: one part, sized in C, no per-key Python
-    chunks: list[list[bytes]] = []
-    current: list[bytes] = []
-    size = 0
-    for key in keys:
-        key_size = len(key) + (len(values[key]) if values is not None else 0)
-        if current and (len(current) >= limits.max_batch_keys or size + key_size > limits.max_request_bytes):
-            chunks.append(current)
-            current, size = [], 0
-        current.append(key)
-        size += key_size
-    chunks.append(current)
-    return chunks
-
-
-def _within(page: list[Any], budget: int) -> list[Any]:
-    """The longest prefix of a scan page whose keys and values fit `budget` (at least one)."""
-    size = 0
-    for i, kv in enumerate(page):
-        size += len(kv.key) + len(kv.value)
-        if size > budget and i:
-            return page[:i]
-    return page
-
-
-def _combine(target: Any, responses: list[Any]) -> Any:
-    """One response header for a multi-shard answer: per-shard revisions in `revisions`."""
-    for response in responses:
-        header = response.header
-        target.header.revisions[header.shard] = max(
-            header.revision, target.header.revisions.get(header.shard, 0)
-        )
-        target.header.epoch = max(target.header.epoch, header.epoch)
-        for shard, revision in header.revisions.items():
-            target.header.revisions[shard] = max(revision, target.header.revisions.get(shard, 0))
-    if len(responses) == 1:
-        target.header.CopyFrom(responses[0].header)
-    return target
-
-
-def combine_multi_get(keys: list[bytes], responses: list[pb.MultiGetResponse]) -> pb.MultiGetResponse:
-    """One MultiGetResponse with the found keys in request order (what the router answers)."""
-    if len(responses) == 1:
-        return responses[0]
-    found = {k: (v, rev) for r in responses for k, v, rev in zip(r.keys, r.values, r.revisions, strict=True)}
-    ordered = [k for k in keys if k in found]
-    combined = _combine(pb.MultiGetResponse(), responses)
-    combined.keys.extend(ordered)
-    combined.values.extend(found[k][0] for k in ordered)
-    combined.revisions.extend(found[k][1] for k in ordered)
-    return combined
-
-
-def _multi_put_request(items: list[tuple[bytes, bytes]], request_id: bytes) -> pb.MultiPutRequest:
-    return pb.MultiPutRequest(keys=[k for k, _ in items], values=[v for _, v in items], request_id=request_id)
-
-
-def _sub_request_id(request_id: bytes, shard: int, keys: list[bytes], whole: bool) -> bytes:
-    """The id of one shard's part of a split write: the whole write's client id and sequence, and
-    8 bytes derived from the shard and the part's keys. Deterministic, so a retry of the whole
-    (also one through the router, which splits it) is deduplicated part by part, while a part
-    regrouped under a new map (other keys) is not mistaken for an earlier one."""
-    if whole:
-        return request_id
-    digest = hashlib.blake2b(request_id + shard.to_bytes(8, "big"), digest_size=8)
-    for key in sorted(keys):
-        digest.update(len(key).to_bytes(4, "big") + key)
-    return request_id[:24] + digest.digest()
-
-
-class _MapChanged(Exception):
-    """Internal: a part of a split operation spans shards under a refreshed map."""
-
-
-_REGROUP = object()
-_MAX_REGROUPS = 5
-
-
-def _outcome_of(plan: Plan) -> Plan:
-    """Run a part of a split operation, returning its error instead of raising it, so that the
-    other parts are waited for and a partial write is never reported as a clean failure."""
-    try:
         return (yield from plan)
-    except _MapChanged:
-        return _REGROUP
-    except errors.KvError as err:
-        return err
-
-
-def _combined_failure(failures: list[errors.KvError], succeeded: int, is_write: bool) -> errors.KvError:
-    first = failures[0]
-    if not is_write:
-        return first
-    # SessionExpired: this attempt applied nothing, an earlier one may have.
-    maybe_applied = (errors.UnknownOutcome, errors.SessionExpired)
-    ambiguous = any(isinstance(f, maybe_applied) or not f.from_server for f in failures)
-    if succeeded or ambiguous:
-        return errors.UnknownOutcome(
-            f"{succeeded} shard part(s) applied, {len(failures)} failed ({first.message}): the write is "
-            "partly applied; retry it to complete it (each part applies at most once per request id)"
-        )
-    return first
-
-
-def encode_session(session: dict[int, int]) -> str:
-    raw = json.dumps({str(k): v for k, v in sorted(session.items())}, separators=(",", ":")).encode()
-    return "kvs1." + base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_session(token: str) -> dict[int, int]:
-    if not token.startswith("kvs1."):
-        raise ValueError("not a kvstore session token")
-    body = token[5:]
-    raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
-    return {int(k): int(v) for k, v in json.loads(raw).items()}
-
-
-Runner = Callable[[Plan], Any]
 
 
 # Read policies whose replica order depends on knowing the leader.

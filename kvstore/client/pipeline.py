@@ -18,19 +18,9 @@ from typing import Any
 import grpc
 
 from kvstore import errors
+from kvstore.batch_ops import FIELD_BY_METHOD
 from kvstore.client.plans import Call
 from kvstore.proto import kvstore_pb2 as pb
-
-# Unary KV method -> its field in BatchOp / BatchResult.
-BATCH_FIELDS = {
-    "Put": "put",
-    "Get": "get",
-    "Delete": "delete",
-    "CompareAndSet": "compare_and_set",
-    "MultiPut": "multi_put",
-    "MultiGet": "multi_get",
-}
-
 
 _WRITES = frozenset({"Put", "Delete", "CompareAndSet", "MultiPut"})
 # A read's lane is its consistency level: each waits differently on the node (strong: a barrier;
@@ -282,7 +272,7 @@ class Pipeline:
         request = pb.BatchRequest()
         add = request.ops.add  # copies each op's request once (BatchOp(...) then ops=[...] copied twice)
         for queued in batch:
-            add(**{BATCH_FIELDS[queued.call.method]: queued.call.request})
+            add(**{FIELD_BY_METHOD[queued.call.method]: queued.call.request})
         try:
             response = await self._kv_stub().Batch(request, timeout=timeout)
         except grpc.RpcError as exc:
@@ -297,7 +287,7 @@ class Pipeline:
                 code = errors.status_code(error.code)
                 outcomes.append(errors.from_status(code, error.message, dict(error.metadata)))
             else:
-                outcomes.append(getattr(result, BATCH_FIELDS[queued.call.method]))
+                outcomes.append(getattr(result, FIELD_BY_METHOD[queued.call.method]))
         return outcomes
 
     # ----- deadlines of queued ops -------------------------------------------------------------
@@ -360,8 +350,9 @@ class _InFlightExpiry:
         now = self._loop.time()
         for queued in self._batch:
             if not queued.future.done() and now >= queued.deadline:
-                error = errors.UnknownOutcome(f"no answer from {self._address} in time; a write may apply")
-                error.from_server = False
+                error = errors.UnknownOutcome(
+                    f"no answer from {self._address} in time; a write may apply", from_server=False
+                )
                 queued.future.set_exception(error)
         self._arm()
 

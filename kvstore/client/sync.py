@@ -10,18 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from kvstore import errors
-from kvstore.client import api
+from kvstore.client import factory, results
 from kvstore.client.core import ClientCore, Consistency, ReadConsistency, ReadPolicy
 from kvstore.client.plans import Call, Parallel, Plan, Sleep
-from kvstore.config import Limits
-from kvstore.proto import kvstore_pb2_grpc as pb_grpc
-
-_STUBS = {"KV": pb_grpc.KVStub, "Admin": pb_grpc.AdminStub}
-# The same message limits as a node with the default Limits (derived there from the request and
-# answer limits): what the SDK may send, a node accepts, and what a node may answer, the SDK reads.
-_CHANNEL_OPTIONS = Limits().grpc_options()
+from kvstore.client.retry import RetryPolicy
+from kvstore.client.transport import CHANNEL_OPTIONS, STUBS
 
 
 class Client:
@@ -30,6 +26,9 @@ class Client:
     Client(["127.0.0.1:7001", ...])        smart client, map fetched from any seed
     Client.from_cluster(".kvstore/demo")    smart client, map read from a local cluster directory
     Client(router="127.0.0.1:7400")         thin client through a router
+
+    `timeout` bounds each call, retries included; `retry` (a `RetryPolicy`) says how it retries
+    (attempts, back-off, deadline). The default retries what is safe to retry until the timeout.
     """
 
     def __init__(
@@ -42,10 +41,11 @@ class Client:
         session: str | None = None,
         timeout: float = 10.0,
         zone: str = "",
+        retry: RetryPolicy | None = None,
         _core: ClientCore | None = None,
     ) -> None:
-        self.core = _core or api.make_core(
-            endpoints, router, None, consistency, read_policy, session, timeout, zone
+        self.core = _core or factory.make_core(
+            endpoints, router, None, consistency, read_policy, session, timeout, zone, retry
         )
         self._channels: dict[str, grpc.Channel] = {}
         self._stubs: dict[tuple[str, str], Any] = {}
@@ -54,7 +54,7 @@ class Client:
 
     @classmethod
     def from_cluster(cls, directory: str | Path, **kwargs: Any) -> Client:
-        core = api.core_from_cluster(directory, kwargs)
+        core = factory.core_from_cluster(directory, kwargs)
         return cls(_core=core, **kwargs)
 
     # ----- running plans ---------------------------------------------------------------------
@@ -103,9 +103,9 @@ class Client:
                 channel = self._channels.get(address)
                 if channel is None:
                     channel = self._channels[address] = grpc.insecure_channel(
-                        address, options=_CHANNEL_OPTIONS
+                        address, options=CHANNEL_OPTIONS
                     )
-                stub = self._stubs[key] = _STUBS[service](channel)
+                stub = self._stubs[key] = STUBS[service](channel)
         return stub
 
     def close(self) -> None:
@@ -131,10 +131,10 @@ class Client:
         return self._run(self.core.put(key, value)).header.revision
 
     def get(self, key: bytes, *, consistency: ReadConsistency | None = None) -> bytes | None:
-        return api.get_result(self._run(self.core.get(key, consistency)))
+        return results.get_result(self._run(self.core.get(key, consistency)))
 
-    def get_item(self, key: bytes, *, consistency: ReadConsistency | None = None) -> api.Item | None:
-        return api.get_item_result(self._run(self.core.get(key, consistency)))
+    def get_item(self, key: bytes, *, consistency: ReadConsistency | None = None) -> results.Item | None:
+        return results.get_item_result(self._run(self.core.get(key, consistency)))
 
     def delete(self, key: bytes) -> bool:
         return self._run(self.core.delete([key])).deleted == 1
@@ -142,24 +142,24 @@ class Client:
     def delete_many(self, keys: list[bytes], *, atomic: bool = True) -> int:
         return self._run(self.core.delete(list(keys), atomic)).deleted
 
-    def compare_and_set(self, key: bytes, value: bytes, *, expected_revision: int) -> api.CasResult:
-        return api.cas_result(self._run(self.core.compare_and_set(key, value, expected_revision)))
+    def compare_and_set(self, key: bytes, value: bytes, *, expected_revision: int) -> results.CasResult:
+        return results.cas_result(self._run(self.core.compare_and_set(key, value, expected_revision)))
 
     def multi_put(self, items: Mapping[bytes, bytes] | list[tuple[bytes, bytes]]) -> int:
         """Atomic write of keys on one shard (use a shared {hash tag}); returns its revision."""
-        return self._run(self.core.multi_put(api.as_items(items), atomic=True)).header.revision
+        return self._run(self.core.multi_put(results.as_items(items), atomic=True)).header.revision
 
     def put_many(
         self, items: Mapping[bytes, bytes] | list[tuple[bytes, bytes]], *, atomic: bool = False
     ) -> dict[int, int]:
         """Write keys that may span shards: atomic per shard only. Returns {shard: revision}."""
-        return api.revisions(self._run(self.core.multi_put(api.as_items(items), atomic=atomic)))
+        return results.revisions(self._run(self.core.multi_put(results.as_items(items), atomic=atomic)))
 
     def multi_get(
         self, keys: list[bytes], *, consistency: ReadConsistency | None = None
     ) -> dict[bytes, bytes]:
         keys = list(keys)
-        return api.multi_get_result(keys, self._run(self.core.multi_get(keys, consistency)))
+        return results.multi_get_result(keys, self._run(self.core.multi_get(keys, consistency)))
 
     def scan(
         self,
@@ -170,7 +170,7 @@ class Client:
         limit: int = 1000,
         continuation: bytes = b"",
         consistency: ReadConsistency | None = None,
-    ) -> api.ScanPage:
+    ) -> results.ScanPage:
         plan = self.core.scan(
             start=start,
             end=end,
@@ -179,7 +179,15 @@ class Client:
             continuation=continuation,
             consistency=consistency,
         )
-        return api.scan_result(self._run(plan))
+        return results.scan_result(self._run(plan))
+
+    def send(self, request: Message) -> Message:
+        """Send one KV request message (a `kvstore.proto.kvstore_pb2` PutRequest, GetRequest,
+        MultiPutRequest, MultiGetRequest, DeleteRequest, CompareAndSetRequest or ScanRequest)
+        the way this client sends its own calls (routing, split by shard, retries), and return the
+        response message with its header: for proxies (the router) and tools that need revisions
+        the typed methods do not return (`ClientCore.send` says which request fields count)."""
+        return self._run(self.core.send(request))
 
     def session_token(self) -> str:
         return self.core.session_token()

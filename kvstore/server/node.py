@@ -25,8 +25,9 @@ from kvstore.replication.shard import Shard
 from kvstore.replication.state_machine import ReplicaSettings
 from kvstore.routing.cluster_map import ClusterMap
 from kvstore.server import validation as check
+from kvstore.server.batch import ResponseBudget, run_batch
 from kvstore.server.health import NodeHealth, add_health, start_health_port
-from kvstore.server.status import ConcurrencyGate, ResponseBudget, add_service, rpc_errors, run_batch
+from kvstore.server.rpc import ConcurrencyGate, add_service, rpc_errors
 from kvstore.storage.disk import DiskSpace
 from kvstore.storage.engine import OverBudget, Record, Storage
 

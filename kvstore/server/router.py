@@ -1,10 +1,10 @@
 """The router: a stateless gRPC service with the same `KV` API, for thin clients.
 
-It runs the smart client's core (one routing implementation, two front doors): each request is
-routed by the ring to its shard, split across shards where the API allows, and answered with the
-shard's own response header. It keeps no session state of its own: a caller's session tokens travel
-in the request and come back in the response header. Several routers can run side by side; each
-refreshes its map when a node answers "wrong shard".
+It runs the smart client's core (one routing implementation, two front doors): each request goes
+through its client's `AsyncClient.send`, routed by the ring to its shard, split across shards
+where the API allows, and answered with the shard's own response header. It keeps no session state
+of its own: a caller's session tokens travel in the request and come back in the response header.
+Several routers can run side by side; each refreshes its map when a node answers "wrong shard".
 """
 
 from __future__ import annotations
@@ -19,20 +19,17 @@ import grpc
 
 from kvstore import errors
 from kvstore.client.aio import AsyncClient
-from kvstore.client.core import ClientCore, ClientSettings, ReadConsistency, combine_multi_get
+from kvstore.client.core import ClientCore, ClientSettings
 from kvstore.config import Limits, ServerSettings
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.routing.cluster_map import ClusterMap
 from kvstore.server import validation as check
+from kvstore.server.batch import ResponseBudget, run_batch
 from kvstore.server.health import add_health, serving_servicer
-from kvstore.server.status import ConcurrencyGate, ResponseBudget, add_service, rpc_errors, run_batch
+from kvstore.server.rpc import ConcurrencyGate, add_service, rpc_errors
 
 log = logging.getLogger(__name__)
-
-
-def _consistency(read: pb.ReadOptions) -> ReadConsistency:
-    return ReadConsistency(read.consistency, read.max_staleness_seconds)
 
 
 class RouterServicer(pb_grpc.KVServicer):
@@ -40,14 +37,13 @@ class RouterServicer(pb_grpc.KVServicer):
 
     def __init__(self, client: AsyncClient, limits: Limits | None = None) -> None:
         self.client = client
-        self.core = client.core
         self.limits = limits or Limits()
 
     @rpc_errors
     async def Put(
         self, request: pb.PutRequest, context: grpc.aio.ServicerContext, budget: ResponseBudget | None = None
     ) -> pb.PutResponse:
-        return await self.client._run(self.core.write([request.key], "Put", request))
+        return await self.client.send(request)
 
     @rpc_errors
     async def CompareAndSet(
@@ -56,7 +52,7 @@ class RouterServicer(pb_grpc.KVServicer):
         context: grpc.aio.ServicerContext,
         budget: ResponseBudget | None = None,
     ) -> pb.CompareAndSetResponse:
-        response = await self.client._run(self.core.write([request.key], "CompareAndSet", request))
+        response = await self.client.send(request)
         if budget is not None and response.HasField("current"):
             budget.charge(len(response.current.key) + len(response.current.value))
         return response
@@ -69,11 +65,7 @@ class RouterServicer(pb_grpc.KVServicer):
         budget: ResponseBudget | None = None,
     ) -> pb.MultiPutResponse:
         check.check_paired(request.keys, request.values)  # the nodes check everything else
-        items = list(zip(request.keys, request.values, strict=True))
-        plan = self.core.multi_put(
-            items, atomic=not request.non_atomic, request_id=request.request_id, retry=request.retry
-        )
-        return await self.client._run(plan)
+        return await self.client.send(request)
 
     @rpc_errors
     async def Delete(
@@ -82,13 +74,7 @@ class RouterServicer(pb_grpc.KVServicer):
         context: grpc.aio.ServicerContext,
         budget: ResponseBudget | None = None,
     ) -> pb.DeleteResponse:
-        plan = self.core.delete(
-            list(request.keys),
-            atomic=not request.non_atomic,
-            request_id=request.request_id,
-            retry=request.retry,
-        )
-        return await self.client._run(plan)
+        return await self.client.send(request)
 
     @rpc_errors
     async def Get(
@@ -96,8 +82,7 @@ class RouterServicer(pb_grpc.KVServicer):
     ) -> pb.GetResponse:
         if budget is not None:
             budget.admit()
-        plan = self.core.get(request.key, _consistency(request.read), dict(request.read.session))
-        response = await self.client._run(plan)
+        response = await self.client.send(request)
         if budget is not None and response.found:
             budget.charge(len(response.kv.key) + len(response.kv.value))
         return response
@@ -113,10 +98,11 @@ class RouterServicer(pb_grpc.KVServicer):
         keys = check.distinct(check.check_keys(request.keys, self.limits))
         if budget is not None:
             budget.admit()
-        plan = self.core.multi_get(keys, _consistency(request.read), dict(request.read.session))
-        responses = await self.client._run(plan)
+        if len(keys) != len(request.keys):
+            request = pb.MultiGetRequest(keys=keys, read=request.read)
+        response = await self.client.send(request)
         # Each shard's part is within the answer limit; together they may not be.
-        size = sum(sum(map(len, r.keys)) + sum(map(len, r.values)) for r in responses)
+        size = sum(map(len, response.keys)) + sum(map(len, response.values))
         if size > self.limits.max_response_bytes:
             raise errors.ResourceExhausted(
                 f"the values of these {len(keys)} keys exceed the {self.limits.max_response_bytes}-byte "
@@ -124,7 +110,7 @@ class RouterServicer(pb_grpc.KVServicer):
             )
         if budget is not None:
             budget.charge(size)
-        return combine_multi_get(keys, responses)
+        return response
 
     @rpc_errors
     async def Batch(self, request: pb.BatchRequest, context: grpc.aio.ServicerContext) -> pb.BatchResponse:
@@ -132,17 +118,8 @@ class RouterServicer(pb_grpc.KVServicer):
 
     @rpc_errors
     async def Scan(self, request: pb.ScanRequest, context: grpc.aio.ServicerContext) -> pb.ScanResponse:
-        limit = check.check_scan_limit(request.limit, self.limits)
-        plan = self.core.scan(
-            start=request.start,
-            end=request.end,
-            prefix=request.prefix,
-            limit=limit,
-            continuation=request.continuation,
-            consistency=_consistency(request.read),
-            session=dict(request.read.session),
-        )
-        return await self.client._run(plan)
+        request.limit = check.check_scan_limit(request.limit, self.limits)
+        return await self.client.send(request)
 
 
 def make_router_client(cluster_map: ClusterMap | None, seeds: list[str]) -> AsyncClient:
