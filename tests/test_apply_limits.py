@@ -111,9 +111,9 @@ def test_an_oversize_key_in_the_log_is_refused_on_apply_and_the_log_moves_on(rep
     assert [r[0] for r in results] == [index] * 6
     assert results[0][1] is None and results[5][1] is None
     for refused in results[1:5]:
-        err = commands.refusal(refused[1])
+        err = refused[1].error()
         assert isinstance(err, errors.InvalidArgument), refused
-    assert "512 bytes" in str(commands.refusal(results[1][1]))
+    assert "512 bytes" in str(results[1][1].error())
     storage = replica.storage
     assert storage.get(b"before").value == b"1" and storage.get(b"after").value == b"2"
     assert storage.get(b"mp-ok") is None  # nothing of a refused op is written
@@ -155,7 +155,7 @@ def test_an_op_refused_after_it_wrote_is_undone_by_a_careful_reapply(
         ]
     )
     assert results[0][1] is None and results[2][1] is None
-    assert isinstance(commands.refusal(results[1][1]), errors.InvalidArgument)
+    assert isinstance(results[1][1].error(), errors.InvalidArgument)
     assert storage.get(b"a").value == b"1" and storage.get(b"c").value == b"3"
     assert storage.get(b"b") is None  # the refused op's write was undone
     assert replica.machine.storage_problem() is None  # not a disk problem: no backoff

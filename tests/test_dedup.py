@@ -165,7 +165,7 @@ def test_unknown_session_retry_applies_unless_a_session_was_dropped_recently(tmp
     # A retry of another of client 1's writes: its session is gone, it may have applied: refused.
     before = r._storage.get(b"a").revision
     refused = r.apply(_id(1, 2), commands.put(b"a", b"2"), retry=True, at=5)
-    assert refused[1][:2] == (commands.ERROR, errors.SessionExpired.kind)
+    assert isinstance(refused[1], commands.Refused) and refused[1].kind == errors.SessionExpired.kind
     assert r._storage.get(b"a").revision == before  # nothing applied
     # A first attempt (not a retry) from an unknown session is always applied.
     assert r.apply(_id(4, 1), commands.put(b"d", b"1"), at=6)[1] is None
@@ -183,7 +183,7 @@ def test_a_leader_clock_jump_never_turns_a_retry_into_a_second_apply(tmp_path: P
     assert r._storage.session(_id(1, 0)[:16]) is None and r._storage.recall_outcome(_id(1, 1)) is None
     r.apply(_id(2, 2), commands.put(b"b", b"2"), at=86_405)  # client 2 moves the value on
     refused = r.apply(_id(1, 1), commands.put(b"a", b"1"), retry=True, at=86_406)
-    assert refused[1][:2] == (commands.ERROR, errors.SessionExpired.kind)
+    assert isinstance(refused[1], commands.Refused) and refused[1].kind == errors.SessionExpired.kind
     assert r._storage.get(b"a").revision == 1  # applied once
 
 
@@ -194,7 +194,7 @@ def test_retry_at_or_below_the_forgotten_sequence_is_refused(tmp_path: Path) -> 
     r.apply(_id(2, 1), commands.put(b"z", b"1"), at=101)  # drops client 1's seq 5 (older than 60 s)
     assert r._storage.session(_id(1, 0)[:16]).forgotten_through == 5
     refused = r.apply(_id(1, 5), commands.put(b"a", b"1"), retry=True, at=102)
-    assert refused[1][:2] == (commands.ERROR, errors.SessionExpired.kind)
+    assert isinstance(refused[1], commands.Refused) and refused[1].kind == errors.SessionExpired.kind
     assert r._storage.get(b"a").value == b"2"
     # A newer sequence without an outcome never applied: its retry applies.
     assert r.apply(_id(1, 7), commands.put(b"a", b"3"), retry=True, at=103)[1] is None
@@ -210,7 +210,7 @@ def test_malformed_stamps_and_tags_in_an_entry_never_raise_from_apply(tmp_path: 
     assert r._storage.advance_dedup_clock(0) == 5 * SECOND  # the bad stamps moved nothing
     # A tag that is not bytes: the same refusal on every replica, nothing written, no exception.
     revision, payload = r._apply_proposal(100, (12345, commands.put(b"b", b"1")))
-    assert (revision, payload[:2]) == (100, (commands.ERROR, errors.InvalidArgument.kind))
+    assert (revision, payload.kind) == (100, errors.InvalidArgument.kind)
     assert r._storage.get_for_update(b"b") is None
 
 

@@ -14,10 +14,12 @@ from pysyncobj.config import FAIL_REASON
 
 from kvstore import errors
 from kvstore.config import RaftSettings, ServerSettings
+from kvstore.consistency import ConsistencyLevel
 from kvstore.replication import commands
 from kvstore.replication import shard as shard_module
 from kvstore.replication.shard import Shard
 from kvstore.replication.state_machine import ReplicaSettings
+from kvstore.replication.views import ShardStatus, WriteResult
 from kvstore.storage.engine import Storage
 
 
@@ -26,12 +28,40 @@ class ScriptedMachine:
 
     def __init__(self, storage: Storage, replica: ReplicaSettings, on_applied: Any) -> None:
         self.entries: list[tuple[list[commands.Proposal], Any]] = []
+        self.leader = True
+        self.disk_refusal: str | None = None
+        self.stale_for = float("inf")
 
     def propose(self, proposals: list[commands.Proposal], callback: Any) -> None:
         self.entries.append((proposals, callback))
 
-    def _isLeader(self) -> bool:  # noqa: N802 (pysyncobj's name)
-        return True
+    def is_leader(self) -> bool:
+        return self.leader
+
+    def check_disk_for_writes(self) -> None:
+        if self.disk_refusal is not None:
+            raise errors.DiskFull(self.disk_refusal)
+
+    def staleness(self) -> float:
+        return self.stale_for
+
+    def role(self) -> str:
+        return "leader" if self.leader else "follower"
+
+    def current_term(self) -> int:
+        return 3
+
+    def commit_index(self) -> int:
+        return 12
+
+    def leader_commit_index(self) -> int:
+        return 12
+
+    def leader_address(self) -> str | None:
+        return "10.0.0.1:7000" if self.leader else None
+
+    def log_size(self) -> int:
+        return 5
 
     def addOnTickCallback(self, callback: Any) -> None:  # noqa: N802 (the liveness check's hook)
         pass  # no tick thread here: the script applies entries itself
@@ -49,17 +79,19 @@ async def make_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     replica = ReplicaSettings("127.0.0.1:1", "127.0.0.1:1", [], tmp_path, RaftSettings())
 
     def make(**server: Any) -> tuple[Shard, ScriptedMachine]:
-        shard = Shard(0, storage, replica, ServerSettings(**server), lambda raft: "")
-        return shard, shard.machine  # type: ignore[return-value]
+        shard = Shard(0, storage, replica, ServerSettings(**server), lambda raft: f"client-of-{raft}")
+        return shard, shard._machine  # type: ignore[return-value]
 
     yield make
     storage.close()
 
 
-def _apply(shard: Shard, machine: ScriptedMachine, entry: int, index: int) -> None:
+def _apply(
+    shard: Shard, machine: ScriptedMachine, entry: int, index: int, payloads: list[Any] | None = None
+) -> None:
     """Report entry number `entry` as applied at log index `index` (as the tick thread would)."""
     proposals, callback = machine.entries[entry]
-    results = [(index, None) for _ in proposals]
+    results = [(index, p) for p in (payloads or [None] * len(proposals))]
     shard._deliver([(callback, results, FAIL_REASON.SUCCESS)], index)
 
 
@@ -140,3 +172,85 @@ async def test_a_write_whose_leadership_was_lost_is_reported_not_applied(make_sh
     shard._deliver([(callback, None, FAIL_REASON.NOT_LEADER)], 0)
     with pytest.raises(errors.Unavailable, match="not applied"):
         await write
+
+
+async def test_a_write_whose_outcome_pysyncobj_cannot_tell_is_an_unknown_outcome(make_shard: Any) -> None:
+    shard, machine = make_shard()
+    write = asyncio.ensure_future(shard.write(commands.put(b"k", b"v"), b"id"))
+    await _settle()
+    proposals, callback = machine.entries[0]
+    shard._deliver([(callback, None, FAIL_REASON.UNKNOWN_OUTCOME)], 0)
+    with pytest.raises(errors.UnknownOutcome):
+        await write
+
+
+async def test_a_refused_op_raises_its_typed_error_and_its_entry_mates_get_results(make_shard: Any) -> None:
+    shard, machine = make_shard()
+    writes = [asyncio.ensure_future(shard.write(commands.put(b"k%d" % i, b"v"))) for i in range(3)]
+    await _settle()
+    payloads = [
+        None,
+        commands.Refused(errors.InvalidArgument.kind, "key too long"),
+        commands.Refused(errors.SessionExpired.kind, "gone"),
+    ]
+    _apply(shard, machine, 0, index=8, payloads=payloads)
+    assert await writes[0] == WriteResult(8, None)
+    with pytest.raises(errors.InvalidArgument, match="key too long"):
+        await writes[1]
+    with pytest.raises(errors.SessionExpired, match="gone"):
+        await writes[2]
+
+
+async def test_writes_are_refused_before_proposing_on_a_follower_or_a_full_disk(make_shard: Any) -> None:
+    shard, machine = make_shard()
+    machine.leader = False
+    with pytest.raises(errors.NotLeader):
+        await shard.write(commands.put(b"k", b"v"))
+    machine.leader, machine.disk_refusal = True, "disk below its watermark"
+    with pytest.raises(errors.DiskFull, match="watermark"):
+        await shard.write(commands.put(b"k", b"v"))
+    await _settle()
+    assert machine.entries == []  # nothing was proposed
+
+
+async def test_a_view_is_handed_out_only_once_the_replica_is_fresh_enough(make_shard: Any) -> None:
+    shard, machine = make_shard(session_wait=0.2)
+    # strong: only after a barrier proposed after the read arrived is applied
+    strong = asyncio.ensure_future(shard.fresh_view(ConsistencyLevel.STRONG))
+    await _settle()
+    assert not strong.done() and machine.entries[0][0] == [(b"", commands.barrier())]
+    _apply(shard, machine, 0, index=4)
+    view = await strong
+    assert view.get(b"absent") == (None, 0)
+    # session: once the applied index reaches the token, else ReplicaBehind
+    with pytest.raises(errors.ReplicaBehind):
+        await shard.fresh_view(ConsistencyLevel.SESSION, session_index=5)
+    assert await shard.fresh_view(ConsistencyLevel.SESSION, session_index=4) is view
+    # bounded: only within the bound
+    with pytest.raises(errors.ReplicaBehind):
+        await shard.fresh_view(ConsistencyLevel.BOUNDED, max_staleness=1.0)
+    machine.stale_for = 0.5
+    assert await shard.fresh_view(ConsistencyLevel.BOUNDED, max_staleness=1.0) is view
+    # eventual: at once
+    assert await shard.fresh_view(ConsistencyLevel.EVENTUAL) is view
+    with pytest.raises(errors.InvalidArgument):
+        await shard.fresh_view(7)  # type: ignore[arg-type]
+    assert len(machine.entries) == 1  # only the strong read proposed anything
+
+
+async def test_status_is_typed(make_shard: Any) -> None:
+    shard, machine = make_shard()
+    status = shard.status()
+    assert status == ShardStatus(
+        role="leader",
+        term=3,
+        leader_raft_address="10.0.0.1:7000",
+        leader_address="client-of-10.0.0.1:7000",
+        commit_index=12,
+        applied_index=0,
+        leader_commit_index=12,
+        staleness_seconds=-1.0,  # never proven fresh
+        key_count=0,
+        raft_log_size=5,
+    )
+    assert shard.term == 3 and shard.is_leader()

@@ -19,16 +19,16 @@ from kvstore.cluster.local import LocalCluster
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.replication import state_machine
-from kvstore.replication.state_machine import ShardStateMachine, _FreshnessStampingTransport
+from kvstore.replication.freshness import FreshnessStampingTransport
+from kvstore.replication.raft_fixes import PatchedSyncObj
+from kvstore.replication.state_machine import ShardStateMachine
 from tests.conftest import TEST_RAFT, wait_until
 
 
 @pytest.fixture(autouse=True)
 def _no_raft_below(monkeypatch: pytest.MonkeyPatch) -> None:
     """pysyncobj's own message handling (below our override) is not under test: stub it."""
-    monkeypatch.setattr(
-        ShardStateMachine.__mro__[1], "_SyncObj__onMessageReceived", lambda self, node, message: None
-    )
+    monkeypatch.setattr(PatchedSyncObj, "_SyncObj__onMessageReceived", lambda self, node, message: None)
 
 
 def _follower(applied: int = 10) -> ShardStateMachine:
@@ -106,17 +106,17 @@ class _LeaderStub:
 
 
 def _stamped(confirmed: float | None) -> dict[str, Any]:
-    transport = _FreshnessStampingTransport.__new__(_FreshnessStampingTransport)
+    transport = FreshnessStampingTransport.__new__(FreshnessStampingTransport)
     transport._syncObj = _LeaderStub(confirmed)
     message: dict[str, Any] = {"type": "append_entries", "commit_index": 3}
     sent: list[dict[str, Any]] = []
     # Stop at the base class: no socket. The stamping is all in the override.
-    original = _FreshnessStampingTransport.__mro__[1].send
+    original = FreshnessStampingTransport.__mro__[1].send
     try:
-        _FreshnessStampingTransport.__mro__[1].send = lambda self, node, msg: sent.append(msg) or True  # type: ignore[method-assign]
+        FreshnessStampingTransport.__mro__[1].send = lambda self, node, msg: sent.append(msg) or True  # type: ignore[method-assign]
         transport.send(object(), message)
     finally:
-        _FreshnessStampingTransport.__mro__[1].send = original  # type: ignore[method-assign]
+        FreshnessStampingTransport.__mro__[1].send = original  # type: ignore[method-assign]
     return sent[0]
 
 

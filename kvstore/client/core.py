@@ -44,49 +44,16 @@ from kvstore.client.split import (
     within_budget,
 )
 from kvstore.config import Limits
+from kvstore.consistency import Consistency, ConsistencyLevel, ReadConsistency
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.routing.cluster_map import ClusterMap, ShardInfo
 
-STRONG, SESSION, BOUNDED, EVENTUAL = pb.STRONG, pb.SESSION, pb.BOUNDED, pb.EVENTUAL
-
-
-@dataclass(frozen=True)
-class ReadConsistency:
-    level: int
-    max_staleness: float = 0.0
-
-    def __str__(self) -> str:
-        name = pb.Consistency.Name(self.level).lower()
-        return f"bounded:{self.max_staleness}s" if self.level == BOUNDED else name
-
-
-class Consistency:
-    """Per-request read consistency (see docs/consistency.md)."""
-
-    STRONG = ReadConsistency(STRONG)
-    SESSION = ReadConsistency(SESSION)
-    EVENTUAL = ReadConsistency(EVENTUAL)
-
-    @staticmethod
-    def bounded(seconds: float) -> ReadConsistency:
-        if seconds <= 0:
-            raise ValueError("a staleness bound must be positive")
-        return ReadConsistency(BOUNDED, float(seconds))
-
-    @staticmethod
-    def parse(text: str) -> ReadConsistency:
-        """'strong' | 'session' | 'eventual' | 'bounded:0.5s' (CLI form)."""
-        text = text.strip().lower()
-        if text.startswith("bounded:"):
-            return Consistency.bounded(float(text.split(":", 1)[1].rstrip("s")))
-        try:
-            return {
-                "strong": Consistency.STRONG,
-                "session": Consistency.SESSION,
-                "eventual": Consistency.EVENTUAL,
-            }[text]
-        except KeyError:
-            raise ValueError(f"unknown consistency {text!r}") from None
+STRONG, SESSION, BOUNDED, EVENTUAL = (
+    ConsistencyLevel.STRONG,
+    ConsistencyLevel.SESSION,
+    ConsistencyLevel.BOUNDED,
+    ConsistencyLevel.EVENTUAL,
+)
 
 
 class ReadPolicy(enum.Enum):

@@ -8,13 +8,14 @@ puts two proposals touching the same key into one entry, so a revision names exa
 of a key.
 
 An op storage cannot take (a key longer than LMDB's limit, a malformed op) is *refused*: its
-payload is `("error", kind, message)`, identical on every replica, and nothing of it is written.
-`refusal(payload)` turns that into the typed error (kind: a `kvstore.errors` kind).
+payload is a `Refused(kind, message)`, identical on every replica, and nothing of it is written.
+The `Shard` raises `Refused.error()` (the typed `kvstore.errors` exception) to the writer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import lmdb
@@ -31,42 +32,38 @@ BARRIER = "noop"
 
 Op = tuple[Any, ...]
 Proposal = tuple[bytes, Op]  # (request tag or b"", op)
-Result = tuple[int, Any]  # (revision, payload)
-
-ERROR = "error"
+Result = tuple[int, Any]  # (revision, payload: None, a count, a CAS answer, or a Refused)
 
 
 class OpRefused(Exception):
     """An op storage will not apply, the same on every replica (raised before it writes anything)."""
 
 
-def refused(kind: str, message: str) -> tuple[str, str, str]:
-    return (ERROR, kind, message)
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The payload of an op refused while applying (nothing of it written), the same on every
+    replica. Travels only in-process, from the tick thread to the loop; never replicated."""
+
+    kind: str  # a `kvstore.errors` kind: InvalidArgument, SessionExpired, or KvError (internal)
+    message: str
+
+    def error(self) -> errors.KvError:
+        """The typed error the writer gets."""
+        if self.kind == errors.SessionExpired.kind:
+            return errors.SessionExpired(self.message)
+        cls = errors.InvalidArgument if self.kind == errors.InvalidArgument.kind else errors.KvError
+        return cls(f"write refused while applying: {self.message}")
 
 
-def refused_by_storage(exc: BaseException) -> tuple[str, str, str]:
-    """The error payload of an op that raised `exc` deterministically while being applied."""
+def refused_by_storage(exc: BaseException) -> Refused:
+    """The payload of an op that raised `exc` deterministically while being applied."""
     if isinstance(exc, OpRefused):
-        return refused(errors.InvalidArgument.kind, str(exc))
+        return Refused(errors.InvalidArgument.kind, str(exc))
     if isinstance(exc, lmdb.BadValsizeError):
-        return refused(errors.InvalidArgument.kind, f"storage refused a key or value size: {exc}")
+        return Refused(errors.InvalidArgument.kind, f"storage refused a key or value size: {exc}")
     if isinstance(exc, lmdb.Error):
-        return refused(errors.InvalidArgument.kind, f"storage refused the write: {exc}")
-    return refused(errors.KvError.kind, f"applying the write failed: {exc!r}")
-
-
-def refusal(payload: Any) -> errors.KvError | None:
-    """The typed error an op's payload carries, or None for a result."""
-    if not (isinstance(payload, tuple) and payload[:1] == (ERROR,)):
-        return None
-    if len(payload) == 3:
-        kind, message = payload[1], payload[2]
-        if kind == errors.SessionExpired.kind:
-            return errors.SessionExpired(message)
-        cls = errors.InvalidArgument if kind == errors.InvalidArgument.kind else errors.KvError
-        return cls(f"write refused while applying: {message}")
-    # ("error", message): written by an older version (kept in the request-id table)
-    return errors.KvError(f"write failed while applying: {payload[1] if len(payload) > 1 else ''}")
+        return Refused(errors.InvalidArgument.kind, f"storage refused the write: {exc}")
+    return Refused(errors.KvError.kind, f"applying the write failed: {exc!r}")
 
 
 def put(key: bytes, value: bytes) -> Op:
@@ -233,8 +230,8 @@ _ERROR_KINDS = (errors.KvError.kind, errors.InvalidArgument.kind)
 
 def outcome_of(revision: int, op: Op, payload: Any) -> Outcome:
     """The fixed-size outcome of an applied op: no value, no pickle."""
-    if (refused_with := refusal(payload)) is not None:
-        code = _ERROR_KINDS.index(refused_with.kind) + 1 if refused_with.kind in _ERROR_KINDS else 1
+    if isinstance(payload, Refused):
+        code = _ERROR_KINDS.index(payload.kind) + 1 if payload.kind in _ERROR_KINDS else 1
         return Outcome(revision, FAILED, error=code)
     kind = op[0]
     if kind == DELETE:
@@ -249,7 +246,7 @@ def payload_of(storage: Storage, op: Op, outcome: Outcome) -> Any:
     """The payload a retry is answered with, rebuilt from the outcome (inside the write batch)."""
     if outcome.kind == FAILED:
         kind = _ERROR_KINDS[outcome.error - 1] if 0 < outcome.error <= len(_ERROR_KINDS) else "internal"
-        return refused(kind, f"this request already failed when applied at revision {outcome.revision}")
+        return Refused(kind, f"this request already failed when applied at revision {outcome.revision}")
     kind = op[0]
     if kind == DELETE:
         return outcome.count

@@ -9,7 +9,11 @@ Owns the `ShardStateMachine` (tick thread) and bridges its results back onto the
 - Session reads: served once the locally committed index reaches the client's token.
 - Bounded reads: served while the replica's proven staleness is within the bound.
 
-Knows nothing of gRPC: failures are `kvstore.errors` exceptions.
+This is the whole of what the server sees of replication (after etcd raft's `Node`): `open_shard`,
+then `write`, `fresh_view` (the only way to read: it makes the replica fresh enough first),
+`status`, `term`, `is_leader`, `leader_client_address`, `health`. Results are typed
+(`views.WriteResult`, `views.ReadView`, `views.ShardStatus`); a refused write raises its
+`kvstore.errors` exception here. Knows nothing of gRPC.
 """
 
 from __future__ import annotations
@@ -20,44 +24,73 @@ import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from pysyncobj.config import FAIL_REASON
-
 from kvstore import errors
-from kvstore.config import ServerSettings
+from kvstore.config import NodeConfig, ServerSettings
+from kvstore.consistency import ConsistencyLevel
 from kvstore.replication import commands
+from kvstore.replication.faults import FaultInjector
 from kvstore.replication.liveness import ReplicaLiveness
-from kvstore.replication.state_machine import Completion, ReplicaSettings, ShardStateMachine
+from kvstore.replication.state_machine import (
+    Completion,
+    ProposalFate,
+    ReplicaSettings,
+    ShardStateMachine,
+    proposal_fate,
+)
+from kvstore.replication.views import ReadView, ShardStatus, WriteResult
+from kvstore.storage.disk import DiskSpace
 from kvstore.storage.engine import Storage
 
 log = logging.getLogger(__name__)
 
-# pysyncobj failures after which the entry is known NOT to have been applied.
-_CLEAN_FAILURES = {
-    FAIL_REASON.QUEUE_FULL,
-    FAIL_REASON.MISSING_LEADER,
-    FAIL_REASON.DISCARDED,
-    FAIL_REASON.NOT_LEADER,
-    FAIL_REASON.REQUEST_DENIED,
-}
-
-
 _NO_QUORUM = "no quorum confirmed a read barrier in time"
 
 
-class Consistency:
-    STRONG = 0
-    SESSION = 1
-    BOUNDED = 2
-    EVENTUAL = 3
+def open_shard(config: NodeConfig, client_address_of: Callable[[str], str]) -> Shard:
+    """Open this node's replica: its LMDB storage, its Raft state machine, and the `Shard` over them.
+
+    `client_address_of`: Raft address -> gRPC address (for redirecting writers to the leader).
+    Must run on the event loop that will use the shard; `Shard.close()` closes it all."""
+    data_dir = Path(config.data_dir)
+    storage = Storage(
+        data_dir,
+        map_size=config.storage.map_size_bytes,
+        fsync=config.storage.fsync,
+        max_map_size=config.storage.max_map_size_bytes,
+        disk=DiskSpace(data_dir, config.storage.min_free_bytes, config.storage.min_free_fraction),
+    )
+    try:
+        storage.check_key_limit(config.limits.max_key_bytes)
+        replica = ReplicaSettings(
+            advertise=config.raft_advertise,
+            bind=config.raft_bind,
+            peers=config.peers,
+            data_dir=data_dir,
+            raft=config.raft,
+            storage=config.storage,
+        )
+        return Shard(
+            config.shard,
+            storage,
+            replica,
+            config.server,
+            client_address_of,
+            max_value_bytes=config.limits.max_value_bytes,
+            owns_storage=True,
+        )
+    except BaseException:
+        storage.close()
+        raise
 
 
 @dataclass
 class _Pending:
     request_id: bytes
     op: commands.Op
-    future: asyncio.Future[commands.Result]
+    future: asyncio.Future[WriteResult]
     size: int  # bytes of keys and values (`commands.payload_bytes`)
     held: int  # what it may hold until settled: its size, and a CAS its answer (the current value)
 
@@ -105,9 +138,11 @@ class Shard:
         server: ServerSettings,
         client_address_of: Callable[[str], str],
         max_value_bytes: int = 0,
+        owns_storage: bool = False,
     ) -> None:
         self.shard_id = shard_id
-        self.storage = storage
+        self._storage = storage
+        self._owns_storage = owns_storage  # opened by `open_shard`: closed by `close`
         self._server = server
         self._client_address_of = client_address_of  # Raft address -> gRPC address
         self._loop = asyncio.get_running_loop()
@@ -125,13 +160,20 @@ class Shard:
         # still precedes the proposal, so it may share that barrier instead of the next one.
         self._barrier_open: asyncio.Future[int] | None = None
         self._barrier_next: asyncio.Future[int] | None = None
-        self.machine = ShardStateMachine(storage, replica, self._on_applied_threadsafe)
-        self.liveness = ReplicaLiveness(self.machine, server.health_stall_seconds)
+        self._view = ReadView(storage)
+        self._machine = ShardStateMachine(storage, replica, self._on_applied_threadsafe)
+        self._liveness = ReplicaLiveness(self._machine, server.health_stall_seconds)
 
     def close(self) -> None:
-        """Stop the tick thread (blocking), then let a running snapshot finish."""
-        self.machine.destroy_synchronous()
-        self.machine.snapshots.wait_idle(5.0)
+        """Stop the tick thread (blocking), let a running snapshot finish, close storage if ours."""
+        self._machine.destroy_synchronous()
+        self._machine.snapshots.wait_idle(5.0)
+        if self._owns_storage:
+            self._storage.close()
+
+    def fault_injector(self) -> FaultInjector:
+        """FAULT INJECTION hooks on this replica's Raft side (server.fault_injection_signals only)."""
+        return FaultInjector(self._machine)
 
     # ----- tick thread -> loop ---------------------------------------------------------------
 
@@ -146,23 +188,37 @@ class Shard:
         for callback, result, error in completions:
             callback(result, error)
 
-    # ----- writes ----------------------------------------------------------------------------
+    # ----- who leads ------------------------------------------------------------------------
+
+    @property
+    def term(self) -> int:
+        """The Raft term this replica is in."""
+        return self._machine.current_term()
+
+    def is_leader(self) -> bool:
+        return self._machine.is_leader()
 
     def leader_client_address(self) -> str:
-        raft_address = self.machine.leader_address()
+        raft_address = self._machine.leader_address()
         return self._client_address_of(raft_address) if raft_address else ""
 
     def ensure_leader(self) -> None:
-        if not self.machine._isLeader():
+        if not self._machine.is_leader():
             raise errors.NotLeader(leader=self.leader_client_address())
 
-    async def write(self, op: commands.Op, request_id: bytes = b"") -> commands.Result:
-        """Propose `op` through Raft; returns (revision, payload) once applied and committed here.
+    # ----- writes ----------------------------------------------------------------------------
 
-        Refused with `Overloaded` (nothing proposed) while `max_pending_proposals` writes, or
-        `max_pending_bytes` of keys and values, wait to be applied: a leader that cannot keep up
-        pushes back instead of queueing without end. A write always goes when none is pending."""
+    async def write(self, op: commands.Op, request_tag: bytes = b"") -> WriteResult:
+        """Propose `op` through Raft; returns once it is applied and committed here.
+
+        `request_tag`: `commands.request_tag(request id, retry)`, or b"" (not deduplicated).
+        Raises NotLeader on a follower; DiskFull or Unavailable while the leader's disk is nearly
+        full or its storage failing; the op's own typed error when storage refused it (nothing
+        written). Refused with `Overloaded` (nothing proposed) while `max_pending_proposals`
+        writes, or `max_pending_bytes` of keys and values, wait to be applied: a leader that cannot
+        keep up pushes back instead of queueing without end. A write always goes when none is pending."""
         self.ensure_leader()
+        self._machine.check_disk_for_writes()
         size = commands.payload_bytes(op)
         held = size + self._cas_answer_bytes if op[0] == commands.CAS else size
         server = self._server
@@ -178,12 +234,12 @@ class Shard:
             )
         # No per-write wait_for: one timer per Raft entry fails the entry's futures instead
         # (`_flush`); a task and a shield per write cost ~8% of a busy leader's CPU.
-        return await self._enqueue(request_id, op, size, held)
+        return await self._enqueue(request_tag, op, size, held)
 
     def _enqueue(
         self, request_id: bytes, op: commands.Op, size: int = 0, held: int = 0
-    ) -> asyncio.Future[commands.Result]:
-        future: asyncio.Future[commands.Result] = self._loop.create_future()
+    ) -> asyncio.Future[WriteResult]:
+        future: asyncio.Future[WriteResult] = self._loop.create_future()
         self._queue.append(_Pending(request_id, op, future, size, held))
         self._pending_count += 1
         self._pending_bytes += held
@@ -201,7 +257,7 @@ class Shard:
             settled = _Settled(self, entry)
             timer = self._loop.call_later(self._server.write_timeout, self._time_out, entry, settled)
             try:
-                self.machine.propose(
+                self._machine.propose(
                     [(p.request_id, p.op) for p in entry], self._completion_for(entry, timer, settled)
                 )
             except Exception as exc:  # never leave a proposer waiting for an entry that was not made
@@ -228,12 +284,17 @@ class Shard:
         def complete(results: Any, error: int) -> None:
             timer.cancel()
             settled()
+            fate = proposal_fate(error)
             for i, pending in enumerate(entry):
                 if pending.future.done():
                     continue
-                if error == FAIL_REASON.SUCCESS and results is not None:
-                    pending.future.set_result(results[i])
-                elif error in _CLEAN_FAILURES:
+                if fate is ProposalFate.APPLIED and results is not None:
+                    revision, payload = results[i]
+                    if isinstance(payload, commands.Refused):
+                        pending.future.set_exception(payload.error())
+                    else:
+                        pending.future.set_result(WriteResult(revision, payload))
+                elif fate is ProposalFate.NOT_APPLIED:
                     pending.future.set_exception(
                         errors.Unavailable(f"not applied: leadership changed (pysyncobj reason {error})")
                     )
@@ -246,27 +307,31 @@ class Shard:
 
     # ----- reads -----------------------------------------------------------------------------
 
-    async def ensure_fresh(
-        self, consistency: int, session_index: int = 0, max_staleness: float = 0.0
-    ) -> None:
-        """Wait until a local read satisfies `consistency`, or raise."""
-        if consistency == Consistency.STRONG:
-            if self._server.unsafe_local_strong_reads and self.machine._isLeader():
-                return  # the planted bug (ServerSettings.unsafe_local_strong_reads)
-            await self.barrier()
-        elif consistency == Consistency.SESSION:
+    async def fresh_view(
+        self, consistency: ConsistencyLevel, session_index: int = 0, max_staleness: float = 0.0
+    ) -> ReadView:
+        """Read access to this replica once a local read satisfies `consistency` (waiting for it
+        if need be), or raise: ReplicaBehind, Unavailable (no quorum), InvalidArgument.
+
+        `session_index`: the client's token for this shard (session reads); `max_staleness`:
+        seconds (bounded reads)."""
+        if consistency == ConsistencyLevel.STRONG:
+            if not (self._server.unsafe_local_strong_reads and self._machine.is_leader()):
+                await self.barrier()  # (else: the planted bug, ServerSettings.unsafe_local_strong_reads)
+        elif consistency == ConsistencyLevel.SESSION:
             if not await self.applied.wait_for(session_index, self._server.session_wait):
                 raise errors.ReplicaBehind(
                     f"replica at index {self.applied.index} has not reached session index {session_index}"
                 )
-        elif consistency == Consistency.BOUNDED:
-            staleness = self.machine.staleness()
+        elif consistency == ConsistencyLevel.BOUNDED:
+            staleness = self._machine.staleness()
             if staleness > max_staleness:
                 raise errors.ReplicaBehind(
                     f"replica staleness {staleness:.3f}s exceeds the bound {max_staleness:.3f}s"
                 )
-        elif consistency != Consistency.EVENTUAL:
+        elif consistency != ConsistencyLevel.EVENTUAL:
             raise errors.InvalidArgument(f"unknown consistency level {consistency}")
+        return self._view
 
     async def barrier(self) -> int:
         """Linearizable read point: index of a no-op entry proposed after this call, applied here.
@@ -290,13 +355,13 @@ class Shard:
         result: asyncio.Future[int] = self._loop.create_future()
         proposal = self._enqueue(b"", commands.barrier())
 
-        def done(f: asyncio.Future[commands.Result]) -> None:
+        def done(f: asyncio.Future[WriteResult]) -> None:
             if result.done():
                 return  # expired first; _expire_barrier already moved on
             if f.exception() is not None:
                 result.set_exception(f.exception())  # type: ignore[arg-type]
             else:
-                result.set_result(f.result()[0])
+                result.set_result(f.result().revision)
             if self._barrier_in_flight is result:
                 self._barrier_finished()
 
@@ -325,33 +390,31 @@ class Shard:
 
     # ----- status ----------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        machine = self.machine
+    def status(self) -> ShardStatus:
+        machine = self._machine
         staleness = machine.staleness()
-        return {
-            "role": machine.role(),
-            "term": machine.raftCurrentTerm,
-            "leader_raft_address": machine.leader_address() or "",
-            "leader_address": self.leader_client_address(),
-            "commit_index": machine.raftCommitIndex,
-            "applied_index": self.storage.applied_index(),
-            "visible_index": self.applied.index,
-            "leader_commit_index": machine.leader_commit_index(),
-            "staleness_seconds": -1.0 if staleness == float("inf") else staleness,
-            "key_count": self.storage.key_count(),
-            "raft_log_size": machine._getRaftLogSize(),
-        }
+        return ShardStatus(
+            role=machine.role(),
+            term=machine.current_term(),
+            leader_raft_address=machine.leader_address() or "",
+            leader_address=self.leader_client_address(),
+            commit_index=machine.commit_index(),
+            applied_index=self._storage.applied_index(),
+            leader_commit_index=machine.leader_commit_index(),
+            staleness_seconds=-1.0 if staleness == float("inf") else staleness,
+            key_count=self._storage.key_count(),
+            raft_log_size=machine.log_size(),
+        )
 
     # ----- health ----------------------------------------------------------------------------
 
     def stuck(self) -> str | None:
         """Why this replica's Raft side is stuck (tick thread dead or stalled, applies not moving)."""
-        thread = self.machine._SyncObj__thread  # noqa: SLF001 (pysyncobj private: its tick thread)
-        return self.liveness.problem(thread is not None and thread.is_alive())
+        return self._liveness.problem(self._machine.tick_thread_alive())
 
     def health(self) -> tuple[bool, str]:
         """(serving, why not): serving while not stuck and storage takes writes."""
-        problem = self.stuck() or self.machine.storage_problem()
+        problem = self.stuck() or self._machine.storage_problem()
         return (problem is None, problem or "")
 
 

@@ -21,8 +21,8 @@ Knows nothing of gRPC.
 
 from __future__ import annotations
 
+import enum
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,11 +32,13 @@ from typing import Any
 import lmdb
 import pysyncobj.pickle as pysyncobj_pickle
 from pysyncobj import SyncObjConf, replicated
+from pysyncobj.config import FAIL_REASON
 
 from kvstore import errors
 from kvstore.config import RaftSettings, StorageSettings
 from kvstore.replication import commands, journal
-from kvstore.replication.peer_transport import SecurePeerTransport, peer_password
+from kvstore.replication.freshness import FreshnessStampingTransport, FreshnessTracking
+from kvstore.replication.peer_transport import peer_password
 from kvstore.replication.raft_fixes import PatchedSyncObj
 from kvstore.replication.snapshots import SnapshotManager
 from kvstore.replication.storage_health import StorageHealth, is_transient
@@ -52,8 +54,34 @@ setattr(pysyncobj_pickle, "__protocol", 5)  # noqa: B010
 
 _ROLES = {0: "follower", 1: "candidate", 2: "leader"}  # pysyncobj's _RAFT_STATE values
 
-# (proposer's callback, result or None, pysyncobj error code)
+# (proposer's callback, result or None, pysyncobj error code: see `proposal_fate`)
 Completion = tuple[Callable[[Any, int], None], Any, int]
+
+
+class ProposalFate(enum.Enum):
+    """What a proposer can conclude from the error code its completion carries."""
+
+    APPLIED = "applied"
+    NOT_APPLIED = "not applied"  # known not to have applied: safe to report as a clean failure
+    UNKNOWN = "unknown"  # may still apply (or have applied)
+
+
+# pysyncobj failures after which the entry is known NOT to have been applied.
+_CLEAN_FAILURES = frozenset(
+    {
+        FAIL_REASON.QUEUE_FULL,
+        FAIL_REASON.MISSING_LEADER,
+        FAIL_REASON.DISCARDED,
+        FAIL_REASON.NOT_LEADER,
+        FAIL_REASON.REQUEST_DENIED,
+    }
+)
+
+
+def proposal_fate(error: int) -> ProposalFate:
+    if error == FAIL_REASON.SUCCESS:
+        return ProposalFate.APPLIED
+    return ProposalFate.NOT_APPLIED if error in _CLEAN_FAILURES else ProposalFate.UNKNOWN
 
 
 @dataclass
@@ -68,34 +96,11 @@ class ReplicaSettings:
     storage: StorageSettings = field(default_factory=StorageSettings)
 
 
-class _FreshnessStampingTransport(SecurePeerTransport):
-    """Carries what bounded-staleness reads need (pysyncobj ignores unknown message keys):
-    - on append-entries from the leader: `sent_at`, its send time on its own monotonic clock
-      (only ever compared with that clock again, when echoed), and `confirmed_age`, how many
-      seconds ago a majority last confirmed it leader (see `leader_confirmed_at`). An age, not a
-      time: followers need not share the leader's clock, and a wall-clock jump changes nothing;
-    - on the follower's acknowledgement: `echo`, the (sent_at, term) of the append it answers."""
-
-    def send(self, node: Any, message: Any) -> bool:
-        if isinstance(message, dict):
-            kind = message.get("type")
-            if kind == "append_entries":
-                machine = self._syncObj
-                now = time.monotonic()
-                message["sent_at"] = now
-                confirmed = machine.leader_confirmed_at()
-                if confirmed is not None:
-                    message["confirmed_age"] = max(0.0, now - confirmed)
-            elif kind == "next_node_idx" and self._syncObj.answering is not None:
-                message["echo"] = self._syncObj.answering
-        return super().send(node, message)
-
-
 class _ReapplyCarefully(Exception):
     """An op failed deterministically after writing: redo the batch with a savepoint per op."""
 
 
-class ShardStateMachine(PatchedSyncObj):
+class ShardStateMachine(FreshnessTracking, PatchedSyncObj):
     def __init__(
         self,
         storage: Storage,
@@ -124,13 +129,7 @@ class ShardStateMachine(PatchedSyncObj):
         self._careful_through = 0  # entries up to this index are applied with a savepoint per op
         # The dedup tables key rows by request id (+ 8 bytes): longer ids LMDB would refuse.
         self._max_request_id = storage.max_key_size - 8
-        # Freshness for bounded-staleness reads, on this process's monotonic clock:
-        # (when the leader was confirmed, the leader's commit index then).
-        self._freshness_pending: list[tuple[float, int]] = []
-        self.fresh_as_of: float | None = None
-        self.answering: tuple[float, int] | None = None  # (sent_at, term) of the append being handled
-        # follower -> (term, latest echoed sent_at), on our monotonic clock
-        self._acked_sent_at: dict[Any, tuple[int, float]] = {}
+        self._init_freshness()
         self._last_reported = 0
         self._last_refusal_log = -1e9
         self._entry_stamp = 0  # the stamp of the entry being applied (apply_entry)
@@ -168,7 +167,7 @@ class ShardStateMachine(PatchedSyncObj):
         )
         # The tick thread starts inside this call and may replay the journal at once: everything
         # apply_entry needs is set up above.
-        super().__init__(settings.advertise, settings.peers, conf, transportClass=_FreshnessStampingTransport)
+        super().__init__(settings.advertise, settings.peers, conf, transportClass=FreshnessStampingTransport)
         self.addOnTickCallback(self._after_tick)
 
     # ----- the replicated method -----------------------------------------------------------
@@ -202,7 +201,7 @@ class ShardStateMachine(PatchedSyncObj):
 
     def _answered(self, index: int, results: list[commands.Result]) -> list[commands.Result]:
         for callback in self._awaiting_reapply.pop(index, ()):
-            self._completions.append((callback, results, 0))  # FAIL_REASON.SUCCESS
+            self._completions.append((callback, results, FAIL_REASON.SUCCESS))
             self._completion_indexes.append(index)
         return results
 
@@ -239,7 +238,7 @@ class ShardStateMachine(PatchedSyncObj):
         now = time.monotonic()
         if now - self._last_refusal_log > 5.0:  # a client can send many: rate-limited
             self._last_refusal_log = now
-            log.warning("op at index %d refused (same on every replica): %s", index, refusal[2])
+            log.warning("op at index %d refused (same on every replica): %s", index, refusal.message)
         return index, refusal
 
     def _apply_checked(self, index: int, proposal: commands.Proposal) -> commands.Result:
@@ -259,7 +258,7 @@ class ShardStateMachine(PatchedSyncObj):
         if request.retry:
             refusal = self._forgotten(request, now)
             if refusal:
-                return index, commands.refused(errors.SessionExpired.kind, refusal)
+                return index, commands.Refused(errors.SessionExpired.kind, refusal)
         payload = commands.apply_op(storage, index, op)
         retention = int(self._settings.storage.dedup_retention_seconds * 1e6)
         outcome = commands.outcome_of(index, op, payload)
@@ -392,7 +391,7 @@ class ShardStateMachine(PatchedSyncObj):
         self._completions, self._completion_indexes = [], []
         for index, completion in kept:
             callback, _, error = completion
-            if error == 0 and index > self._stored_applied:  # FAIL_REASON.SUCCESS, rolled back
+            if error == FAIL_REASON.SUCCESS and index > self._stored_applied:  # rolled back
                 self._awaiting_reapply.setdefault(index, []).append(callback)
             else:  # committed before the failure, or not ours (discarded): as pysyncobj said
                 self._completions.append(completion)
@@ -408,100 +407,28 @@ class ShardStateMachine(PatchedSyncObj):
         for index in [i for i in self._awaiting_reapply if i <= applied]:
             del self._awaiting_reapply[index]
 
-    # ----- freshness (bounded staleness) -----------------------------------------------------
-    # Every time here is on this process's monotonic clock; between processes only ages travel
-    # (the leader's `confirmed_age`). A wall-clock jump, or a stamp from a faster clock, cannot
-    # make a replica look fresher than it is: a follower never dates its freshness after the
-    # moment it received the message that proves it.
-
-    def leader_confirmed_at(self) -> float | None:
-        """The latest monotonic time T at which this node provably was the only leader: a
-        majority acknowledged appends we sent at T or later in our current term (None: none yet).
-
-        A follower that answers an append sent at T was still in our term after T, so no other
-        leader could have been elected before T; every write acknowledged to a client before T was
-        acknowledged by us, so it is within our commit index."""
-        if not self._isLeader():
-            return None
-        noop_index = self._SyncObj__noopIDx
-        if noop_index is None or self.raftCommitIndex < noop_index:
-            return None  # until our term commits an entry, our commit index may lag the true one
-        needed = (len(self._settings.peers) + 1) // 2  # acknowledgements needed besides our own
-        if needed == 0:
-            return time.monotonic()
-        term = self.raftCurrentTerm
-        stamps = sorted((t for term_of, t in self._acked_sent_at.values() if term_of == term), reverse=True)
-        return stamps[needed - 1] if len(stamps) >= needed else None
-
-    def _SyncObj__onMessageReceived(self, node: Any, message: Any) -> None:  # noqa: N802
-        if not isinstance(message, dict):
-            super()._SyncObj__onMessageReceived(node, message)
-            return
-        kind = message.get("type")
-        if kind == "append_entries" and message.get("term", -1) >= self.raftCurrentTerm:
-            self._note_confirmation(message.get("confirmed_age"), message.get("commit_index"))
-            if "sent_at" in message:
-                self.answering = (message["sent_at"], message["term"])
-        elif kind == "next_node_idx" and isinstance(message.get("echo"), tuple | list):
-            self._note_echo(node, message["echo"])
-        try:
-            super()._SyncObj__onMessageReceived(node, message)
-        finally:
-            self.answering = None
-
-    def _note_confirmation(self, age: Any, commit_index: Any) -> None:
-        """Follower: the leader was confirmed `age` seconds before it sent this; once we have
-        applied through its `commit_index`, we are as fresh as that moment, dated on our clock."""
-        if not _is_number(age) or not _is_number(commit_index):
-            return
-        if age < 0:
-            return  # "confirmed in the future": a forged or broken stamp proves nothing
-        received = time.monotonic()
-        self._freshness_pending.append((received - age, int(commit_index)))
-        del self._freshness_pending[:-1000]  # bounded even while applying is stuck
-
-    def _note_echo(self, node: Any, echo: tuple[Any, ...] | list[Any]) -> None:
-        """Leader: a follower acknowledged the append we sent at `sent_at` in `term`."""
-        if len(echo) != 2 or not _is_number(echo[0]) or not _is_number(echo[1]):
-            return
-        sent_at, term = float(echo[0]), int(echo[1])
-        if sent_at > time.monotonic():
-            return  # we never sent that: an echo "from the future" confirms nothing
-        previous = self._acked_sent_at.get(node, (0, 0.0))
-        if (term, sent_at) > previous:
-            self._acked_sent_at[node] = (term, sent_at)
-
-    def _track_freshness(self) -> None:
-        if self._isLeader():
-            confirmed = self.leader_confirmed_at()
-            if confirmed is not None and self.visible_index >= self.raftCommitIndex:
-                self._fresher(confirmed)
-            return
-        pending = self._freshness_pending
-        visible = self.visible_index
-        caught_up = [stamp for stamp, commit in pending if commit <= visible]
-        if caught_up:
-            self._fresher(max(caught_up))
-            self._freshness_pending = [(s, c) for s, c in pending if c > visible]
-
-    def _fresher(self, stamp: float) -> None:
-        # Only forward: the replica's state never loses writes, so having held every write
-        # acknowledged by T stays true. Safe because no stamp is ever later than the moment
-        # this process received its proof (ages are >= 0, echoes not from the future).
-        stamp = min(stamp, time.monotonic())
-        if self.fresh_as_of is None or stamp > self.fresh_as_of:
-            self.fresh_as_of = stamp
-
-    def staleness(self) -> float:
-        """Seconds since this replica provably held every write acknowledged at that moment."""
-        if self.fresh_as_of is None:
-            return float("inf")
-        return max(0.0, time.monotonic() - self.fresh_as_of)
-
     # ----- status ---------------------------------------------------------------------------
 
     def role(self) -> str:
         return _ROLES.get(self._SyncObj__raftState, "unknown")
+
+    def is_leader(self) -> bool:
+        """This node believes it leads (not proof: a cut-off leader believes it for a while)."""
+        return bool(self._isLeader())
+
+    def current_term(self) -> int:
+        return int(self.raftCurrentTerm)
+
+    def commit_index(self) -> int:
+        return int(self.raftCommitIndex)
+
+    def log_size(self) -> int:
+        """Entries in the Raft log (in memory until compaction)."""
+        return int(self._getRaftLogSize())
+
+    def tick_thread_alive(self) -> bool:
+        thread = self._SyncObj__thread  # noqa: SLF001 (pysyncobj private: its tick thread)
+        return thread is not None and thread.is_alive()
 
     def leader_address(self) -> str | None:
         leader = self._getLeader()
@@ -511,7 +438,3 @@ class ShardStateMachine(PatchedSyncObj):
         if self._isLeader():
             return self.raftCommitIndex
         return self._SyncObj__leaderCommitIndex or 0
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -2,7 +2,9 @@
 
 The servicers only translate: check the request, make sure this shard owns the keys, ask the
 `Shard` for a write or a fresh-enough view, and build the response. Consistency, batching and
-Raft live in `kvstore.replication`; errors map to statuses in `kvstore.errors`.
+Raft live in `kvstore.replication`, reached only through `Shard` (`open_shard`, `write`,
+`fresh_view`, `status`, `term`): nothing here touches pysyncobj or LMDB
+(tests/test_layering.py). Errors map to statuses in `kvstore.errors`.
 """
 
 from __future__ import annotations
@@ -10,28 +12,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from pathlib import Path
 from typing import Any
 
 import grpc
 
 from kvstore import errors
 from kvstore.config import NodeConfig
+from kvstore.consistency import ConsistencyLevel
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.replication import commands
 from kvstore.replication.faults import FaultInjector
-from kvstore.replication.shard import Shard
-from kvstore.replication.state_machine import ReplicaSettings
+from kvstore.replication.shard import Shard, open_shard
+from kvstore.replication.views import ReadView, Record, WriteResult
 from kvstore.routing.cluster_map import ClusterMap
 from kvstore.server import validation as check
 from kvstore.server.batch import ResponseBudget, run_batch
 from kvstore.server.health import NodeHealth, add_health, start_health_port
 from kvstore.server.rpc import ConcurrencyGate, add_service, rpc_errors
-from kvstore.storage.disk import DiskSpace
-from kvstore.storage.engine import OverBudget, Record, Storage
 
 log = logging.getLogger(__name__)
+
+# The wire's number -> the level: a dict lookup per read (ConsistencyLevel(n) costs ~0.5 us).
+_LEVEL_OF = {int(level): level for level in ConsistencyLevel}
 
 
 def _kv(record: Record) -> pb.KeyValue:
@@ -51,7 +54,7 @@ class NodeContext:
         return pb.ResponseHeader(
             shard=self.config.shard,
             revision=revision,
-            term=self.shard.machine.raftCurrentTerm,
+            term=self.shard.term,
             epoch=self.cluster_map.epoch,
             served_by=self.config.name,
             leader=self.shard.leader_client_address(),
@@ -68,22 +71,18 @@ class KVServicer(pb_grpc.KVServicer):
         self.limits = ctx.config.limits
         self.shard = ctx.shard
 
-    async def _write(self, keys: list[bytes], op: commands.Op, request: Any) -> commands.Result:
+    async def _write(self, keys: list[bytes], op: commands.Op, request: Any) -> WriteResult:
         """`request`: the RPC's request, for its request_id and retry flag."""
         check.check_request_id(request.request_id, self.limits)
         commands.check_request_id(request.request_id)
         self.ctx.check_owned(keys)
-        self.shard.machine.check_disk_for_writes()
-        tag = commands.request_tag(request.request_id, request.retry)
-        revision, payload = await self.shard.write(op, tag)
-        if (refused := commands.refusal(payload)) is not None:
-            raise refused
-        return revision, payload
+        return await self.shard.write(op, commands.request_tag(request.request_id, request.retry))
 
-    async def _fresh(self, read: pb.ReadOptions) -> None:
+    async def _fresh(self, read: pb.ReadOptions) -> ReadView:
         check.check_read(read.consistency, read.max_staleness_seconds)
         session_index = read.session.get(self.ctx.config.shard, 0)
-        await self.shard.ensure_fresh(read.consistency, session_index, read.max_staleness_seconds)
+        level = _LEVEL_OF[read.consistency]  # a known level: check_read refused any other
+        return await self.shard.fresh_view(level, session_index, read.max_staleness_seconds)
 
     @rpc_errors
     async def Put(
@@ -144,10 +143,10 @@ class KVServicer(pb_grpc.KVServicer):
     ) -> pb.GetResponse:
         check.check_key(request.key, self.limits)
         self.ctx.check_owned([request.key])
-        await self._fresh(request.read)
+        view = await self._fresh(request.read)
         if budget is not None:
             budget.admit()
-        record, applied = self.shard.storage.read(request.key)
+        record, applied = view.get(request.key)
         response = pb.GetResponse(header=self.ctx.header(applied), found=record is not None)
         if record is not None:
             if budget is not None:
@@ -165,17 +164,10 @@ class KVServicer(pb_grpc.KVServicer):
         # A key named twice is read once: the answer lists each found key once anyway.
         keys = check.distinct(check.check_keys(request.keys, self.limits))
         self.ctx.check_owned(keys)
-        await self._fresh(request.read)
+        view = await self._fresh(request.read)
         if budget is not None:
             budget.admit()
-        limit = self.limits.max_response_bytes
-        try:
-            found, values, revisions, applied = self.shard.storage.get_columns(keys, budget_bytes=limit)
-        except OverBudget:
-            raise errors.ResourceExhausted(
-                f"the values of these {len(keys)} keys exceed the {limit}-byte answer limit "
-                "(limits.max_response_bytes): ask for fewer keys at a time"
-            ) from None
+        found, values, revisions, applied = view.get_columns(keys, self.limits.max_response_bytes)
         if budget is not None:
             budget.charge(sum(map(len, found)) + sum(map(len, values)))
         return pb.MultiGetResponse(
@@ -189,10 +181,10 @@ class KVServicer(pb_grpc.KVServicer):
     @rpc_errors
     async def Scan(self, request: pb.ScanRequest, context: grpc.aio.ServicerContext) -> pb.ScanResponse:
         limit = check.check_scan_limit(request.limit, self.limits)
-        await self._fresh(request.read)
+        view = await self._fresh(request.read)
         # A page ends early at the answer limit (never before its first record): a smaller page
         # with a continuation, rather than a refusal.
-        records, more, applied = self.shard.storage.scan(
+        records, more, applied = view.scan(
             request.start,
             request.end,
             request.prefix,
@@ -216,24 +208,24 @@ class AdminServicer(pb_grpc.AdminServicer):
         config = self.ctx.config
         leader_name = ""
         for replica in self.ctx.cluster_map.shard(config.shard).replicas:
-            if replica.raft_address == status["leader_raft_address"]:
+            if replica.raft_address == status.leader_raft_address:
                 leader_name = replica.name
         return pb.StatusResponse(
             node=config.name,
             shard=config.shard,
-            role=status["role"],
-            term=status["term"],
+            role=status.role,
+            term=status.term,
             leader=leader_name,
-            leader_address=status["leader_address"],
-            commit_index=status["commit_index"],
-            applied_index=status["applied_index"],
-            leader_commit_index=status["leader_commit_index"],
-            staleness_seconds=status["staleness_seconds"],
+            leader_address=status.leader_address,
+            commit_index=status.commit_index,
+            applied_index=status.applied_index,
+            leader_commit_index=status.leader_commit_index,
+            staleness_seconds=status.staleness_seconds,
             epoch=self.ctx.cluster_map.epoch,
-            key_count=status["key_count"],
+            key_count=status.key_count,
             address=self.ctx.cluster_map.replica(config.name)[1].address,
             zone=config.zone,
-            raft_log_size=status["raft_log_size"],
+            raft_log_size=status.raft_log_size,
             health=self.ctx.health.text,
         )
 
@@ -253,31 +245,7 @@ async def serve(config: NodeConfig) -> None:
     """Run the node until SIGTERM or SIGINT, then shut down gracefully."""
     cluster_map = ClusterMap.load(config.cluster_map)
     cluster_map.ring  # noqa: B018 (a map from another key placement must stop the node here, not per request)
-    data_dir = Path(config.data_dir)
-    storage = Storage(
-        data_dir,
-        map_size=config.storage.map_size_bytes,
-        fsync=config.storage.fsync,
-        max_map_size=config.storage.max_map_size_bytes,
-        disk=DiskSpace(data_dir, config.storage.min_free_bytes, config.storage.min_free_fraction),
-    )
-    storage.check_key_limit(config.limits.max_key_bytes)
-    replica = ReplicaSettings(
-        advertise=config.raft_advertise,
-        bind=config.raft_bind,
-        peers=config.peers,
-        data_dir=data_dir,
-        raft=config.raft,
-        storage=config.storage,
-    )
-    shard = Shard(
-        config.shard,
-        storage,
-        replica,
-        config.server,
-        cluster_map.client_address_of_raft,
-        max_value_bytes=config.limits.max_value_bytes,
-    )
+    shard = open_shard(config, cluster_map.client_address_of_raft)
     health = NodeHealth(shard)
     await health.start()
     ctx = NodeContext(config, shard, cluster_map, health)
@@ -304,7 +272,7 @@ async def serve(config: NodeConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    faults = FaultInjector(shard.machine) if config.server.fault_injection_signals else None
+    faults = shard.fault_injector() if config.server.fault_injection_signals else None
     if faults is not None:
         _install_fault_signals(loop, faults)
     await stop.wait()
@@ -315,8 +283,7 @@ async def serve(config: NodeConfig) -> None:
     if health_server is not None:
         await health_server.stop(grace=1.0)
     await server.stop(grace=2.0)
-    await loop.run_in_executor(None, shard.close)
-    storage.close()
+    await loop.run_in_executor(None, shard.close)  # closes its storage too
 
 
 def _install_fault_signals(loop: asyncio.AbstractEventLoop, faults: FaultInjector) -> None:

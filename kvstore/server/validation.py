@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from kvstore.config import Limits
+from kvstore.consistency import ConsistencyLevel
 from kvstore.errors import InvalidArgument
-from kvstore.proto import kvstore_pb2 as pb
 
 MAX_STALENESS_SECONDS = 3600.0
-_CONSISTENCY_LEVELS = frozenset(pb.Consistency.values())  # once: every read request is checked
+_CONSISTENCY_LEVELS = frozenset(ConsistencyLevel)  # once: every read request is checked
 
 
 def check_key(key: bytes, limits: Limits) -> None:
@@ -94,7 +94,7 @@ def check_request_id(request_id: bytes, limits: Limits) -> None:
 def check_read(consistency: int, max_staleness: float) -> None:
     if consistency not in _CONSISTENCY_LEVELS:
         raise InvalidArgument(f"unknown consistency level {consistency}")
-    if consistency == pb.BOUNDED and not (0 < max_staleness <= MAX_STALENESS_SECONDS):
+    if consistency == ConsistencyLevel.BOUNDED and not (0 < max_staleness <= MAX_STALENESS_SECONDS):
         raise InvalidArgument(
             f"bounded reads need 0 < max_staleness_seconds <= {MAX_STALENESS_SECONDS} (got {max_staleness})"
         )
