@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint proto bench chaos clean
+.PHONY: demo test test-unit lint proto bench chaos clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -15,9 +15,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/kvstore demo
 
+# tests/unit: no processes, no sockets to other processes (well under a minute);
+# tests/cluster: real node processes over gRPC and pysyncobj on loopback.
 test: $(STAMP)
 	$(BIN)/ruff check kvstore tests loadtests
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q tests/unit tests/cluster
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
 
 lint: $(STAMP)
 	$(BIN)/ruff check kvstore tests loadtests

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "kvstore"
+PACKAGE = Path(__file__).resolve().parents[2] / "kvstore"
 ALLOWED = PACKAGE / "replication"
 
 

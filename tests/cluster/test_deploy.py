@@ -27,10 +27,9 @@ from kvstore.cluster.local import LocalCluster, free_ports
 from kvstore.config import NodeConfig
 from kvstore.routing.cluster_map import ClusterMap
 from kvstore.server import health
+from tests.conftest import stop_process, wait_until
 
-from .conftest import stop_process, wait_until
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 
 

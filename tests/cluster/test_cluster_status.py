@@ -22,8 +22,7 @@ from kvstore.cluster.status import status_document
 from kvstore.cluster.topology import named_topology
 from kvstore.routing.cluster_map import ClusterMap, ReplicaInfo, ShardInfo
 from kvstore.routing.ring import SLOT_COUNT, Ring
-
-from .conftest import wait_until
+from tests.conftest import wait_until
 
 NoneType = type(None)
 # key -> the JSON types its value may have (int never accepts a bool)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "kvstore"
+PACKAGE = Path(__file__).resolve().parents[2] / "kvstore"
 
 # Outside kvstore/replication and still importing pysyncobj: the chaos proxy's frame codec, which
 # issue 13 moves under replication/. This set may only shrink.

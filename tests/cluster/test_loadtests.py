@@ -16,7 +16,7 @@ from typing import Any
 
 from kvstore.cluster.local import LocalCluster
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
 MIX = "strong:1,session:1,eventual:1,bounded0.5:1"
 

@@ -19,7 +19,7 @@ import pytest
 from kvstore import AsyncClient
 from kvstore.cluster.local import LocalCluster
 
-LOADTESTS = Path(__file__).resolve().parents[1] / "loadtests"
+LOADTESTS = Path(__file__).resolve().parents[2] / "loadtests"
 sys.path.insert(0, str(LOADTESTS))
 
 import bench  # noqa: E402
