@@ -228,7 +228,7 @@ class FaultProxy:
         self._identify_timeout = identify_timeout
         self._connect_timeout = connect_timeout
         self._secret_file = secret_file
-        self._cipher: Any = None  # the Raft group's Fernet, to read who dials (see module doc)
+        self._cipher: Any = None  # the Raft group's cipher, to read who dials (see module doc)
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()

@@ -2,10 +2,10 @@
 pysyncobj: the secure transport (`peer_transport`) and the fault proxy (`kvstore.chaos.proxy`).
 
 A connection is a stream of frames, each `struct.pack('i', len(data)) + data` (native byte order,
-4-byte signed length) with `data = zlib.compress(pickle.dumps(message), 3)`, Fernet-encrypted when the
-group has a secret (`SyncObjConf(password=...)`). Only the node with the greater address string dials
-(`TCPTransport._shouldConnect`), and its first message announces its own advertised address
-(`_sendSelfAddress`):
+4-byte signed length) with `data = zlib.compress(pickle.dumps(message), 3)`, encrypted
+(replication/peer_cipher.py) when the group has a secret (`SyncObjConf(password=...)`). Only the
+node with the greater address string dials (`TCPTransport._shouldConnect`), and its first message
+announces its own advertised address (`_sendSelfAddress`):
 - without a secret (`--insecure`, raw pysyncobj tests), the address is the dialer's first frame;
 - with a secret, the dialer first sends a connection key, the target answers with its own, and only
   then does the dialer send `(target's key, address)`.
@@ -23,6 +23,8 @@ from collections.abc import Callable
 from typing import Any
 
 from pysyncobj import pickle as pysyncobj_pickle
+
+from kvstore.replication.peer_cipher import looks_like_token
 
 # pysyncobj packs the length with struct.pack('i', ...): native byte order, 4-byte signed int.
 FRAME_HEADER = struct.Struct("=i")
@@ -61,8 +63,8 @@ def frame_length(buf: bytes) -> int | None:
 
 
 def decode_first_frame(buf: bytes, cipher: Any = None) -> object | None:
-    """The message in the handshake frame at the start of buf (decrypted with cipher, pysyncobj's
-    Fernet, if given), or None if there is none."""
+    """The message in the handshake frame at the start of buf (decrypted with cipher, the group's
+    `PeerCipher`, if given), or None if there is none."""
     total = frame_length(buf)
     if total is None or len(buf) < total or total == FRAME_HEADER.size:
         return None
@@ -78,10 +80,10 @@ def decode_first_frame(buf: bytes, cipher: Any = None) -> object | None:
 
 
 def looks_encrypted(buf: bytes) -> bool:
-    """A frame holding a Fernet token (`SyncObjConf(password=...)`): framed, not decodable without
-    the secret (every token starts with version byte 0x80 and a timestamp: 'gAAAAA' in base64)."""
+    """A frame holding a token of `peer_cipher` (a group with a secret): framed, not decodable
+    without the secret."""
     total = frame_length(buf)
-    return total is not None and len(buf) >= total > FRAME_HEADER.size and buf[4:10] == b"gAAAAA"
+    return total is not None and len(buf) >= total > FRAME_HEADER.size and looks_like_token(buf[4:total])
 
 
 def handshake_address(message: object) -> object | None:

@@ -4,8 +4,9 @@ pysyncobj alone accepts anyone: it unpickles the first frame of every connection
 announces itself `'readonly'` (and streams it the log), runs list-form admin messages (`['status']`,
 `['add', ...]`), and buffers whatever length a frame header claims. Here:
 
-- Authentication: traffic is encrypted and authenticated with pysyncobj's Fernet, keyed by the Raft
-  group's secret (`peer_password`: one generated secret per shard, read from `raft.secret_file`).
+- Authentication: traffic is encrypted and authenticated (AES-GCM, `peer_cipher`, in place of
+  pysyncobj's Fernet), keyed by the Raft group's secret (`peer_password`: one generated secret per
+  shard, read from `raft.secret_file`).
   A frame that does not decrypt closes the connection before anything is unpickled.
 - Identity: every peer dials from the same loopback address here, so a peer is the member address it
   claims after the authenticated handshake. Only configured members of this shard are accepted; a
@@ -20,7 +21,6 @@ announces itself `'readonly'` (and streams it the log), runs list-form admin mes
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 import itertools
 import logging
@@ -29,11 +29,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pysyncobj.encryptor import getEncryptor
 from pysyncobj.tcp_connection import TcpConnection
 from pysyncobj.transport import TCPTransport
 
 from kvstore.config import RaftSettings
+from kvstore.replication import peer_cipher as cipher
 from kvstore.replication import safe_pickle
 from kvstore.replication.peer_frames import FRAME_HEADER, HANDSHAKE_MAX_BYTES, inflate
 
@@ -52,9 +52,9 @@ def max_message_bytes(batch_size_bytes: int) -> int:
 
 
 def max_frame_bytes(message_bytes: int) -> int:
-    """Largest frame for such a message: zlib may grow incompressible data a little, Fernet adds
-    base64 (4/3) and ~60 bytes."""
-    return (message_bytes + message_bytes // 100 + 1024) * 4 // 3 + 1024
+    """Largest frame for such a message: zlib may grow incompressible data a little, and the
+    cipher adds its fixed overhead."""
+    return message_bytes + message_bytes // 100 + 1024 + cipher.OVERHEAD
 
 
 # ----- the secret ---------------------------------------------------------------------------------
@@ -112,12 +112,14 @@ def peer_password(raft: RaftSettings, bind: str, peers: list[str]) -> str | None
             "no Raft secret: set raft.secret_file to the shard's secret file (`kvstore cluster up` "
             "writes <dir>/secrets/shard-<N>.key), or pass --insecure for a loopback-only test node"
         )
-    return read_secret(raft.secret_file)
+    secret = read_secret(raft.secret_file)
+    cipher.install()  # pysyncobj turns the password into our AES-GCM cipher, not its Fernet
+    return secret
 
 
-def peer_cipher(secret_file: str | Path) -> Any:
-    """The Fernet a Raft group's members use (for tools that must read their frames: the fault proxy)."""
-    return getEncryptor(read_secret(secret_file))
+def peer_cipher(secret_file: str | Path) -> cipher.PeerCipher:
+    """The cipher a Raft group's members use (for tools that must read their frames: the fault proxy)."""
+    return cipher.PeerCipher(read_secret(secret_file).encode())
 
 
 # ----- connections ----------------------------------------------------------------------------------
@@ -218,7 +220,7 @@ class GuardedTcpConnection(TcpConnection):
 
     def _decode(self, data: bytes) -> Any:
         if self.encryptor:
-            timestamp = _token_timestamp(data)  # signed: decrypt() verifies it with the rest
+            timestamp = self.encryptor.extract_timestamp(data)  # decrypt() verifies it with the rest
             data = self.encryptor.decrypt(data)  # authenticates before anything is unpickled
             if timestamp < self.recvLastTimestamp:  # pysyncobj's ordering check
                 raise ValueError("frame older than the previous one (replayed?)")
@@ -229,12 +231,6 @@ class GuardedTcpConnection(TcpConnection):
                 raise ValueError("connection key mismatch")
             message = message[1]
         return message
-
-
-def _token_timestamp(token: bytes) -> int:
-    """A Fernet token's timestamp (version byte, then 8 bytes big-endian), from its first 12 base64
-    characters: Fernet.extract_timestamp decodes the whole token, a third of the cost of a small frame."""
-    return int.from_bytes(base64.urlsafe_b64decode(token[:12])[1:9], "big")
 
 
 _last_refusal_log = 0.0

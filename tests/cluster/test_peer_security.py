@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pysyncobj.encryptor import getEncryptor
 
 from kvstore.cluster.local import LocalCluster
+from kvstore.replication.peer_cipher import PeerCipher
 from kvstore.replication.peer_transport import read_secret
 from tests.conftest import TEST_RAFT, client, running_cluster, wait_until
 
@@ -50,7 +50,7 @@ class RaftDialer:
     def __init__(self, address: str, password: str | None = None) -> None:
         host, port = address.rsplit(":", 1)
         self.sock = socket.create_connection((host, int(port)), timeout=5.0)
-        self.cipher = getEncryptor(password) if password else None
+        self.cipher = PeerCipher(password.encode()) if password else None
         self.send_key: bytes | None = None
         self.recv_key: bytes | None = None
 
@@ -154,8 +154,8 @@ def test_pickled_os_system_frame_does_not_run(secured: LocalCluster, tmp_path: P
     target = raft_port(secured, "s0r0")
     cases = {
         "plain": None,
-        "wrong secret": getEncryptor("not-the-secret-" * 4),
-        "right secret": getEncryptor(password(secured, 0)),
+        "wrong secret": PeerCipher(b"not-the-secret-" * 4),
+        "right secret": PeerCipher(password(secured, 0).encode()),
     }
     for case, cipher in cases.items():
         marker = tmp_path / f"pwned-{case.replace(' ', '-')}"
@@ -261,7 +261,7 @@ def test_huge_frame_claims_are_refused_before_buffering(secured: LocalCluster) -
     assert sent < 64 << 20
     assert after - before < 16 << 10  # KiB: nothing near the claimed size was buffered
     # A decompression bomb with the right secret: 4 KiB on the wire, 64 MiB inflated.
-    cipher = getEncryptor(password(secured, 0))
+    cipher = PeerCipher(password(secured, 0).encode())
     bomb = cipher.encrypt_at_time(zlib.compress(b"\0" * (64 << 20), 9), int(time.monotonic()))
     dialer = RaftDialer(raft_port(secured, "s0r0"))
     dialer.sock.sendall(FRAME.pack(len(bomb)) + bomb)

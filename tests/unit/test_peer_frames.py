@@ -10,13 +10,13 @@ import socket
 import zlib
 
 import pytest
-from pysyncobj.encryptor import getEncryptor
 from pysyncobj.poller import createPoller
 from pysyncobj.tcp_connection import TcpConnection
 
 # kvstore's nodes pickle with protocol 5 (set when the state machine module loads): in protocol 2 the
 # handshake's connection key (bytes) would need a global, which the handshake decoder refuses.
 from kvstore.replication import state_machine  # noqa: F401
+from kvstore.replication.peer_cipher import PeerCipher
 from kvstore.replication.peer_frames import (
     HANDSHAKE_MAX_BYTES,
     FrameFilter,
@@ -65,12 +65,12 @@ def test_refuses_garbage_and_globals() -> None:
 
 
 def test_reads_the_address_of_an_encrypted_handshake_only_with_the_secret() -> None:
-    cipher = getEncryptor("s" * 32)
+    cipher = PeerCipher(b"s" * 32)
     key = os.urandom(32)
     data = sent_by_pysyncobj("127.0.0.1:4321", cipher, key)
     assert looks_encrypted(data)
     assert decode_first_frame(data) is None
-    assert decode_first_frame(data, getEncryptor("t" * 32)) is None  # another shard's secret
+    assert decode_first_frame(data, PeerCipher(b"t" * 32)) is None  # another shard's secret
     message = decode_first_frame(data, cipher)
     assert message == (key, "127.0.0.1:4321")
     assert handshake_address(message) == "127.0.0.1:4321"
