@@ -1,6 +1,6 @@
 """The layers' seams, checked on the source (no processes): the server reaches replication only
-through `Shard` (kvstore/replication/shard.py), only kvstore/replication imports pysyncobj, and
-storage knows nothing of replication. A static check is the honest test here: the property is
+through `Shard` (kvstore/replication/shard.py), and storage knows nothing of replication (that
+only kvstore/replication imports pysyncobj: tests/unit/test_import_boundaries.py). A static check is the honest test here: the property is
 about which code may name what."""
 
 from __future__ import annotations
@@ -10,9 +10,6 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "kvstore"
 
-# Outside kvstore/replication and still importing pysyncobj: the chaos proxy's frame codec, which
-# issue 13 moves under replication/. This set may only shrink.
-PYSYNCOBJ_ELSEWHERE = {"chaos/proxy.py"}
 
 
 def _tree(path: Path) -> ast.Module:
@@ -56,17 +53,6 @@ def test_node_uses_the_shard_interface() -> None:
     source = (PACKAGE / "server" / "node.py").read_text()
     for used in ("open_shard(", ".write(", ".fresh_view(", ".status()", ".term"):
         assert used in source, used
-
-
-def test_only_replication_imports_pysyncobj() -> None:
-    importers = {
-        str(path.relative_to(PACKAGE))
-        for path in PACKAGE.rglob("*.py")
-        if any(_under(m, "pysyncobj") for m in _imported_modules(_tree(path)))
-    }
-    outside = {p for p in importers if not p.startswith("replication/")}
-    assert outside <= PYSYNCOBJ_ELSEWHERE, outside - PYSYNCOBJ_ELSEWHERE
-    assert "replication/state_machine.py" in importers  # the scan does see imports
 
 
 def test_the_shard_calls_no_pysyncobj_private() -> None:
