@@ -1,7 +1,7 @@
 """The layers' seams, checked on the source (no processes): the server reaches replication only
 through `Shard` (kvstore/replication/shard.py), and storage knows nothing of replication (that
-only kvstore/replication imports pysyncobj: tests/unit/test_import_boundaries.py). A static check is the honest test here: the property is
-about which code may name what."""
+only kvstore/replication imports pysyncobj: tests/unit/test_import_boundaries.py). A static check
+is the honest test here: the property is about which code may name what."""
 
 from __future__ import annotations
 
