@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 def setting(default: Any, lo: float, hi: float) -> Any:
     """A numeric setting and its legal range [lo, hi], checked whenever the section is built.
 
-    Every int and float field of a section must be declared with it (tests/test_bounds.py checks),
+    Every int and float field of a section must be declared with it (tests/cluster/test_bounds.py checks),
     so a typo in a TOML file or a flag (`max_dedup_sessions = 0`, a timeout of -1) stops the node at
     start with the setting's name, value and range, instead of quietly changing its behaviour."""
     return field(default=default, metadata={"range": (lo, hi)})
@@ -61,7 +61,7 @@ def _check_field(section: str, f: dataclasses.Field[Any], value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)):
             raise ConfigError(f"{name} must be {'an integer' if integral else 'a number'}, not {value!r}")
         if bounds is None:
-            return  # declared without `setting`: tests/test_bounds.py names it
+            return  # declared without `setting`: tests/cluster/test_bounds.py names it
         lo, hi = bounds
         if not lo <= value <= hi:  # also refuses NaN
             raise ConfigError(f"{name} = {value!r} is out of range: it must be in [{lo}, {hi}]")

@@ -1,9 +1,10 @@
 """Read consistency: the one definition of the levels, shared by the SDK, the servicers and the shard.
 
-`ConsistencyLevel` takes its numbers from the wire enum (`pb.Consistency`); tests/test_consistency_levels.py
-pins the two to each other, member for member. `ReadConsistency` is a level plus the staleness
-bound a bounded read carries; `Consistency` is the SDK's public namespace of them
-(`Consistency.STRONG`, `Consistency.bounded(seconds=0.5)`, `Consistency.parse("session")`).
+`ConsistencyLevel` takes its numbers from the wire enum (`pb.Consistency`);
+tests/unit/test_consistency_levels.py pins the two to each other, member for member.
+`ReadConsistency` is a level plus the staleness bound a bounded read carries; `Consistency` is the
+SDK's public namespace of them (`Consistency.STRONG`, `Consistency.bounded(seconds=0.5)`,
+`Consistency.parse("session")`).
 """
 
 from __future__ import annotations

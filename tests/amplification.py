@@ -1,6 +1,6 @@
 """The memory-amplification attempts of issue 12, and a probe of a node's memory while one runs.
 
-Shared by tests/test_bounds.py (which asserts the answers and the growth) and by a before/after
+Shared by tests/cluster/test_bounds.py (which asserts the answers and the growth) and by a before/after
 measurement: `python -m tests.amplification` starts a fresh 1x3 cluster per attempt, runs it
 against the leader and prints the leader's RSS before, its peak during and its RSS after. It uses
 only raw gRPC and `LocalCluster`, so the same file measures an older checkout too. A watchdog

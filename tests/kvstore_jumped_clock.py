@@ -1,5 +1,6 @@
 """`python -m tests.kvstore_jumped_clock SECONDS kvstore-args...`: a kvstore process whose wall clock
-(`time.time`) runs SECONDS ahead, as after a clock jump (tests/test_staleness.py). Not a test module."""
+(`time.time`) runs SECONDS ahead, as after a clock jump (tests/cluster/test_staleness.py). Not a
+test module."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The `kvstore cluster status --json` document: one schema, documented in docs/cluster-status.md
-and pinned by tests/test_cluster_status.py. Later changes add keys; they never rename, retype or
+and pinned by tests/cluster/test_cluster_status.py. Later changes add keys; they never rename, retype or
 move one, so tools written against it keep working.
 
 Built from the cluster map (shards, replicas, addresses, epoch, the ring) and what each replica's

@@ -1,6 +1,6 @@
 """Regenerate the committed protobuf/gRPC modules from proto/kvstore.proto.
 
-Run with `make proto`. tests/test_proto.py calls `generate()` into a temporary directory and
+Run with `make proto`. tests/unit/test_proto.py calls `generate()` into a temporary directory and
 fails if the result differs from the committed files.
 """
 

@@ -4,7 +4,7 @@ The servicers only translate: check the request, make sure this shard owns the k
 `Shard` for a write or a fresh-enough view, and build the response. Consistency, batching and
 Raft live in `kvstore.replication`, reached only through `Shard` (`open_shard`, `write`,
 `fresh_view`, `status`, `term`): nothing here touches pysyncobj or LMDB
-(tests/test_layering.py). Errors map to statuses in `kvstore.errors`.
+(tests/unit/test_layering.py). Errors map to statuses in `kvstore.errors`.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Each memory-amplification reproduction is run against the leader while a probe w
 (tests/amplification.py): the answer must be a clear status, quickly, and the leader's memory must
 stay within a small multiple of the answer limit. Also: duplicate keys, request size limits, the
 concurrency cap (node and router), the bounded proposal queue and client pipeline. The range
-checks of the settings are in tests/test_config_ranges.py.
+checks of the settings are in tests/{unit,cluster}/test_config_ranges.py.
 """
 
 from __future__ import annotations

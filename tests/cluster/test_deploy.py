@@ -273,7 +273,7 @@ def test_compose_render_loads_and_names_match(tmp_path: Path) -> None:
             assert service["volumes"] == [mount, f"{name}-data:{render.DATA_MOUNT}"]
             assert f"{name}-data" in compose["volumes"]
             assert "ports" not in service, "node ports (Raft!) must not be published on the host"
-            # grpc.health.v1 through `kvstore health` (tests/test_health.py checks its exit codes).
+            # grpc.health.v1 through `kvstore health` (tests/cluster/test_health.py checks its exit codes).
             health_address = f"127.0.0.1:{render.HEALTH_PORT}"
             assert service["healthcheck"]["test"] == ["CMD", "kvstore", "health", "--address", health_address]
             assert nodes[name].health_listen == f"0.0.0.0:{render.HEALTH_PORT}"

@@ -1,5 +1,5 @@
 """Tests for the fault-injecting Raft proxy: raw TCP behaviour, then a real 3-node pysyncobj cluster.
-(How the proxy reads pysyncobj's frames: tests/test_peer_frames.py.)"""
+(How the proxy reads pysyncobj's frames: tests/unit/test_peer_frames.py.)"""
 
 from __future__ import annotations
 
