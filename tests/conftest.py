@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -10,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 
 from kvstore import Client
 from kvstore.cluster.local import LocalCluster
 from kvstore.cluster.topology import Topology, named_topology
-from kvstore.config import RaftSettings
+from kvstore.config import NodeConfig, RaftSettings
 
 # Faster failure detection than the defaults, still wide enough for a loaded 2-core machine.
 TEST_RAFT = RaftSettings(min_timeout=0.8, max_timeout=1.6, leader_fallback_timeout=2.5, connection_retry=0.3)
@@ -122,3 +124,23 @@ def new_leader(cluster: LocalCluster, shard: int, not_name: str, timeout: float 
 
 def client(cluster: LocalCluster, **kwargs: object) -> Client:
     return Client.from_cluster(cluster.dir, **kwargs)
+
+
+def write_node_config(tmp_path: Path, **sections: dict[str, Any]) -> Path:
+    """A node config file with the defaults, and `sections` merged in (checked only when loaded)."""
+    config = NodeConfig(
+        name="n",
+        shard=0,
+        listen="127.0.0.1:1",
+        raft_bind="127.0.0.1:2",
+        raft_advertise="127.0.0.1:2",
+        peers=[],
+        data_dir=str(tmp_path / "d"),
+        cluster_map=str(tmp_path / "m.json"),
+    )
+    data = dataclasses.asdict(config)
+    for name, values in sections.items():
+        data[name].update(values)
+    path = tmp_path / "node.toml"
+    path.write_text(tomli_w.dumps(data))
+    return path

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tomli_w
 
 from kvstore.config import ConfigError, Limits, NodeConfig, RaftSettings, ServerSettings, StorageSettings
+from tests.conftest import write_node_config
 
 _SECTIONS = {"limits": Limits, "raft": RaftSettings, "storage": StorageSettings, "server": ServerSettings}
 
@@ -24,25 +24,6 @@ def test_every_numeric_setting_has_a_range_that_holds_its_default() -> None:
                 lo, hi = f.metadata["range"]
                 if f.default is not dataclasses.MISSING:
                     assert lo <= f.default <= hi, f"{cls.__name__}.{f.name}"
-
-
-def _node(tmp_path: Path, **sections: dict[str, Any]) -> Path:
-    config = NodeConfig(
-        name="n",
-        shard=0,
-        listen="127.0.0.1:1",
-        raft_bind="127.0.0.1:2",
-        raft_advertise="127.0.0.1:2",
-        peers=[],
-        data_dir=str(tmp_path / "d"),
-        cluster_map=str(tmp_path / "m.json"),
-    )
-    data = dataclasses.asdict(config)
-    for name, values in sections.items():
-        data[name].update(values)
-    path = tmp_path / "node.toml"
-    path.write_text(tomli_w.dumps(data))
-    return path
 
 
 @pytest.mark.parametrize(
@@ -77,7 +58,7 @@ def _node(tmp_path: Path, **sections: dict[str, Any]) -> Path:
 def test_out_of_range_settings_are_refused_at_load(
     tmp_path: Path, section: str, setting: str, value: Any, message: str
 ) -> None:
-    path = _node(tmp_path, **{section: {setting: value}})
+    path = write_node_config(tmp_path, **{section: {setting: value}})
     with pytest.raises(ConfigError) as info:
         NodeConfig.load(path)
     assert message in str(info.value)

@@ -11,7 +11,6 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "kvstore"
 
 
-
 def _tree(path: Path) -> ast.Module:
     return ast.parse(path.read_text(), filename=str(path))
 
