@@ -13,11 +13,13 @@ differ in how they perform a `Call`, a `Sleep` and a `Parallel` (see sync.py and
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.message import Message
+
+from kvstore import errors
 
 
 @dataclass
@@ -41,3 +43,19 @@ class Parallel:
 
 Step = Call | Sleep | Parallel
 Plan = Generator[Step, Any, Any]
+
+
+def drive(plan: Plan, perform: Callable[[Step], Any]) -> Any:
+    """Run `plan` to its result, blocking: `perform` does each step and returns its outcome or
+    raises the `KvError` the plan is then thrown (the sync client; tests with scripted steps)."""
+    try:
+        step = next(plan)
+        while True:
+            try:
+                outcome = perform(step)
+            except errors.KvError as err:
+                step = plan.throw(err)
+            else:
+                step = plan.send(outcome)
+    except StopIteration as done:
+        return done.value

@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 from kvstore import errors
 from kvstore.client import factory, results
 from kvstore.client.core import ClientCore, Consistency, ReadConsistency, ReadPolicy
-from kvstore.client.plans import Call, Parallel, Plan, Sleep
+from kvstore.client.plans import Call, Parallel, Plan, Sleep, drive
 from kvstore.client.retry import RetryPolicy
 from kvstore.client.transport import CHANNEL_OPTIONS, STUBS
 
@@ -60,17 +60,7 @@ class Client:
     # ----- running plans ---------------------------------------------------------------------
 
     def _run(self, plan: Plan) -> Any:
-        try:
-            step = next(plan)
-            while True:
-                try:
-                    outcome = self._perform(step)
-                except errors.KvError as err:
-                    step = plan.throw(err)
-                else:
-                    step = plan.send(outcome)
-        except StopIteration as done:
-            return done.value
+        return drive(plan, self._perform)
 
     def _perform(self, step: Any) -> Any:
         if isinstance(step, Call):

@@ -17,7 +17,7 @@ import pytest
 from kvstore import AsyncClient, Client, Consistency, RetryPolicy, errors
 from kvstore.batch_ops import FIELD_BY_METHOD, METHOD_BY_FIELD
 from kvstore.client.core import ClientCore, ClientSettings, ReadPolicy
-from kvstore.client.plans import Call, Parallel, Plan, Sleep
+from kvstore.client.plans import Call, Parallel, Plan, Sleep, drive
 from kvstore.client.session import decode_session, encode_session
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.routing.cluster_map import ClusterMap, ReplicaInfo, ShardInfo
@@ -47,17 +47,7 @@ class ScriptedRunner:
         self.sleeps: list[float] = []
 
     def run(self, plan: Plan) -> Any:
-        try:
-            step = next(plan)
-            while True:
-                try:
-                    outcome = self._perform(step)
-                except errors.KvError as err:
-                    step = plan.throw(err)
-                else:
-                    step = plan.send(outcome)
-        except StopIteration as done:
-            return done.value
+        return drive(plan, self._perform)
 
     def _perform(self, step: Any) -> Any:
         if isinstance(step, Call):
