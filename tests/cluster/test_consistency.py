@@ -30,7 +30,8 @@ import pytest
 import kvstore.cluster.local as local_cluster
 from kvstore import AsyncClient, Client, Consistency, Item, ReadConsistency, ReadPolicy, errors
 from kvstore.chaos.proxy import ProxyCluster
-from kvstore.client.core import ClientCore, ClientSettings, decode_session
+from kvstore.client.core import ClientCore, ClientSettings
+from kvstore.client.session import decode_session
 from kvstore.cluster.local import LocalCluster
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
