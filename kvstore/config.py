@@ -91,7 +91,6 @@ class Limits(Section):
     max_value_bytes: int = setting(1 * MiB, 1, 8 * MiB)
     max_batch_keys: int = setting(10_000, 1, 100_000)  # keys in one MultiGet/MultiPut/Delete
     max_batch_ops: int = setting(10_000, 1, 100_000)  # ops in one Batch RPC
-    max_request_id_bytes: int = setting(64, 16, 1024)
     max_scan_limit: int = setting(10_000, 1, 100_000)
     default_scan_limit: int = setting(1_000, 1, 100_000)
     # Keys plus values of one request (a MultiPut's pairs, a Delete's or MultiGet's keys). A write
@@ -315,6 +314,11 @@ _RENAMED = {
     "dedup_window_ids": _SESSIONS_NOW,
     "password": "secret_file (a file holding the shard's secret; never the secret itself)",
 }
+# Settings that no longer exist and have no successor: a config naming one is refused, saying why.
+_REMOVED = {
+    "max_request_id_bytes": "a request id has a fixed shape (empty, or a 16-byte client id + an 8-byte "
+    "sequence [+ an 8-byte part]): nothing to configure",
+}
 
 
 def build_section(cls: type, data: Any) -> Any:
@@ -325,6 +329,8 @@ def build_section(cls: type, data: Any) -> Any:
     unknown = set(data) - known
     for old in unknown & set(_RENAMED):
         raise ConfigError(f"{cls.__name__} setting {old} was renamed {_RENAMED[old]}")
+    for old in unknown & set(_REMOVED):
+        raise ConfigError(f"{cls.__name__} setting {old} was removed: {_REMOVED[old]}")
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} setting(s): {', '.join(sorted(unknown))}")
     try:

@@ -86,11 +86,6 @@ def check_batch(ops: int, limits: Limits) -> None:
         raise InvalidArgument(f"{ops} ops in one batch; the limit is {limits.max_batch_ops}")
 
 
-def check_request_id(request_id: bytes, limits: Limits) -> None:
-    if len(request_id) > limits.max_request_id_bytes:
-        raise InvalidArgument(f"request_id is longer than {limits.max_request_id_bytes} bytes")
-
-
 def check_read(consistency: int, max_staleness: float) -> None:
     if consistency not in _CONSISTENCY_LEVELS:
         raise InvalidArgument(f"unknown consistency level {consistency}")

@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from kvstore.cluster.local import LocalCluster, free_ports
 from kvstore.config import Limits, grpc_message_options
 from kvstore.proto import kvstore_pb2 as pb
+from kvstore.replication import commands
 from tests.conftest import running_cluster, stop_process, wait_until
 
 pytestmark = pytest.mark.slow
@@ -145,7 +146,7 @@ def requests(draw: st.DrawFn, limits: Limits, methods: list[str]) -> tuple[str, 
     method = draw(st.sampled_from(methods))
     if draw(st.integers(0, 9)) == 0:  # not a protobuf message at all
         return method, draw(st.binary(max_size=256)), []
-    request_id = draw(st.one_of(st.just(b""), st.binary(max_size=limits.max_request_id_bytes + 2)))
+    request_id = draw(st.one_of(st.just(b""), st.binary(max_size=commands.REQUEST_ID_BYTES[-1] + 2)))
     if method == "Put":
         key, value = draw(key_strategy(limits)), draw(value_strategy(limits))
         return method, pb.PutRequest(key=key, value=value, request_id=request_id).SerializeToString(), [key]

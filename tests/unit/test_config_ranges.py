@@ -79,3 +79,11 @@ def test_settings_built_in_code_are_checked_too() -> None:
             cluster_map="m",
             server=ServerSettings(max_pending_bytes=4 << 20),
         )
+
+
+def test_a_removed_setting_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """limits.max_request_id_bytes is gone (a request id has a fixed shape, checked in one place):
+    a config that still names it does not start, and the error says why instead of 'unknown'."""
+    path = write_node_config(tmp_path, limits={"max_request_id_bytes": 64})
+    with pytest.raises(ConfigError, match="max_request_id_bytes was removed: a request id has a fixed shape"):
+        NodeConfig.load(path)
