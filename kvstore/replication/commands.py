@@ -14,6 +14,8 @@ The `Shard` raises `Refused.error()` (the typed `kvstore.errors` exception) to t
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -105,20 +107,25 @@ def check_proposal(proposal: Any, max_request_id: int) -> tuple[bytes, Op]:
     return request_id, tuple(op)
 
 
-def touched_keys(op: Op) -> tuple[bytes, ...]:
+_first = operator.itemgetter(0)
+
+
+def touched_keys(op: Op) -> Iterable[bytes]:
+    """The keys an op writes (an iterator over a multi-put's pairs: nothing copied)."""
     kind = op[0]
     if kind in (PUT, CAS):
         return (op[1],)
     if kind == MULTI_PUT:
-        return tuple(k for k, _ in op[1])
+        return map(_first, op[1])
     if kind == DELETE:
         return op[1]
     return ()
 
 
-def _check_keys(keys: tuple[bytes, ...], max_key: int) -> None:
-    # Lengths in C; LMDB would refuse these too (BadValsizeError), but not with this message.
-    # Wrong types need no check: LMDB raises TypeError for them, refused just the same.
+def _check_keys(keys: Iterable[bytes], max_key: int) -> None:
+    # Lengths in C (map, min, max: ~3 us for 100 keys, a third of a Python loop); LMDB would refuse
+    # these too (BadValsizeError), but not with this message. Wrong types need no check: LMDB
+    # raises TypeError for them, refused just the same.
     lengths = list(map(len, keys))
     if lengths and (min(lengths) == 0 or max(lengths) > max_key):
         bad = next(n for n in lengths if not 0 < n <= max_key)
@@ -177,9 +184,9 @@ def payload_bytes(op: Op) -> int:
     if kind in (PUT, CAS):
         return len(op[1]) + len(op[2])
     if kind == MULTI_PUT:
-        return sum(len(k) + len(v) for k, v in op[1])
+        return sum(map(len, itertools.chain.from_iterable(op[1])))  # in C: no per-pair frame
     if kind == DELETE:
-        return sum(len(k) for k in op[1])
+        return sum(map(len, op[1]))
     return 0
 
 

@@ -452,7 +452,7 @@ def _group_into_entries(queue: list[_Pending], max_proposals: int, max_bytes: in
     keys: set[bytes] = set()
     size = 0
     for pending in queue:
-        touched = commands.touched_keys(pending.op)
+        touched = tuple(commands.touched_keys(pending.op))  # read twice below
         op_size = pending.size
         if current and (
             len(current) >= max_proposals or size + op_size > max_bytes or not keys.isdisjoint(touched)

@@ -16,6 +16,7 @@ Layout (named databases in one environment):
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -240,7 +241,7 @@ class Storage:
         prefix = _U64.pack(revision)
         txn = self._write_txn()
         txn.cursor(db=self._data).putmulti([(k, prefix + v) for k, v in items])
-        self._txn_bytes += sum(len(k) + len(v) + 64 for k, v in items)
+        self._txn_bytes += sum(map(len, itertools.chain.from_iterable(items))) + 64 * len(items)
 
     def delete(self, key: bytes) -> bool:
         return self._write_txn().delete(key, db=self._data)
