@@ -167,7 +167,10 @@ def _syncobj_main(argv: list[str]) -> None:
     while not (node._getLeader() is not None and node.isReady()) and time.monotonic() < deadline:
         time.sleep(0.05)
     if node._isLeader():
-        Path(args.out).write_text(json.dumps(_syncobj_load(store, args)))
+        # Whole or not at all: the bench reads the file as soon as it exists.
+        tmp = Path(args.out + ".tmp")
+        tmp.write_text(json.dumps(_syncobj_load(store, args)))
+        tmp.replace(args.out)
     time.sleep(args.linger)  # until the bench stops us by PID (bounded in case it cannot)
 
 
