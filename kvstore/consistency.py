@@ -10,6 +10,7 @@ SDK's public namespace of them (`Consistency.STRONG`, `Consistency.bounded(secon
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 from kvstore.proto import kvstore_pb2 as pb
@@ -47,17 +48,43 @@ class Consistency:
             raise ValueError("a staleness bound must be positive")
         return ReadConsistency(ConsistencyLevel.BOUNDED, float(seconds))
 
+    FORMS = "strong, session, eventual, bounded:SECONDS (e.g. bounded:0.5s; also bounded0.5)"
+
     @staticmethod
     def parse(text: str) -> ReadConsistency:
-        """'strong' | 'session' | 'eventual' | 'bounded:0.5s' (CLI form)."""
-        text = text.strip().lower()
-        if text.startswith("bounded:"):
-            return Consistency.bounded(float(text.split(":", 1)[1].rstrip("s")))
+        """A level from its name: 'strong', 'session', 'eventual' or 'bounded:0.5s' (the canonical
+        form, what `str()` of a level gives); 'bounded:0.5', 'bounded0.5' and 'bounded0.5s' are
+        accepted too. Anything else: ValueError listing the valid forms."""
+        spelled = text.strip().lower()
+        if spelled.startswith("bounded"):
+            bound = spelled[len("bounded") :].removeprefix(":").removesuffix("s")
+            try:
+                seconds = float(bound)
+            except ValueError:
+                seconds = float("nan")
+            if not math.isfinite(seconds) or seconds <= 0:
+                raise ValueError(
+                    f"consistency {text!r}: a bounded read needs a positive number of seconds; "
+                    f"valid forms: {Consistency.FORMS}"
+                )
+            return Consistency.bounded(seconds)
         try:
             return {
                 "strong": Consistency.STRONG,
                 "session": Consistency.SESSION,
                 "eventual": Consistency.EVENTUAL,
-            }[text]
+            }[spelled]
         except KeyError:
-            raise ValueError(f"unknown consistency {text!r}") from None
+            raise ValueError(f"unknown consistency {text!r}; valid forms: {Consistency.FORMS}") from None
+
+    @staticmethod
+    def coerce(value: ReadConsistency | str) -> ReadConsistency:
+        """What an SDK argument may be: a `ReadConsistency` (`Consistency.STRONG`, ...) or its name."""
+        if isinstance(value, ReadConsistency):
+            return value
+        if isinstance(value, str):
+            return Consistency.parse(value)
+        raise TypeError(
+            f"consistency must be a Consistency level or its name, not {type(value).__name__}; "
+            f"valid forms: Consistency.STRONG, Consistency.bounded(seconds), ... or {Consistency.FORMS}"
+        )

@@ -56,3 +56,35 @@ def test_the_server_accepts_exactly_the_levels() -> None:
         validation.check_read(level, 1.0)
     with pytest.raises(Exception, match="unknown consistency level"):
         validation.check_read(max(ConsistencyLevel) + 1, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("strong", Consistency.STRONG),
+        (" Session ", Consistency.SESSION),
+        ("eventual", Consistency.EVENTUAL),
+        ("bounded:0.5s", Consistency.bounded(0.5)),
+        ("bounded:0.5", Consistency.bounded(0.5)),
+        ("bounded0.5", Consistency.bounded(0.5)),
+        ("bounded2s", Consistency.bounded(2)),
+    ],
+)
+def test_every_spelling_of_a_level_parses_to_it(text: str, expected: ReadConsistency) -> None:
+    assert Consistency.parse(text) == expected
+    assert Consistency.parse(str(expected)) == expected  # str() is the canonical, parseable form
+
+
+@pytest.mark.parametrize(
+    "text", ["linearizable", "bounded", "bounded:", "bounded:-1s", "bounded:nan", "bounded:xs"]
+)
+def test_a_wrong_spelling_is_refused_listing_the_valid_forms(text: str) -> None:
+    with pytest.raises(ValueError, match="valid forms: strong, session, eventual, bounded:SECONDS"):
+        Consistency.parse(text)
+
+
+def test_coerce_takes_a_level_or_its_name_and_nothing_else() -> None:
+    assert Consistency.coerce(Consistency.SESSION) is Consistency.SESSION
+    assert Consistency.coerce("eventual") == Consistency.EVENTUAL
+    with pytest.raises(TypeError, match="valid forms"):
+        Consistency.coerce(3)  # type: ignore[arg-type]
