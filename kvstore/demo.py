@@ -54,8 +54,8 @@ WORKLOAD = (
 def phases(seconds: int, shards: int = 3) -> list[Phase]:
     kill_at = max(2.0, round(0.3 * seconds, 1))
     restart_after = max(1.5, round(0.25 * seconds, 1))
-    strong = "--kv-consistency-mix strong:1 --kv-read-policy leader".split()
-    replicas = "--kv-consistency-mix session:1,eventual:1 --kv-read-policy round_robin".split()
+    strong = "--kv-consistency-mix strong=1 --kv-read-policy leader".split()
+    replicas = "--kv-consistency-mix session=1,eventual=1 --kv-read-policy round_robin".split()
     fault = f"--kv-kill-leader-at {kill_at} --kv-restart-after {restart_after} --kv-kill-shard {FAULT_SHARD}"
     return [
         Phase(f"strong reads + writes, {shards} shards", strong),

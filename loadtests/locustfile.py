@@ -27,6 +27,7 @@ import grpc.experimental.gevent as grpc_gevent  # noqa: E402
 
 grpc_gevent.init_gevent()
 
+import argparse  # noqa: E402
 import bisect  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -43,6 +44,7 @@ import gevent  # noqa: E402
 import locust.stats  # noqa: E402
 from locust import LoadTestShape, User, events, task  # noqa: E402
 from locust.event import EventHook  # noqa: E402
+from locust.exception import StopUser  # noqa: E402
 from locust.runners import LocalRunner, WorkerRunner  # noqa: E402
 
 from kvstore import Client, Consistency, ReadPolicy  # noqa: E402
@@ -63,58 +65,82 @@ events.kv_fault = EventHook()  # type: ignore[attr-defined]
 # ----- command line (also shown in the web UI) --------------------------------------------------
 
 
+def parse_mix(text: str) -> list[tuple[str, ReadConsistency, float]]:
+    """'strong=1,session=2,bounded:0.5s=1' -> [(label, level, weight)]: LEVEL[=WEIGHT], comma-separated.
+
+    LEVEL is any form `Consistency.parse` accepts (strong, session, eventual, bounded:0.5s, ...)
+    and the label is `str(level)`, the one spelling the CLI and the SDK print (`bounded:0.5s`).
+    `=` separates the weight because a level may itself hold a colon. A missing weight is 1."""
+    mix = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, has_weight, weight_text = part.partition("=")
+        try:
+            level = Consistency.parse(name)
+        except ValueError as err:
+            raise ValueError(f"consistency mix {text!r}: {err}; {MIX_SYNTAX}") from None
+        try:
+            weight = float(weight_text) if has_weight else 1.0
+        except ValueError:
+            weight = float("nan")
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"consistency mix {text!r}: bad weight in {part!r}; {MIX_SYNTAX}")
+        mix.append((str(level), level, weight))
+    if not mix or sum(w for *_, w in mix) <= 0:
+        raise ValueError(f"consistency mix {text!r}: no level with a positive weight; {MIX_SYNTAX}")
+    return mix
+
+
+MIX_SYNTAX = "write LEVEL=WEIGHT pairs, e.g. strong=1,session=1,eventual=1,bounded:0.5s=1"
+
+
+def _mix_option(text: str) -> str:
+    """argparse type: a bad mix is a usage error at start-up, not an exception in every user."""
+    try:
+        parse_mix(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text  # kept a string: the web UI edits options as text and converts by the default's type
+
+
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser: Any) -> None:
-    group = parser.add_argument_group("kvstore workload")
-    group.add_argument("--kv-read-ratio", type=float, default=0.8, help="share of operations that read")
-    group.add_argument(
+    """Locust's documented registration: `parser` is Locust's own parser, whose `add_argument`
+    takes `include_in_web_ui` (an argparse group's `add_argument` does not, and the options would
+    not reach the web UI). Web UI edits arrive in `environment.parsed_options`, converted to the
+    type of each option's default, so every default below has the option's type."""
+
+    def option(*args: Any, **kwargs: Any) -> None:
+        parser.add_argument(*args, include_in_web_ui=True, **kwargs)
+
+    option("--kv-read-ratio", type=float, default=0.8, help="share of operations that read")
+    option(
         "--kv-consistency-mix",
-        default="strong:1",
-        help="read levels and weights, e.g. strong:1,session:1,eventual:1,bounded0.5:1",
+        type=_mix_option,
+        default="strong=1",
+        help="read levels and weights, LEVEL=WEIGHT: e.g. strong=1,session=1,eventual=1,bounded:0.5s=1",
     )
-    group.add_argument("--kv-keyspace", type=int, default=10_000, help="number of distinct keys")
-    group.add_argument("--kv-distribution", default="uniform", choices=["uniform", "zipf"])
-    group.add_argument("--kv-zipf-s", type=float, default=1.1, help="Zipf exponent (hotter when larger)")
-    group.add_argument("--kv-value-size", type=int, default=100, help="bytes per value")
-    group.add_argument(
-        "--kv-batch-size", type=int, default=1, help="keys per operation (>1: multi_get / put_many)"
-    )
-    group.add_argument(
+    option("--kv-keyspace", type=int, default=10_000, help="number of distinct keys")
+    option("--kv-distribution", default="uniform", choices=["uniform", "zipf"], help="key popularity")
+    option("--kv-zipf-s", type=float, default=1.1, help="Zipf exponent (hotter when larger)")
+    option("--kv-value-size", type=int, default=100, help="bytes per value")
+    option("--kv-batch-size", type=int, default=1, help="keys per operation (>1: multi_get / put_many)")
+    option(
         "--kv-read-policy",
         default="leader",
         choices=[p.value for p in ReadPolicy],
         help="which replica serves reads that need not go to the leader",
     )
-    group.add_argument("--kv-timeout", type=float, default=10.0, help="client deadline per operation (s)")
-    group.add_argument("--kv-think-time", type=float, default=0.0, help="pause between operations (s)")
-    group.add_argument("--kv-preload", action="store_true", help="write every key once before the test")
-    group.add_argument("--kv-shape", default="none", choices=["none", *SHAPES], help="load shape")
-    group.add_argument(
-        "--kv-kill-leader-at", type=float, default=-1.0, help="SIGKILL a shard leader at T s (-1: never)"
-    )
-    group.add_argument("--kv-restart-after", type=float, default=5.0, help="restart it D s after the kill")
-    group.add_argument("--kv-kill-shard", type=int, default=0, help="the shard whose leader is killed")
-    group.add_argument("--kv-report", default="", help="write a JSON report here (local mode)")
+    option("--kv-timeout", type=float, default=10.0, help="client deadline per operation (s)")
+    option("--kv-think-time", type=float, default=0.0, help="pause between operations (s)")
+    option("--kv-preload", action="store_true", default=False, help="write every key once before the test")
+    option("--kv-shape", default="none", choices=["none", *SHAPES], help="load shape")
+    option("--kv-kill-leader-at", type=float, default=-1.0, help="SIGKILL a shard leader at T s (-1: never)")
+    option("--kv-restart-after", type=float, default=5.0, help="restart it D s after the kill")
+    option("--kv-kill-shard", type=int, default=0, help="the shard whose leader is killed")
+    option("--kv-report", default="", help="write a JSON report here (local mode)")
 
 
 # ----- workload ------------------------------------------------------------------------------
-
-
-def parse_mix(text: str) -> list[tuple[str, ReadConsistency, float]]:
-    """'strong:1,session:2,bounded0.5:1' -> [(label, level, weight)]."""
-    mix = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        label, _, weight = part.partition(":")
-        label = label.strip().lower()
-        if label.startswith("bounded"):
-            bound = float(label[len("bounded") :].rstrip("s") or "1")
-            level, label = Consistency.bounded(bound), f"bounded{bound:g}"
-        else:
-            level = Consistency.parse(label)
-        mix.append((label, level, float(weight or 1)))
-    if not mix or sum(w for *_, w in mix) <= 0:
-        raise ValueError(f"empty consistency mix {text!r}")
-    return mix
 
 
 class KeyChooser:
@@ -172,16 +198,25 @@ class KvUser(User):
     def on_start(self) -> None:
         opts = self.environment.parsed_options
         self.opts = opts
-        self.mix = parse_mix(opts.kv_consistency_mix)
+        try:  # the command line checked it; a web UI edit arrives unchecked
+            self.mix = parse_mix(opts.kv_consistency_mix)
+        except ValueError as err:
+            log.error("%s", err)
+            self.mix = []  # the first task stops the user (from on_start Locust logs a traceback)
+            return
         self.keys = _chooser(opts)
         self.kv = make_client(self.host, read_policy=ReadPolicy(opts.kv_read_policy), timeout=opts.kv_timeout)
         self.value = os.urandom(max(0, opts.kv_value_size))
 
     def on_stop(self) -> None:
-        self.kv.close()
+        kv = getattr(self, "kv", None)  # None: on_start stopped the user before it made a client
+        if kv is not None:
+            kv.close()
 
     @task
     def operate(self) -> None:
+        if not self.mix:
+            raise StopUser()
         batch = max(1, self.opts.kv_batch_size)
         ids = [self.keys.one()] if batch == 1 else self.keys.many(batch)
         keys = [key_of(i) for i in ids]

@@ -18,7 +18,7 @@ from kvstore.cluster.local import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
-MIX = "strong:1,session:1,eventual:1,bounded0.5:1"
+MIX = "strong=1,session=1,eventual=1,bounded:0.5s=1"
 
 
 def _locust(host: Path, prefix: Path, seconds: int, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -65,7 +65,7 @@ def test_locustfile_drives_every_consistency_level_without_failures(
         cluster.dir, prefix, 5, "--kv-shape", "ramp", "--kv-consistency-mix", MIX,
         "--kv-read-policy", "round_robin", "--kv-preload", "--csv-full-history",
     )  # fmt: skip
-    types = {"get:strong", "get:session", "get:eventual", "get:bounded0.5", "put:strong"}
+    types = {"get:strong", "get:session", "get:eventual", "get:bounded:0.5s", "put:strong"}
     _check_run(prefix, done, types, shards={"0", "1"}, allowed={"0", "1"})
     # The ramp shape: users climb from one to -u, never down.
     users = [int(r["User Count"]) for r in _csv_rows(Path(f"{prefix}_stats_history.csv"))]
@@ -79,7 +79,7 @@ def test_locustfile_drives_every_consistency_level_without_failures(
     batched = tmp_path / "batched"
     done = _locust(
         cluster.dir, batched, 3, "--kv-batch-size", "5", "--kv-distribution", "zipf",
-        "--kv-consistency-mix", "strong:1,session:1",
+        "--kv-consistency-mix", "strong=1,session",  # no weight: 1
     )  # fmt: skip
     # Five keys rarely share a shard: those operations are reported with shard -1.
     types = {"multi_get:strong", "multi_get:session", "put_many:strong"}
