@@ -1,6 +1,6 @@
 """Locust load test for kvstore: drives a cluster through the SDK and reports every call to Locust.
 
-    locust -f loadtests/locustfile.py --host .kvstore/demo                  # web UI on :8089
+    locust -f loadtests/locustfile.py --host .kvstore/demo --web-host 127.0.0.1   # web UI on :8089
     locust -f loadtests/locustfile.py --host router://127.0.0.1:7400 \\
         --headless -u 24 -r 24 -t 60s --csv results/run --html results/run.html
 
@@ -9,10 +9,10 @@ bare `HOST:PORT` (thin client through a router), or `nodes://A,B,C` (smart clien
 from any of those nodes). Every call is reported as request_type "<op>:<consistency>" (get:strong,
 get:session, put:strong, ...), name "<op>", with the key's shard in the request context.
 
-Workload knobs (--kv-*, also in the web UI) are described in loadtests/README.md. Two extras that
-need a cluster directory as --host: a fault schedule (--kv-kill-leader-at/--kv-restart-after/
---kv-kill-shard) and a JSON report (--kv-report) with per-second and per-shard counts and what each
-fault cost. Both run in local (single-process) mode only.
+Workload knobs (--kv-*, also in the web UI's start form) are described in loadtests/README.md.
+Two extras that need a cluster directory as --host: a fault schedule (--kv-kill-leader-at/
+--kv-restart-after/--kv-kill-shard) and a JSON report (--kv-report) with per-second and per-shard
+counts and what each fault cost. Both run in local (single-process) mode only.
 """
 
 from __future__ import annotations
