@@ -114,7 +114,8 @@ def add_data_commands(sub: Any, target: argparse.ArgumentParser) -> None:
     get.add_argument("key")
     multi = command(
         "multi-get",
-        "read several keys at once (--json: {items: [one get document per key, in order]})",
+        "read several keys at once (--json: {items: [one get document per key, in order]};\n"
+        "through a router, shard is null when the keys span shards)",
         "0 all found, 1 any not found, 2 usage, 4 error",
         reads,
     )
