@@ -62,6 +62,16 @@ def _consistency(text: str) -> ReadConsistency:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return seconds
+
+
 def _count(minimum: int) -> Any:
     def parse(text: str) -> int:
         try:
@@ -82,6 +92,14 @@ def add_data_commands(sub: Any, target: argparse.ArgumentParser) -> None:
         "--hex", action="store_true", help="keys and values typed and printed in hexadecimal (6b6579 = key)"
     )
     common.add_argument("--json", action="store_true", help="print one JSON document (see below)")
+    common.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up after this long, retries included (default 10): exit 4 (timeout/unavailable), "
+        "or 5 for a write whose outcome is unknown",
+    )
     reads = argparse.ArgumentParser(add_help=False)
     reads.add_argument(
         "--consistency",
@@ -205,10 +223,10 @@ def _client(args: argparse.Namespace) -> Any:
 
     kind, where = cluster_target(args)
     if kind == "cluster":
-        return Client.from_cluster(where)
+        return Client.from_cluster(where, timeout=args.timeout)
     if kind == "router":
-        return Client(router=where)
-    return Client(where.split(","))
+        return Client(router=where, timeout=args.timeout)
+    return Client(where.split(","), timeout=args.timeout)
 
 
 # ----- output ---------------------------------------------------------------------------------------

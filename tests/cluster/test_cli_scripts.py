@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from kvstore.cli_kv import (
     EXIT_STORE_ERROR,
     EXIT_USAGE,
 )
-from kvstore.cluster.local import LocalCluster
+from kvstore.cluster.local import LocalCluster, free_ports
 from kvstore.config import Limits
 from tests.conftest import running_cluster
 
@@ -182,6 +183,12 @@ def test_exit_statuses_and_notes_on_stderr(cluster: LocalCluster) -> None:
     assert (rest.stdout, rest.stderr) == (b"page:2\t2\n", b"")
     first = document(at(cluster, "scan", "--json", "--prefix", "page:", "--limit", "2"))
     assert [i["key"] for i in first["items"]] == ["page:0", "page:1"] and first["continuation"] == "page:1"
+
+    dead = f"127.0.0.1:{free_ports(1)[0]}"  # nobody listens: the store cannot answer
+    unanswered = kvstore("--router", dead, "get", "k", "--timeout", "1")
+    assert unanswered.returncode == EXIT_STORE_ERROR and unanswered.stdout == b""
+    assert re.match(rb"error \((unavailable|timeout)\): \S", unanswered.stderr), unanswered.stderr
+    assert unanswered.stderr.count(b"\n") == 1
 
     usage = at(cluster, "get", "--hex", "not-hex")
     assert usage.returncode == EXIT_USAGE and usage.stdout == b""

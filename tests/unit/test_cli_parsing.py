@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvstore import cli, cli_kv
+from kvstore import cli, cli_kv, errors
 from kvstore.cli_bytes import UsageError, json_bytes, json_fields, parse_bytes, shown
 from kvstore.consistency import Consistency
 
@@ -107,3 +107,30 @@ def test_help_lists_the_exit_statuses_and_the_byte_rules(capsys: pytest.CaptureF
         assert line in out
     _, out, _ = _run(capsys, "get", "--help")
     assert '"F_b64": base64' in out and "KVSTORE_CLUSTER" in out
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "stderr"),
+    [
+        (
+            errors.UnknownOutcome("write outcome unknown\nafter 1.0s"),
+            5,
+            "error (unknown_outcome): write outcome unknown after 1.0s\n",
+        ),
+        (errors.Unavailable("no leader"), 4, "error (unavailable): no leader\n"),
+        (errors.InvalidArgument("value too large"), 4, "error (invalid_argument): value too large\n"),
+        (KeyboardInterrupt(), 130, "interrupted\n"),
+    ],
+)
+def test_errors_become_one_line_and_an_exit_status(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    raised: BaseException,
+    code: int,
+    stderr: str,
+) -> None:
+    def fail(args: argparse.Namespace) -> int:
+        raise raised
+
+    monkeypatch.setattr(cli_kv, "run", fail)
+    assert _run(capsys, "--cluster", "/c", "put", "k", "v") == (code, "", stderr)
