@@ -109,22 +109,29 @@ def add_data_commands(sub: Any, target: argparse.ArgumentParser) -> None:
         help=f"{Consistency.FORMS}; default strong",
     )
 
-    def command(name: str, summary: str, exits: str, *parents: argparse.ArgumentParser) -> Any:
+    def command(name: str, summary: str, details: str, exits: str, *parents: argparse.ArgumentParser) -> Any:
+        """`summary` in `kvstore --help`'s list; with `details` atop the command's own help."""
         return sub.add_parser(
             name,
             help=summary,
-            description=f"{summary}\n{TARGET_HELP}",
+            description=f"{summary}: {details}\n{TARGET_HELP}",
             epilog=f"{ENCODING_HELP}\n\nexit status: {exits} (kvstore --help lists them all)",
             parents=[target, common, *parents],
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
-    put = command("put", "write a key; prints OK revision=N", "0 written, 2 usage, 4 error, 5 unknown")
+    put = command(
+        "put",
+        "write a key",
+        "prints OK revision=N (--json: key, revision, shard)",
+        "0 written, 2 usage, 4 error, 5 unknown",
+    )
     put.add_argument("key")
     _add_value_source(put)
     get = command(
         "get",
-        "read a key: its value (--json: key, found, value, revision, shard;\n"
+        "read a key",
+        "prints its value (--json: key, found, value, revision, shard;\n"
         "a missing key: found false, value and revision null)",
         "0 found, 1 not found, 2 usage, 4 error",
         reads,
@@ -132,17 +139,25 @@ def add_data_commands(sub: Any, target: argparse.ArgumentParser) -> None:
     get.add_argument("key")
     multi = command(
         "multi-get",
-        "read several keys at once (--json: {items: [one get document per key, in order]};\n"
-        "through a router, shard is null when the keys span shards)",
+        "read several keys at once",
+        "prints key<TAB>value lines for the keys found\n"
+        "(--json: {items: [one get document per key, in order]}; through a router, shard is null\n"
+        "when the keys span shards)",
         "0 all found, 1 any not found, 2 usage, 4 error",
         reads,
     )
     multi.add_argument("keys", nargs="+", metavar="KEY")
-    delete = command("delete", "delete a key", "0 deleted, 1 not found, 2 usage, 4 error, 5 unknown")
+    delete = command(
+        "delete",
+        "delete a key",
+        "prints deleted (--json: key, deleted, revision)",
+        "0 deleted, 1 not found, 2 usage, 4 error, 5 unknown",
+    )
     delete.add_argument("key")
     scan = command(
         "scan",
-        "list keys in order: key<TAB>value lines (--json: {items: [...], continuation})",
+        "list keys in order",
+        "prints key<TAB>value lines (--json: {items: [{key, value, revision}...], continuation})",
         "0 listed (also none), 2 usage, 4 error",
         reads,
     )
@@ -158,7 +173,9 @@ def add_data_commands(sub: Any, target: argparse.ArgumentParser) -> None:
     )
     cas = command(
         "cas",
-        "compare-and-set: write only if the key is at --expected-revision (0: must not exist)",
+        "compare-and-set on a revision (0: the key must not exist)",
+        "writes only if the key is at --expected-revision;\n"
+        "prints OK revision=N, or CONFLICT on stderr (--json: succeeded, revision, current)",
         "0 written, 2 usage, 3 refused (another revision), 4 error, 5 unknown",
     )
     cas.add_argument("key")
@@ -167,6 +184,7 @@ def add_data_commands(sub: Any, target: argparse.ArgumentParser) -> None:
         "--expected-revision",
         type=_count(0),
         required=True,
+        metavar="N",
         help="the key's revision as `get --json` shows it; 0: the key must not exist",
     )
     ring = sub.add_parser(
