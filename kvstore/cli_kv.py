@@ -216,6 +216,8 @@ def _value(args: argparse.Namespace) -> bytes:
         except OSError as err:
             raise UsageError(f"--file {args.file}: {err.strerror}") from None
     if args.value == "-":
+        if sys.stdin.isatty():  # otherwise a forgotten `< file` looks like a hang
+            _note("reading the value from the terminal: end it with Ctrl-D")
         return sys.stdin.buffer.read()
     return parse_bytes(args.literal if args.literal is not None else args.value, args.hex, "value")
 
