@@ -4,19 +4,24 @@ kvstore cluster up|status|kill|start|down --dir DIR ...   a local multi-process 
 kvstore node --config FILE                                 one replica (what `cluster up` starts)
 kvstore router --cluster DIR --listen ADDR                 a stateless router
 kvstore health --address HOST:PORT                         exit 0 only if it reports SERVING
-kvstore [--cluster DIR | --router ADDR | --endpoints A,B] put|get|delete|scan|cas ...
+kvstore [--cluster DIR | --router ADDR | --endpoints A,B] put|get|multi-get|delete|scan|cas ...
 kvstore --cluster DIR ring --key KEY                       which shard owns a key, and why
 kvstore demo | bench | chaos                               the scenario, the benchmark, the fault suite
+
+The data commands (kvstore/cli_kv.py) print data on stdout and notes on stderr; `kvstore get -h`
+says how bytes are typed and printed (--hex, --json). $KVSTORE_CLUSTER is the default --cluster.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
-from kvstore import errors
+from kvstore import cli_kv, errors
+from kvstore.cli_bytes import UsageError
 
 _INSECURE_HELP = (
     "no Raft secret: peer traffic unauthenticated and unencrypted (loopback only, warned at every start)"
@@ -84,47 +89,32 @@ def _add_cluster_commands(sub: Any) -> None:
     down.add_argument("--dir", required=True)
 
 
-def _add_kv_commands(sub: Any, target: argparse.ArgumentParser) -> None:
-    put = sub.add_parser("put", help="write a key", parents=[target])
-    put.add_argument("key")
-    put.add_argument("value")
-    get = sub.add_parser("get", parents=[target], help="read a key")
-    get.add_argument("key")
-    get.add_argument("--consistency", default="strong", help="strong|session|eventual|bounded:0.5s")
-    delete = sub.add_parser("delete", parents=[target], help="delete a key")
-    delete.add_argument("key")
-    scan = sub.add_parser("scan", parents=[target], help="list keys in order")
-    scan.add_argument("--prefix", default="")
-    scan.add_argument("--start", default="")
-    scan.add_argument("--end", default="")
-    scan.add_argument("--limit", type=int, default=100)
-    scan.add_argument("--consistency", default="strong")
-    cas = sub.add_parser("cas", parents=[target], help="compare-and-set on a revision (0 = must not exist)")
-    cas.add_argument("key")
-    cas.add_argument("value")
-    cas.add_argument("--expected-revision", type=int, required=True)
-    ring = sub.add_parser("ring", parents=[target], help="which shard and replicas own a key, and why")
-    ring.add_argument("--key", required=True)
-
-
 def _add_target_options(parser: argparse.ArgumentParser, default: Any) -> None:
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--cluster", default=default, help="local cluster directory (smart client)")
+    target.add_argument(
+        "--cluster",
+        default=default,
+        help=f"local cluster directory (smart client); default: ${cli_kv.CLUSTER_ENV}",
+    )
     target.add_argument("--router", default=default, help="router address (thin client)")
     target.add_argument("--endpoints", default=default, help="comma-separated node addresses (smart client)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="kvstore", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+        prog="kvstore",
+        description=__doc__,
+        epilog=cli_kv.EXIT_STATUS_HELP,
+        formatter_class=argparse.RawTextHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"kvstore {_installed_version()}")
     # Accepted before the command (`kvstore --cluster D get k`) or after it (`kvstore get k --cluster D`).
     _add_target_options(parser, None)
     target_after = argparse.ArgumentParser(add_help=False)
     _add_target_options(target_after, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_cluster_commands(sub)
-    _add_kv_commands(sub, target_after)
+    cli_kv.add_data_commands(sub, target_after)
     node = sub.add_parser("node", help="run one replica")
     node.add_argument("--config", required=True)
     node.add_argument("--listen", default=None, help="override the gRPC listen address")
@@ -161,19 +151,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _installed_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        return _dispatch(args)
+        return version("kvstore")
+    except PackageNotFoundError:
+        return "(not installed: run from a source tree without `pip install -e .`)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit statuses: cli_kv.EXIT_STATUS_HELP (the epilog of `kvstore --help`)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = _dispatch(args)
+        sys.stdout.flush()  # a closed pipe shows here at the latest, while it can still be handled
+        return code
+    except BrokenPipeError:
+        # The reader went away (`| head -1`): stop quietly. Python's documented way: point stdout
+        # at devnull so the interpreter's final flush does not fail again (docs: signal, "Note on
+        # SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return cli_kv.EXIT_PIPE_CLOSED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return cli_kv.EXIT_INTERRUPTED
+    except UsageError as err:
+        print(f"{parser.prog} {args.command}: error: {err}", file=sys.stderr)  # as argparse says it
+        return cli_kv.EXIT_USAGE
+    except errors.UnknownOutcome as err:
+        print(f"error ({err.kind}): {_one_line(err.message)}", file=sys.stderr)
+        return cli_kv.EXIT_UNKNOWN_OUTCOME
     except errors.KvError as err:
-        print(f"error ({err.kind}): {err.message}", file=sys.stderr)
-        return 2
+        print(f"error ({err.kind}): {_one_line(err.message)}", file=sys.stderr)
+        return cli_kv.EXIT_STORE_ERROR
     except KeyError as err:
         print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2
     except (FileNotFoundError, FileExistsError, TimeoutError, RuntimeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -203,9 +225,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from kvstore.chaos.runner import run_chaos_cli
 
         return run_chaos_cli(args)
-    if args.command == "ring":
-        return _ring(args)
-    return _kv(args)
+    return cli_kv.run(args)
 
 
 def _run_repo_script(relative: str, args: argparse.Namespace) -> int:
@@ -350,92 +370,12 @@ def _router(args: argparse.Namespace) -> int:
     from kvstore.client.factory import load_cluster_map
     from kvstore.server.router import run_router
 
-    cluster_map = load_cluster_map(args.cluster) if args.cluster else None
+    directory = args.cluster or (None if args.endpoints else os.environ.get(cli_kv.CLUSTER_ENV))
+    cluster_map = load_cluster_map(directory) if directory else None
     seeds = args.endpoints.split(",") if args.endpoints else []
     if cluster_map is None and not seeds:
         raise ValueError("the router needs --cluster DIR or --endpoints A,B")
     run_router(args.listen, cluster_map, seeds)
-    return 0
-
-
-def _client(args: argparse.Namespace) -> Any:
-    from kvstore import Client
-
-    if args.cluster:
-        return Client.from_cluster(args.cluster)
-    if args.router:
-        return Client(router=args.router)
-    if args.endpoints:
-        return Client(args.endpoints.split(","))
-    raise ValueError("say where the cluster is: --cluster DIR, --router ADDR or --endpoints A,B")
-
-
-def _kv(args: argparse.Namespace) -> int:
-    from kvstore import Consistency
-
-    with _client(args) as kv:
-        if args.command == "put":
-            print(f"OK revision={kv.put(args.key.encode(), args.value.encode())}")
-        elif args.command == "get":
-            got = kv.get_item(args.key.encode(), consistency=Consistency.parse(args.consistency))
-            if got is None:
-                print("(not found)")
-                return 1
-            print(got.value.decode(errors="replace"))
-        elif args.command == "delete":
-            print("deleted" if kv.delete(args.key.encode()) else "(not found)")
-        elif args.command == "scan":
-            page = kv.scan(
-                prefix=args.prefix.encode(),
-                start=args.start.encode(),
-                end=args.end.encode(),
-                limit=args.limit,
-                consistency=Consistency.parse(args.consistency),
-            )
-            for item in page:
-                print(f"{item.key.decode(errors='replace')}\t{item.value.decode(errors='replace')}")
-            if page.continuation:
-                print(f"(more after {page.continuation.decode(errors='replace')})")
-        elif args.command == "cas":
-            result = kv.compare_and_set(
-                args.key.encode(), args.value.encode(), expected_revision=args.expected_revision
-            )
-            if result.succeeded:
-                print(f"OK revision={result.revision}")
-            else:
-                current = f"revision {result.current.revision}" if result.current else "absent"
-                print(f"CONFLICT: key is at {current}")
-                return 1
-    return 0
-
-
-def _ring(args: argparse.Namespace) -> int:
-    from kvstore.client.factory import load_cluster_map
-    from kvstore.routing.ring import SLOT_COUNT
-
-    if args.cluster:
-        cluster_map = load_cluster_map(args.cluster)
-    elif args.endpoints:
-        from kvstore import Client
-
-        with Client(args.endpoints.split(",")) as kv:
-            cluster_map = kv.cluster_map()
-    else:
-        raise ValueError("ring needs --cluster DIR or --endpoints A,B (a router holds no ring of its own)")
-    why = cluster_map.ring.explain(args.key.encode())
-    shard = cluster_map.shard(why["shard"])
-    print(f"key:          {args.key}")
-    print(
-        f"routing key:  {why['routing_key']!r}  (hash tags: only the text inside the first {{...}} is hashed)"
-    )
-    print(f"slot:         {why['slot']} of {SLOT_COUNT}  (CRC-32 of the routing key, low 16 bits)")
-    vnode = f"vnode #{why['vnode_owner_index']} of shard {why['shard']}"
-    probes = f"nearest of {len(why['probes'])} probes from the slot's ring position"
-    print(f"vnode point:  {why['vnode_point']:#018x} ({vnode}, {probes})")
-    ring_info = f"map epoch {cluster_map.epoch}, {cluster_map.vnodes_per_shard} vnodes/shard"
-    print(f"shard:        {why['shard']} ({ring_info})")
-    for replica in shard.replicas:
-        print(f"  replica {replica.name:<8} {replica.address:<21} zone={replica.zone}")
     return 0
 
 
