@@ -98,6 +98,9 @@ def test_a_healthy_cluster_up_exits_0_with_every_replica_a_member(tmp_path: Path
         assert all(r["caught_up"] for s in document["shards"] for r in s["replicas"])
         assert cluster.node_config("s0r0").listen == f"127.0.0.1:{base}"
         assert _cli("cluster", "status", "--dir", str(directory)).returncode == 0
+        # Again on a running cluster: nothing to start, every node checked, exit 0.
+        again = _cli("cluster", "up", "--dir", str(directory))
+        assert again.returncode == 0 and "cluster up:" in again.stdout, again.stdout + again.stderr
 
         victim = "s1r1"
         assert _cli("cluster", "kill", "--dir", str(directory), victim).returncode == 0
