@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import time
 
 
 class ListenError(RuntimeError):
@@ -34,8 +35,21 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def check_can_listen(setting: str, address: str) -> None:
-    """Raise `ListenError` unless a TCP server could bind `address` right now (see module doc)."""
+def check_can_listen(setting: str, address: str, patience: float = 0.0) -> None:
+    """Raise `ListenError` unless a TCP server could bind `address` (see module doc), trying for up
+    to `patience` seconds: the previous instance of a node restarted at once may still be exiting
+    (a killed multi-threaded process closes its sockets only when its last thread is gone)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return _check_once(setting, address)
+        except ListenError:
+            if time.monotonic() >= deadline:
+                raise
+        time.sleep(0.1)
+
+
+def _check_once(setting: str, address: str) -> None:
     host, port = split_address(address)
     try:
         family, kind, proto, _, sockaddr = socket.getaddrinfo(

@@ -452,12 +452,21 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    # A zombie (exited, not yet reaped by its parent) counts as gone, but only once every thread
+    # has exited: a killed node's leader thread turns zombie first, and its sockets (its ports)
+    # stay open until the last of its threads is gone.
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return False
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def _is_kvstore_process(pid: int) -> bool:

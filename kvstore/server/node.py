@@ -34,6 +34,8 @@ from kvstore.server.rpc import ConcurrencyGate, add_service, rpc_errors
 
 log = logging.getLogger(__name__)
 
+PORT_PATIENCE_SECONDS = 3.0  # how long a taken port may take to free up before the node gives up
+
 # The wire's number -> the level: a dict lookup per read (ConsistencyLevel(n) costs ~0.5 us).
 _LEVEL_OF = {int(level): level for level in ConsistencyLevel}
 
@@ -246,9 +248,10 @@ async def serve(config: NodeConfig) -> None:
     cluster_map = ClusterMap.load(config.cluster_map)
     cluster_map.ring  # noqa: B018 (a map from another key placement must stop the node here, not per request)
     # Every address is checked before the shard opens: a taken port stops the node with one line
-    # naming it, before pysyncobj's tick thread starts (kvstore/ports.py).
+    # naming it, before pysyncobj's tick thread starts (kvstore/ports.py). A port is given a
+    # moment to free up: the node this one replaces may still be exiting.
     for setting, address in listen_addresses(config):
-        check_can_listen(setting, address)
+        check_can_listen(setting, address, patience=PORT_PATIENCE_SECONDS)
     shard = open_shard(config, cluster_map.client_address_of_raft)
     loop = asyncio.get_running_loop()
     try:

@@ -37,11 +37,20 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 @contextlib.contextmanager
 def _holding(address: str) -> Iterator[socket.socket]:
     """Listen on `address` (as another program would) until the block ends. SO_REUSEADDR: the
-    port may still have TIME_WAIT connections of a node just killed."""
+    port may still have TIME_WAIT connections of a node just killed; retried for a few seconds
+    while the kernel still holds the killed node's closing connections (FIN_WAIT) on it."""
     host, port = address.rsplit(":", 1)
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((host, int(port)))
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                s.bind((host, int(port)))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         s.listen()
         yield s
 
