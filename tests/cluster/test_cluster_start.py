@@ -219,11 +219,11 @@ _SKIP_FIRST_CHECK = textwrap.dedent(
     import kvstore.server.node as node
     from kvstore.cli import main
     real, skipped = node.check_can_listen, []
-    def check_once(setting, address):
+    def check_once(setting, address, patience=0.0):
         if setting == sys.argv[2] and not skipped:
             skipped.append(setting)
             return
-        real(setting, address)
+        real(setting, address, patience)
     node.check_can_listen = check_once
     sys.exit(main(["node", "--config", sys.argv[1]]))
     """
