@@ -455,18 +455,22 @@ def _alive(pid: int) -> bool:
     # A zombie (exited, not yet reaped by its parent) counts as gone, but only once every thread
     # has exited: a killed node's leader thread turns zombie first, and its sockets (its ports)
     # stay open until the last of its threads is gone.
+    if _state(f"/proc/{pid}/stat") not in ("Z", "X", ""):
+        return True
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return False
-    for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
-                    return True
-        except OSError:
-            continue
-    return False
+    return any(_state(f"/proc/{pid}/task/{task}/stat") not in ("Z", "X", "") for task in tasks)
+
+
+def _state(stat_path: str) -> str:
+    """A process's or thread's state letter from its /proc stat file ("" if it is gone)."""
+    try:
+        with open(stat_path) as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
 
 
 def _is_kvstore_process(pid: int) -> bool:
@@ -478,11 +482,7 @@ def _is_kvstore_process(pid: int) -> bool:
 
 
 def _is_stopped(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "T"
-    except OSError:
-        return False
+    return _state(f"/proc/{pid}/stat") == "T"
 
 
 def _wait_gone(pid: int, timeout: float) -> None:
