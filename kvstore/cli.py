@@ -300,11 +300,13 @@ def _wait_serving(
     from kvstore.cluster.local import NodesNotServing
 
     try:
-        return cluster.wait_until_serving(names, timeout)  # type: ignore[no-any-return]
+        shards: list[dict[str, Any]] = cluster.wait_until_serving(names, timeout)
+        return shards
     except NodesNotServing as err:
         print(f"{command}: {err}", file=sys.stderr)
-        everything = set(started) == set(cluster.node_names())
-        cluster.down(names=None if everything else started)
+        if started:  # all of them: the fault proxies go too
+            everything = set(started) == set(cluster.node_names())
+            cluster.down(names=None if everything else started)
         stopped = f"the {len(started)} node(s) it started ({', '.join(started)})" if started else "nothing"
         print(f"{command}: stopped {stopped}; logs: {cluster.dir / 'logs'}", file=sys.stderr)
         return None

@@ -306,7 +306,8 @@ class LocalCluster:
     def down(self, timeout: float = 10.0, names: list[str] | None = None) -> None:
         """SIGTERM every node (SIGCONT first, in case it is paused), SIGKILL whatever lingers.
         `names`: only these nodes (the fault proxies stay)."""
-        pids = {name: self.pid(name) for name in (names or [*self.node_names(), PROXY_DAEMON])}
+        everything = [*self.node_names(), PROXY_DAEMON]
+        pids = {name: self.pid(name) for name in (everything if names is None else names)}
         for pid in filter(None, pids.values()):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
