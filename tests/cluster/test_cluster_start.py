@@ -17,6 +17,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,6 +79,10 @@ def _created(directory: Path) -> LocalCluster:
     return cluster
 
 
+def _replica(cluster: LocalCluster, name: str) -> dict[str, Any]:
+    return next(r for s in cluster.status() for r in s["replicas"] if r["node"] == name)
+
+
 def _nothing_running(cluster: LocalCluster) -> bool:
     return all(cluster.pid(name) is None for name in cluster.node_names())
 
@@ -110,6 +115,19 @@ def test_a_healthy_cluster_up_exits_0_with_every_replica_a_member(tmp_path: Path
         # Again on a running cluster: nothing to start, every node checked, exit 0.
         again = _cli("cluster", "up", "--dir", str(directory))
         assert again.returncode == 0 and "cluster up:" in again.stdout, again.stdout + again.stderr
+        # A running node that does not answer fails it too, and what was running keeps running.
+        assert _cli("cluster", "kill", "--dir", str(directory), "s0r0", "--signal", "STOP").returncode == 0
+        try:
+            paused = _cli("cluster", "up", "--dir", str(directory), "--timeout", "2")
+        finally:
+            assert (
+                _cli("cluster", "kill", "--dir", str(directory), "s0r0", "--signal", "CONT").returncode == 0
+            )
+        assert paused.returncode == 1, paused.stdout + paused.stderr
+        assert "within 2s:\n  s0r0: paused; its log says: " in paused.stderr, paused.stderr
+        assert "cluster up: stopped nothing" in paused.stderr
+        assert all(cluster.pid(name) for name in cluster.node_names())
+        wait_until(lambda: start_problem(_replica(cluster, "s0r0"), cluster.leader_of(0)) is None, 15, 0.5)
 
         victim = "s1r1"
         assert _cli("cluster", "kill", "--dir", str(directory), victim).returncode == 0
@@ -121,7 +139,7 @@ def test_a_healthy_cluster_up_exits_0_with_every_replica_a_member(tmp_path: Path
         start = _cli("cluster", "start", "--dir", str(directory), victim)
         assert start.returncode == 0, start.stdout + start.stderr
         assert "a member of its Raft group" in start.stdout
-        replica = next(r for s in cluster.status() for r in s["replicas"] if r["node"] == victim)
+        replica = _replica(cluster, victim)
         assert start_problem(replica, cluster.leader_of(1)) is None, replica
         # Caught up at once; the table needs every node serving and every shard led.
         wait_until(lambda: _cli("cluster", "status", "--dir", str(directory)).returncode == 0, 15, 0.5)
