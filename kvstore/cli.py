@@ -33,7 +33,9 @@ def _add_cluster_commands(sub: Any) -> None:
         dest="action", required=True
     )
     up = cluster.add_parser(
-        "up", help="create (if needed) and start a cluster; waits for every shard's leader"
+        "up",
+        help="create (if needed) and start a cluster; waits until every node serves as a member of "
+        "its Raft group, else exits 1 naming each node that does not and why, and stops what it started",
     )
     up.add_argument("--dir", required=True)
     up.add_argument(
@@ -51,7 +53,7 @@ def _add_cluster_commands(sub: Any) -> None:
         help="first of 3 consecutive ports per replica (default: free ports)",
     )
     up.add_argument("--vnodes", type=int, default=None, help="ring points per shard; default 256")
-    up.add_argument("--timeout", type=float, default=60.0)
+    up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the nodes (default 60)")
     up.add_argument("--faults", action="store_true", help="put a fault proxy in front of every Raft port")
     up.add_argument("--insecure", action="store_true", help=_INSECURE_HELP)
     fault = cluster.add_parser("fault", help="cut, delay or heal Raft links (cluster started with --faults)")
@@ -82,9 +84,14 @@ def _add_cluster_commands(sub: Any) -> None:
     kill.add_argument("--dir", required=True)
     kill.add_argument("node")
     kill.add_argument("--signal", default="KILL", choices=["KILL", "TERM", "STOP", "CONT"])
-    start = cluster.add_parser("start", help="start one stopped node")
+    start = cluster.add_parser(
+        "start",
+        help="start one stopped node and wait until it serves as a member of its Raft group "
+        "(else exit 1 with the reason from its log, and stop it)",
+    )
     start.add_argument("--dir", required=True)
     start.add_argument("node")
+    start.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for it (default 60)")
     down = cluster.add_parser("down", help="stop every node (data is kept)")
     down.add_argument("--dir", required=True)
 
@@ -273,12 +280,10 @@ def _cluster(args: argparse.Namespace) -> int:
                     "(remove the directory to create another)",
                     file=sys.stderr,
                 )
-        cluster.start_all()
-        try:
-            shards = cluster.wait_for_leaders(args.timeout)
-        except TimeoutError:
-            cluster.down()
-            raise
+        started = cluster.start_all()
+        shards = _wait_serving(cluster, None, started, args.timeout, "cluster up")
+        if shards is None:
+            return 1
         _print_status(status_document(cluster.cluster_map(), shards, cluster.dir))
         print(f"cluster up: {args.dir} ({len(shards)} shard(s))")
         print(f"stop it with: kvstore cluster down --dir {args.dir}")
@@ -296,13 +301,35 @@ def _cluster(args: argparse.Namespace) -> int:
         print(f"sent SIG{args.signal} to {args.node} (pid {pid})")
     elif args.action == "start":
         pid = cluster.start(args.node)
-        print(f"started {args.node} (pid {pid})")
+        if _wait_serving(cluster, [args.node], [args.node], args.timeout, "cluster start") is None:
+            return 1
+        print(f"started {args.node} (pid {pid}): serving, a member of its Raft group")
     elif args.action == "fault":
         _fault(cluster, args)
     elif args.action == "down":
         cluster.down()
         print(f"cluster at {args.dir} stopped (data kept under {cluster.dir / 'data'})")
     return 0
+
+
+def _wait_serving(
+    cluster: Any, names: list[str] | None, started: list[str], timeout: float, command: str
+) -> list[dict[str, Any]] | None:
+    """Wait until `names` (None: every node) serve as Raft members; on failure say which and why,
+    stop the nodes this command `started` (what was already running stays), and return None."""
+    from kvstore.cluster.local import NodesNotServing
+
+    try:
+        shards: list[dict[str, Any]] = cluster.wait_until_serving(names, timeout)
+        return shards
+    except NodesNotServing as err:
+        print(f"{command}: {err}", file=sys.stderr)
+        if started:  # all of them: the fault proxies go too
+            everything = set(started) == set(cluster.node_names())
+            cluster.down(names=None if everything else started)
+        stopped = f"the {len(started)} node(s) it started ({', '.join(started)})" if started else "nothing"
+        print(f"{command}: stopped {stopped}; logs: {cluster.dir / 'logs'}", file=sys.stderr)
+        return None
 
 
 def _fault(cluster: Any, args: argparse.Namespace) -> None:

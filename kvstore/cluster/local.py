@@ -31,7 +31,13 @@ from typing import Any
 
 import grpc
 
-from kvstore.cluster.status import StatusDocument, status_document
+from kvstore.cluster.status import (
+    NodesNotServing,
+    StatusDocument,
+    last_error_line,
+    start_problem,
+    status_document,
+)
 from kvstore.cluster.topology import PORTS_PER_REPLICA, Topology, resolve_topology
 from kvstore.config import NodeConfig, RaftSettings, ServerSettings, StorageSettings
 from kvstore.proto import kvstore_pb2 as pb
@@ -83,6 +89,9 @@ class LocalCluster:
         self.dir = Path(directory).absolute()
         self.reserved_ports: set[int] = set()  # chosen by create() for nodes not yet started
         self.secret_files: dict[str, Path] = {}  # replica name -> its shard's secret file (create())
+        # Processes this object started: their exit codes, and where their logs stood at start.
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._log_starts: dict[str, int] = {}
 
     # ----- paths -----
 
@@ -259,6 +268,7 @@ class LocalCluster:
     def _spawn(self, name: str, module_args: list[str]) -> int:
         """Start `python -m MODULE ARGS` detached, output to logs/<name>.log, PID to run/<name>.pid."""
         log = open(self.log_path(name), "ab")
+        self._log_starts[name] = log.tell()
         proc = subprocess.Popen(
             [sys.executable, "-m", *module_args],
             stdout=log,
@@ -267,15 +277,18 @@ class LocalCluster:
             start_new_session=True,
         )
         log.close()
+        self._children[name] = proc
         self._pid_path(name).write_text(str(proc.pid))
         return proc.pid
 
-    def start_all(self) -> None:
+    def start_all(self) -> list[str]:
+        """Start every node not running (and the fault proxies); the names of the nodes started."""
         if self.has_fault_proxies and not self.pid(PROXY_DAEMON):
             self._spawn(PROXY_DAEMON, ["kvstore.chaos.proxy_daemon", "--dir", str(self.dir)])
-        for name in self.node_names():
-            if not self.pid(name):
-                self.start(name)
+        started = [name for name in self.node_names() if not self.pid(name)]
+        for name in started:
+            self.start(name)
+        return started
 
     def kill(self, name: str, sig: str = "KILL") -> int:
         if name not in self.node_names():
@@ -290,9 +303,11 @@ class LocalCluster:
                 self._pid_path(name).unlink(missing_ok=True)
         return pid
 
-    def down(self, timeout: float = 10.0) -> None:
-        """SIGTERM every node (SIGCONT first, in case it is paused), SIGKILL whatever lingers."""
-        pids = {name: self.pid(name) for name in [*self.node_names(), PROXY_DAEMON]}
+    def down(self, timeout: float = 10.0, names: list[str] | None = None) -> None:
+        """SIGTERM every node (SIGCONT first, in case it is paused), SIGKILL whatever lingers.
+        `names`: only these nodes (the fault proxies stay)."""
+        everything = [*self.node_names(), PROXY_DAEMON]
+        pids = {name: self.pid(name) for name in (everything if names is None else names)}
         for pid in filter(None, pids.values()):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
@@ -379,6 +394,51 @@ class LocalCluster:
                 )
             time.sleep(0.2)
 
+    def wait_until_serving(
+        self, names: list[str] | None = None, timeout: float = 60.0
+    ) -> list[dict[str, Any]]:
+        """Block until each of `names` (default: every node) serves as a member of its Raft group
+        (`status.start_problem`); returns `status()`. Raises `NodesNotServing`, naming each node
+        that is not with the line of its log that says why, as soon as every node left has exited
+        (a taken port, a bad config: waiting longer cannot help), or after `timeout` seconds."""
+        wanted = set(names or self.node_names())
+        deadline = time.monotonic() + timeout
+        while True:
+            shards = self.status(timeout=0.5)
+            problems = {
+                r["node"]: problem
+                for s in shards
+                for r in s["replicas"]
+                if r["node"] in wanted and (problem := start_problem(r, s["leader"]))
+            }
+            if not problems:
+                return shards
+            exited = {name for name, problem in problems.items() if problem == "down"}
+            if exited == set(problems) or time.monotonic() > deadline:
+                waited = "" if exited == set(problems) else f" within {timeout:g}s"
+                raise NodesNotServing(
+                    {
+                        name: (self._why_down(name) if name in exited else problem)
+                        for name, problem in problems.items()
+                    },
+                    {name: self.log_reason(name) for name in problems},
+                    waited,
+                )
+            time.sleep(0.2)
+
+    def _why_down(self, name: str) -> str:
+        proc = self._children.get(name)
+        code = proc.poll() if proc is not None else None  # also reaps it
+        return f"exited with code {code}" if code is not None else "not running"
+
+    def log_reason(self, name: str) -> str:
+        """The line of a node's log (since this object started it) that best says what went wrong:
+        the last error line (a node's own one-line `error: ...`, a traceback's last line, a logged
+        ERROR), else its last line."""
+        path = self.log_path(name)
+        start = self._log_starts.get(name, max(0, path.stat().st_size - 65536) if path.exists() else 0)
+        return last_error_line(path, start)
+
     def leader_of(self, shard: int) -> str | None:
         for s in self.status(timeout=0.5):
             if s["shard"] == shard:
@@ -393,12 +453,25 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    # A zombie (exited, not yet reaped by its parent) counts as gone, but only once every thread
+    # has exited: a killed node's leader thread turns zombie first, and its sockets (its ports)
+    # stay open until the last of its threads is gone.
+    if _state(f"/proc/{pid}/stat") not in ("Z", "X", ""):
+        return True
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return False
+    return any(_state(f"/proc/{pid}/task/{task}/stat") not in ("Z", "X", "") for task in tasks)
+
+
+def _state(stat_path: str) -> str:
+    """A process's or thread's state letter from its /proc stat file ("" if it is gone)."""
+    try:
+        with open(stat_path) as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
 
 
 def _is_kvstore_process(pid: int) -> bool:
@@ -410,11 +483,7 @@ def _is_kvstore_process(pid: int) -> bool:
 
 
 def _is_stopped(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "T"
-    except OSError:
-        return False
+    return _state(f"/proc/{pid}/stat") == "T"
 
 
 def _wait_gone(pid: int, timeout: float) -> None:

@@ -9,6 +9,7 @@ Built from the cluster map (shards, replicas, addresses, epoch, the ring) and wh
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -137,3 +138,52 @@ def _replica_document(info: ReplicaInfo, status: dict[str, Any]) -> ReplicaDocum
         and 0 <= staleness <= CAUGHT_UP_STALENESS_SECONDS,
         "metrics": {name: status[name] for name in METRICS} if answered else {},
     }
+
+
+def start_problem(replica: dict[str, Any], shard_leader: str | None) -> str | None:
+    """Why a replica (a `LocalCluster.status()` entry) is not yet serving as a member of its Raft
+    group, or None when it is: it answers, reports SERVING, and is the shard's leader or a follower
+    that a leader keeps current (term > 0, caught up: the leader's appends reach it and it answers
+    them, so the leader counts it). A replica whose Raft port never opened stays `follower term=0`."""
+    role, health = replica["role"], replica["health"]
+    if role in SILENT_ROLES:
+        return role
+    staleness = replica["staleness_seconds"]
+    caught_up = 0 <= staleness <= CAUGHT_UP_STALENESS_SECONDS
+    if health == "serving" and replica["term"] > 0 and shard_leader and caught_up:
+        if role == "leader" or (role == "follower" and replica["leader"]):
+            return None
+    fresh = f"{staleness:.1f}s ago" if staleness >= 0 else "never"
+    return (
+        f"running but not a member of its Raft group (role={role} term={replica['term']} "
+        f"leader={replica['leader'] or '-'} last caught up: {fresh}; health={health})"
+    )
+
+
+# A line that reports a failure: the CLI's `error: ...`, a logged ERROR/CRITICAL, an exception.
+_ERROR_LINE = re.compile(r"^error: | (ERROR|CRITICAL) |^\w+(\.\w+)*(Error|Exception): |Failed to bind")
+
+
+class NodesNotServing(RuntimeError):
+    """Nodes that did not come up as serving members of their Raft group."""
+
+    def __init__(self, problems: dict[str, str], log_lines: dict[str, str], waited: str) -> None:
+        self.problems, self.log_lines = problems, log_lines
+        lines = [f"{len(problems)} node(s) not serving as members of their Raft group{waited}:"]
+        for name in sorted(problems):
+            lines.append(f"  {name}: {problems[name]}; its log says: {log_lines[name]}")
+        super().__init__("\n".join(lines))
+
+
+def last_error_line(log: Path, start: int = 0) -> str:
+    """The line of a node's log (from byte `start`) that best says what went wrong: the last error
+    line (a node's own one-line `error: ...`, a traceback's last line, a logged ERROR), else its
+    last line."""
+    if not log.exists():
+        return "(no log)"
+    with open(log, "rb") as f:
+        f.seek(start)
+        lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+    errors_seen = [line for line in lines if _ERROR_LINE.search(line)]
+    line = (errors_seen or lines or ["(nothing in its log)"])[-1]
+    return line if len(line) <= 300 else line[:297] + "..."

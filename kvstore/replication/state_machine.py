@@ -31,11 +31,12 @@ from typing import Any
 
 import lmdb
 import pysyncobj.pickle as pysyncobj_pickle
-from pysyncobj import SyncObjConf, replicated
+from pysyncobj import SyncObjConf, SyncObjException, replicated
 from pysyncobj.config import FAIL_REASON
 
 from kvstore import errors
 from kvstore.config import RaftSettings, StorageSettings
+from kvstore.ports import ListenError, check_can_listen
 from kvstore.replication import commands, journal
 from kvstore.replication.freshness import FreshnessStampingTransport, FreshnessTracking
 from kvstore.replication.peer_transport import peer_password
@@ -153,6 +154,9 @@ class ShardStateMachine(FreshnessTracking, PatchedSyncObj):
             serializeChecker=self.snapshots.check,
             useFork=False,  # gRPC servers do not survive fork()
             bindAddress=settings.bind,
+            # pysyncobj retries a failed bind every second, forever, and says nothing: the node
+            # would run outside its Raft group. One attempt, then waitBinded() below fails.
+            maxBindRetries=1,
             raftMinTimeout=raft.min_timeout,
             raftMaxTimeout=raft.max_timeout,
             leaderFallbackTimeout=raft.leader_fallback_timeout,
@@ -168,7 +172,19 @@ class ShardStateMachine(FreshnessTracking, PatchedSyncObj):
         # The tick thread starts inside this call and may replay the journal at once: everything
         # apply_entry needs is set up above.
         super().__init__(settings.advertise, settings.peers, conf, transportClass=FreshnessStampingTransport)
+        self._check_bound(settings.bind)
         self.addOnTickCallback(self._after_tick)
+
+    def _check_bound(self, bind: str) -> None:
+        """Raise `ListenError` if the Raft port could not be bound (its tick thread has then stopped).
+
+        The node checked the port before opening the shard (kvstore/ports.py); this catches the
+        port taken in between, where pysyncobj only logs "failed to perform initialization"."""
+        try:
+            self.waitBinded()  # returns at once: the first bind attempt ends inside __init__
+        except SyncObjException:
+            check_can_listen("raft_bind", bind)  # raises with the reason if the port is still taken
+            raise ListenError("raft_bind", bind, "pysyncobj could not bind it") from None
 
     # ----- the replicated method -----------------------------------------------------------
 

@@ -19,6 +19,7 @@ import grpc
 from kvstore import errors
 from kvstore.config import NodeConfig
 from kvstore.consistency import ConsistencyLevel
+from kvstore.ports import ListenError, check_can_listen
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.replication import commands
@@ -32,6 +33,8 @@ from kvstore.server.health import NodeHealth, add_health, start_health_port
 from kvstore.server.rpc import ConcurrencyGate, add_service, rpc_errors
 
 log = logging.getLogger(__name__)
+
+PORT_PATIENCE_SECONDS = 3.0  # how long a taken port may take to free up before the node gives up
 
 # The wire's number -> the level: a dict lookup per read (ConsistencyLevel(n) costs ~0.5 us).
 _LEVEL_OF = {int(level): level for level in ConsistencyLevel}
@@ -244,20 +247,18 @@ async def serve(config: NodeConfig) -> None:
     """Run the node until SIGTERM or SIGINT, then shut down gracefully."""
     cluster_map = ClusterMap.load(config.cluster_map)
     cluster_map.ring  # noqa: B018 (a map from another key placement must stop the node here, not per request)
+    # Every address is checked before the shard opens: a taken port stops the node with one line
+    # naming it, before pysyncobj's tick thread starts (kvstore/ports.py). A port is given a
+    # moment to free up: the node this one replaces may still be exiting.
+    for setting, address in listen_addresses(config):
+        check_can_listen(setting, address, patience=PORT_PATIENCE_SECONDS)
     shard = open_shard(config, cluster_map.client_address_of_raft)
-    health = NodeHealth(shard)
-    await health.start()
-    ctx = NodeContext(config, shard, cluster_map, health)
-    server = grpc.aio.server(options=grpc_options(config))
-    gate = ConcurrencyGate(config.server.max_concurrent_rpcs, config.server.max_concurrent_ops)
-    add_service(server, KVServicer(ctx), "KV", gate)
-    add_service(server, AdminServicer(ctx), "Admin")
-    add_health(server, health.servicer)
-    server.add_insecure_port(config.listen)
-    await server.start()
-    health_server = None
-    if config.health_listen:
-        health_server = await start_health_port(config.health_listen, health.servicer)
+    loop = asyncio.get_running_loop()
+    try:
+        health, server, health_server = await _start_servers(config, shard, cluster_map)
+    except BaseException:
+        await loop.run_in_executor(None, shard.close)
+        raise
     log.info(
         "node %s (shard %d) serving on %s, raft %s, health %s",
         config.name,
@@ -268,7 +269,6 @@ async def serve(config: NodeConfig) -> None:
     )
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     faults = shard.fault_injector() if config.server.fault_injection_signals else None
@@ -283,6 +283,53 @@ async def serve(config: NodeConfig) -> None:
         await health_server.stop(grace=1.0)
     await server.stop(grace=2.0)
     await loop.run_in_executor(None, shard.close)  # closes its storage too
+
+
+def listen_addresses(config: NodeConfig) -> list[tuple[str, str]]:
+    """(setting, address) of every address this node listens on."""
+    addresses = [("listen", config.listen), ("raft_bind", config.raft_bind)]
+    return addresses + ([("health_listen", config.health_listen)] if config.health_listen else [])
+
+
+async def _start_servers(
+    config: NodeConfig, shard: Shard, cluster_map: ClusterMap
+) -> tuple[NodeHealth, grpc.aio.Server, grpc.aio.Server | None]:
+    health = NodeHealth(shard)
+    await health.start()
+    try:
+        server, health_server = await _bind_servers(config, NodeContext(config, shard, cluster_map, health))
+    except BaseException:
+        await health.shutdown()
+        raise
+    return health, server, health_server
+
+
+async def _bind_servers(
+    config: NodeConfig, ctx: NodeContext
+) -> tuple[grpc.aio.Server, grpc.aio.Server | None]:
+    health = ctx.health
+    # No SO_REUSEPORT (grpc sets it by default): a second node given the same port must fail to
+    # bind, not share the port and answer for a shard it does not hold.
+    server = grpc.aio.server(options=[*grpc_options(config), ("grpc.so_reuseport", 0)])
+    gate = ConcurrencyGate(config.server.max_concurrent_rpcs, config.server.max_concurrent_ops)
+    add_service(server, KVServicer(ctx), "KV", gate)
+    add_service(server, AdminServicer(ctx), "Admin")
+    add_health(server, health.servicer)
+    try:
+        server.add_insecure_port(config.listen)
+    except RuntimeError:  # taken since check_can_listen (grpc's message says only "Failed to bind")
+        check_can_listen("listen", config.listen)
+        raise ListenError("listen", config.listen, "grpc could not bind it") from None
+    await server.start()
+    health_server = None
+    if config.health_listen:
+        try:
+            health_server = await start_health_port(config.health_listen, health.servicer)
+        except (OSError, RuntimeError):
+            await server.stop(grace=None)
+            check_can_listen("health_listen", config.health_listen)
+            raise ListenError("health_listen", config.health_listen, "grpc could not bind it") from None
+    return server, health_server
 
 
 def _install_fault_signals(loop: asyncio.AbstractEventLoop, faults: FaultInjector) -> None:
