@@ -36,7 +36,8 @@ EXIT_STATUS_HELP = """\
 exit status:
   0    success
   1    not found: get or delete of a missing key; multi-get with any key missing
-       (cluster status: not healthy; health: not SERVING)
+       (cluster status: not healthy; cluster up/start: a replica did not come up,
+       named on stderr; health: not SERVING)
   2    usage error: bad arguments, hex, consistency level or value source; no cluster
        named, or no cluster map in its directory; a cluster command that could not run
   3    refused: cas found the key at another revision (absent, or present for revision 0)
