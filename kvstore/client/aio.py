@@ -53,7 +53,7 @@ class AsyncClient:
         pipeline_depth: int = 1,
         _core: ClientCore | None = None,
     ) -> None:
-        if _core is not None and (endpoints or router):
+        if _core is not None and (endpoints is not None or router is not None):
             raise errors.InvalidArgument(factory.WHERE)
         check.flag(pipelining, "pipelining")
         if type(pipeline_depth) is not int or pipeline_depth < 1:

@@ -313,6 +313,8 @@ class Dispatcher:
             if shard.id not in self.leaders and self.read_policy in _LEADER_AWARE:
                 yield from self._discover_leader(shard, attempts)
             for address in self._read_targets(shard, self.read_policy):
+                if attempts.expired():
+                    break  # the next replica would get no time: the operation ends here
                 request.read.CopyFrom(self._read_options(level, shard.id, session))
                 request.epoch = self.cluster_map.epoch
                 started = time.monotonic()
@@ -351,6 +353,8 @@ class Dispatcher:
         that only reads would otherwise never learn it). Best effort: no answer leaves a guess."""
         addresses = {r.address for r in shard.replicas}
         for replica in shard.replicas:
+            if attempts.expired():
+                return
             try:
                 status = yield Call(
                     replica.address, "Admin", "Status", pb.StatusRequest(), attempts.call_timeout()

@@ -34,12 +34,11 @@ def make_core(
     zone: str,
     retry: RetryPolicy | None = None,
 ) -> ClientCore:
-    given = [
-        name for name, v in (("endpoints", endpoints), ("router", router), ("a cluster", cluster_map)) if v
-    ]
+    places = (("endpoints", endpoints), ("router", router), ("a cluster", cluster_map))
+    given = [name for name, value in places if value is not None]
     if len(given) != 1:
         raise errors.InvalidArgument(f"{WHERE} (given: {', '.join(given) or 'none'})")
-    seeds = check.endpoints(endpoints) if endpoints else []
+    seeds = check.endpoints(endpoints) if endpoints is not None else []
     if endpoints is not None and not seeds:
         raise errors.InvalidArgument(f"endpoints is empty; {WHERE}")
     if router is not None:

@@ -161,7 +161,9 @@ class Attempts:
         """Before each attempt. Past the deadline (after a pause cut to it), no further attempt:
         the operation's error is raised (a call with no time left could only fail, and for a
         write that failure would read as "may have applied")."""
-        if self.made and self.expired():
+        if self.expired():
+            if not self.made:  # the time went on the way (a map fetch, an earlier part)
+                raise errors.Timeout(f"no time left for an attempt (timeout {self.seconds}s)")
             raise self.give_up("no attempt made")
         self.made += 1
 

@@ -54,7 +54,7 @@ class Client:
         retry: RetryPolicy | None = None,
         _core: ClientCore | None = None,
     ) -> None:
-        if _core is not None and (endpoints or router):
+        if _core is not None and (endpoints is not None or router is not None):
             raise errors.InvalidArgument(factory.WHERE)
         self.core = _core or factory.make_core(
             endpoints, router, None, consistency, read_policy, session, timeout, zone, retry
