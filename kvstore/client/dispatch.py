@@ -394,6 +394,9 @@ class Dispatcher:
             except errors.KvError as err:
                 if not self.retry.retryable(err, through_router=True):
                     raise
+                if not is_write and isinstance(err, errors.UnknownOutcome):
+                    # For a read, "outcome unknown" only means no answer in time (as in `read`).
+                    err = errors.Timeout(f"read timed out at {self.router}: {err.message}")
                 attempts.failed(err)
             else:
                 self.observe(response.header)

@@ -1,0 +1,371 @@
+"""One behavioural suite for both SDK doors, against a real cluster (1 shard x 3 replicas, real node
+processes over real gRPC and pysyncobj).
+
+Every test body is written once and runs twice: `door` is a `Client`, or an `AsyncClient` whose
+coroutines run to completion on the adapter's own event loop (one loop per AsyncClient, as the
+README says it must be). What is proven, for both: a closed client raises `ClientClosed`, unsent;
+consistency is a level or its name; a bad argument is `InvalidArgument` and nothing is written;
+conflicting constructor arguments are refused; `atomic` must be said for put_many/delete_many;
+the CAS result cannot be misread; every method takes `timeout=`, and the deadline holds within
+`MARGIN` against a black-holed address and against a paused (SIGSTOP) leader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvstore import AsyncClient, CasResult, Client, Consistency, Item, errors
+from kvstore.cluster.local import LocalCluster
+from kvstore.proto import kvstore_pb2 as pb
+from kvstore.routing.cluster_map import ClusterMap
+from tests.conftest import running_cluster, wait_until
+
+# How far past its timeout a call may return: raising, thread hand-offs, a loaded 2-core machine.
+MARGIN = 0.25
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    with running_cluster(tmp_path_factory.mktemp("doors"), topology="local-1x3") as c:
+        yield c
+
+
+class Door:
+    """Calls a Client or an AsyncClient the same way: an AsyncClient's coroutines run to completion
+    on this adapter's private event loop (every AsyncClient it makes lives on that one loop)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.cls: type[Client] | type[AsyncClient] = AsyncClient if kind == "async" else Client
+        self.loop = asyncio.new_event_loop() if kind == "async" else None
+        self.made: list[Client | AsyncClient] = []
+
+    def run(self, result: Any) -> Any:
+        if inspect.isawaitable(result):
+            assert self.loop is not None
+            return self.loop.run_until_complete(result)
+        return result
+
+    def make(self, *args: Any, **kwargs: Any) -> Client | AsyncClient:
+        client = self.cls(*args, **kwargs)
+        self.made.append(client)
+        return client
+
+    def from_cluster(self, directory: Path, **kwargs: Any) -> Client | AsyncClient:
+        client = self.cls.from_cluster(directory, **kwargs)
+        self.made.append(client)
+        return client
+
+    def call(self, client: Client | AsyncClient, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self.run(getattr(client, method)(*args, **kwargs))
+
+    def timed(
+        self, client: Client | AsyncClient, method: str, *args: Any, **kwargs: Any
+    ) -> tuple[float, Any]:
+        """(seconds the call took, its result or the KvError it raised)."""
+        started = time.monotonic()
+        try:
+            outcome: Any = self.call(client, method, *args, **kwargs)
+        except errors.KvError as err:
+            outcome = err
+        return time.monotonic() - started, outcome
+
+    def close(self) -> None:
+        for client in self.made:
+            self.run(client.close())
+        if self.loop is not None:
+            self.loop.close()
+
+
+@pytest.fixture(params=["sync", "async"])
+def door(request: pytest.FixtureRequest) -> Iterator[Door]:
+    adapter = Door(request.param)
+    yield adapter
+    adapter.close()
+
+
+@pytest.fixture
+def kv(door: Door, cluster: LocalCluster) -> Any:
+    """A client of this door on the cluster: `kv.method(...)` calls it and waits for the result."""
+    return Bound(door, door.from_cluster(cluster.dir))
+
+
+class Bound:
+    """One client of a door: `bound.method(...)` calls it and waits for the result."""
+
+    def __init__(self, door: Door, client: Client | AsyncClient) -> None:
+        self.door, self.client = door, client
+
+    def __getattr__(self, method: str) -> Callable[..., Any]:
+        return lambda *args, **kwargs: self.door.call(self.client, method, *args, **kwargs)
+
+
+def key(door: Door, name: str) -> bytes:
+    return f"doors:{door.kind}:{name}".encode()
+
+
+# ----- the two doors have one API --------------------------------------------------------------
+
+PUBLIC = [
+    "put",
+    "get",
+    "get_item",
+    "delete",
+    "delete_many",
+    "compare_and_set",
+    "multi_put",
+    "put_many",
+    "multi_get",
+    "scan",
+    "send",
+    "session_token",
+    "cluster_map",
+    "close",
+]
+
+
+def test_both_doors_have_the_same_methods_arguments_docstrings_and_types() -> None:
+    for name in PUBLIC:
+        sync, aio = getattr(Client, name), getattr(AsyncClient, name)
+        assert inspect.signature(sync).parameters == inspect.signature(aio).parameters, name
+        assert sync.__doc__ and aio.__doc__, f"{name} has no docstring"
+        hints = inspect.get_annotations(sync)
+        assert "Any" not in str(hints.get("return")), f"{name} returns {hints.get('return')}"
+        if name not in ("session_token", "close"):  # local: nothing to wait for
+            assert "timeout" in inspect.signature(sync).parameters, f"{name} has no timeout="
+    assert inspect.get_annotations(Client.cluster_map)["return"] == "ClusterMap"
+    assert (Path(__file__).parents[2] / "kvstore" / "py.typed").exists()
+
+
+# ----- closed clients --------------------------------------------------------------------------
+
+CALLS: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
+    "put": ((b"doors:closed", b"v"), {}),
+    "get": ((b"doors:closed",), {}),
+    "get_item": ((b"doors:closed",), {}),
+    "delete": ((b"doors:closed",), {}),
+    "delete_many": (([b"doors:closed"],), {"atomic": True}),
+    "compare_and_set": ((b"doors:closed", b"v"), {"expected_revision": 0}),
+    "multi_put": (({b"doors:closed": b"v"},), {}),
+    "put_many": (({b"doors:closed": b"v"},), {"atomic": False}),
+    "multi_get": (([b"doors:closed"],), {}),
+    "scan": ((), {"prefix": b"doors:closed"}),
+    "send": ((pb.GetRequest(key=b"doors:closed"),), {}),
+    "cluster_map": ((), {}),
+}
+
+
+def test_a_closed_client_raises_client_closed_on_every_call(door: Door, cluster: LocalCluster) -> None:
+    client = door.from_cluster(cluster.dir)
+    assert door.call(client, "put", key(door, "before-close"), b"v") > 0
+    door.run(client.close())
+    door.run(client.close())  # closing twice is harmless
+    for method, (args, kwargs) in CALLS.items():
+        with pytest.raises(errors.ClientClosed, match="nothing was sent"):
+            door.call(client, method, *args, **kwargs)
+    reader = door.from_cluster(cluster.dir)
+    assert door.call(reader, "get", b"doors:closed") is None  # no call after close() was sent
+
+
+# ----- consistency: a level or its name ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "level", ["strong", "session", "eventual", "bounded:0.5s", "bounded0.5", Consistency.EVENTUAL], ids=str
+)
+def test_consistency_is_a_level_or_its_name(door: Door, kv: Any, level: Any) -> None:
+    k = key(door, "level")
+    revision = kv.put(k, b"v")
+    assert kv.get(k, consistency=level) == b"v"
+    assert kv.get_item(k, consistency=level) == Item(k, b"v", revision)
+    assert kv.multi_get([k], consistency=level) == {k: b"v"}
+    assert [i.key for i in kv.scan(prefix=k, consistency=level)] == [k]
+
+
+def test_the_clients_consistency_by_name(door: Door, cluster: LocalCluster) -> None:
+    client = door.from_cluster(cluster.dir, consistency="session", read_policy="followers_only")
+    k = key(door, "by-name")
+    door.call(client, "put", k, b"mine")
+    assert door.call(client, "get", k) == b"mine"  # read-your-writes at a follower
+
+
+@pytest.mark.parametrize("level", ["sometimes", "bounded", "bounded:-1s", 3, b"strong"], ids=str)
+def test_anything_else_is_invalid_and_the_error_lists_the_valid_forms(kv: Any, level: Any) -> None:
+    with pytest.raises(errors.InvalidArgument, match="strong, session, eventual, bounded"):
+        kv.get(b"doors:any", consistency=level)
+
+
+# ----- arguments: InvalidArgument, nothing sent ---------------------------------------------------
+
+
+def test_bad_arguments_are_invalid_and_nothing_is_written(door: Door, kv: Any) -> None:
+    k = key(door, "bad")
+    bad: list[Callable[[], Any]] = [
+        lambda: kv.compare_and_set(k, b"v", expected_revision=-1),
+        lambda: kv.compare_and_set(k, b"v", expected_revision="3"),
+        lambda: kv.put(k.decode(), b"v"),
+        lambda: kv.put(k, "v"),
+        lambda: kv.put(b"", b"v"),
+        lambda: kv.put(k, b"v" * (1024 * 1024 + 1)),
+        lambda: kv.put(k, b"v", timeout=0),
+        lambda: kv.put(k, b"v", timeout=-2.5),
+        lambda: kv.multi_put([(k, b"1"), (k, b"2")]),
+        lambda: kv.put_many({k: b"v", b"": b"w"}, atomic=False),
+        lambda: kv.delete_many([k, k], atomic=True),
+        lambda: kv.delete_many(k, atomic=False),
+        lambda: kv.multi_get("abc"),
+        lambda: kv.scan(prefix=k, limit=0),
+        lambda: kv.scan(prefix=k.decode()),
+    ]
+    for call in bad:
+        with pytest.raises(errors.InvalidArgument):
+            call()
+    assert kv.get(k) is None
+
+
+def test_atomic_must_be_said_for_put_many_and_delete_many(door: Door, kv: Any) -> None:
+    keys = [key(door, f"{{atomic}}:{i}") for i in range(3)]
+    with pytest.raises(TypeError, match="atomic"):
+        kv.put_many(dict.fromkeys(keys, b"v"))
+    with pytest.raises(TypeError, match="atomic"):
+        kv.delete_many(keys)
+    assert kv.multi_get(keys) == {}
+    revisions = kv.put_many(dict.fromkeys(keys, b"v"), atomic=True)  # one hash tag: one shard
+    assert list(revisions.values()) == [kv.get_item(keys[0]).revision]
+    assert kv.delete_many(keys, atomic=False) == 3
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {"endpoints": ["127.0.0.1:7000"], "router": "127.0.0.1:7400"},
+        {},
+        {"endpoints": []},
+        {"endpoints": ["127.0.0.1"]},
+        {"router": "127.0.0.1:7400", "read_policy": "nearest"},
+        {"endpoints": ["127.0.0.1:7000"], "timeout": 0},
+        {"endpoints": ["127.0.0.1:7000"], "consistency": "sometimes"},
+    ],
+    ids=str,
+)
+def test_conflicting_or_wrong_constructor_arguments_are_refused(
+    door: Door, arguments: dict[str, Any]
+) -> None:
+    with pytest.raises(errors.InvalidArgument):
+        door.make(**arguments)
+
+
+def test_from_cluster_refuses_other_addresses(door: Door, cluster: LocalCluster) -> None:
+    with pytest.raises(errors.InvalidArgument, match="exactly one of"):
+        door.from_cluster(cluster.dir, router="127.0.0.1:7400")
+
+
+# ----- compare_and_set -------------------------------------------------------------------------
+
+
+def test_a_cas_result_cannot_be_misread(door: Door, kv: Any) -> None:
+    k = key(door, "cas")
+    created = kv.compare_and_set(k, b"one", expected_revision=0)
+    assert created == CasResult(True, created.revision, None) and created.revision > 0
+    taken = kv.compare_and_set(k, b"two", expected_revision=0)
+    assert taken == CasResult(False, None, Item(k, b"one", created.revision))
+    assert taken.current_revision == created.revision
+    swapped = kv.compare_and_set(k, b"two", expected_revision=taken.current_revision)
+    assert swapped.succeeded and swapped.revision > created.revision
+    kv.delete(k)
+    gone = kv.compare_and_set(k, b"three", expected_revision=swapped.revision)
+    assert gone == CasResult(False, None, None) and gone.current_revision == 0
+
+
+# ----- timeouts --------------------------------------------------------------------------------
+
+
+def test_every_method_takes_its_own_timeout(door: Door, kv: Any) -> None:
+    k = key(door, "timeouts")
+    assert kv.put(k, b"v", timeout=5) > 0
+    assert kv.get(k, timeout=5) == b"v" and kv.get_item(k, timeout=5.0).value == b"v"
+    assert kv.multi_put({k: b"w"}, timeout=5) > 0
+    assert kv.put_many({k: b"x"}, atomic=False, timeout=5)
+    assert kv.multi_get([k], timeout=5) == {k: b"x"}
+    assert len(kv.scan(prefix=k, timeout=5)) == 1
+    assert not kv.compare_and_set(k, b"y", expected_revision=0, timeout=5).succeeded
+    assert kv.send(pb.GetRequest(key=k), timeout=5).kv.value == b"x"
+    assert isinstance(kv.cluster_map(timeout=5), ClusterMap)
+    assert kv.delete(k, timeout=5) and kv.delete_many([k], atomic=True, timeout=5) == 0
+
+
+@pytest.fixture
+def black_hole() -> Iterator[str]:
+    """An address that accepts TCP connections and never answers (no HTTP/2 handshake)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    try:
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
+
+
+def test_the_deadline_holds_against_a_black_holed_address(door: Door, black_hole: str) -> None:
+    smart = door.make([black_hole], timeout=1.0)
+    thin = door.make(router=black_hole, timeout=10.0)
+    measured = {
+        "smart get (client timeout 1 s)": door.timed(smart, "get", b"k"),
+        "smart put, timeout=0.6": door.timed(smart, "put", b"k", b"v", timeout=0.6),
+        "thin put, timeout=1 (client 10 s)": door.timed(thin, "put", b"k", b"v", timeout=1.0),
+        "thin get, timeout=1": door.timed(thin, "get", b"k", timeout=1.0),
+    }
+    limits = [1.0, 0.6, 1.0, 1.0]
+    print(door.kind, {name: round(seconds, 3) for name, (seconds, _) in measured.items()})
+    for (name, (seconds, outcome)), limit in zip(measured.items(), limits, strict=True):
+        assert isinstance(outcome, errors.KvError), (name, outcome)
+        assert seconds <= limit + MARGIN, f"{name}: {seconds:.3f}s"
+    assert isinstance(measured["thin put, timeout=1 (client 10 s)"][1], errors.UnknownOutcome)
+    assert isinstance(measured["thin get, timeout=1"][1], errors.Timeout)
+
+
+def test_the_deadline_holds_with_the_leader_paused(door: Door, cluster: LocalCluster) -> None:
+    """SIGSTOP the leader: a write to it gets no answer. A call returns by its deadline (plus
+    MARGIN), whatever it returns: done through a new leader, UnknownOutcome, or Timeout."""
+    writer = door.from_cluster(cluster.dir, timeout=1.0)
+    patient = door.from_cluster(cluster.dir, timeout=30.0)
+    k = key(door, "paused")
+    door.call(writer, "put", k, b"before")  # the client knows the leader: it will try it first
+    door.call(patient, "put", k, b"before")
+    leader = cluster.leader_of(0)
+    assert leader
+    cluster.kill(leader, "STOP")
+    try:
+        measured = [
+            ("put, client timeout 1 s", 1.0, door.timed(writer, "put", k, b"during")),
+            ("put, timeout=0.8 (client 30 s)", 0.8, door.timed(patient, "put", k, b"during", timeout=0.8)),
+            ("strong get, timeout=0.7", 0.7, door.timed(patient, "get", k, timeout=0.7)),
+            (
+                "put_many, timeout=1",
+                1.0,
+                door.timed(patient, "put_many", {k: b"x"}, atomic=False, timeout=1.0),
+            ),
+        ]
+    finally:
+        cluster.kill(leader, "CONT")
+    print(
+        door.kind,
+        [(name, round(seconds, 3), type(outcome).__name__) for name, _, (seconds, outcome) in measured],
+    )
+    for name, limit, (seconds, outcome) in measured:
+        assert seconds <= limit + MARGIN, f"{name}: {seconds:.3f}s ({outcome!r})"
+        assert not isinstance(outcome, errors.KvError) or isinstance(
+            outcome, errors.UnknownOutcome | errors.Timeout | errors.Unavailable
+        ), (name, outcome)
+    wait_until(lambda: cluster.leader_of(0), 30)
+    # Afterwards the same clients work again (a retry under a new request id: a new write).
+    assert door.call(writer, "put", k, b"after", timeout=15.0) > 0
+    assert door.call(patient, "get", k) == b"after"
