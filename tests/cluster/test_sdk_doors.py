@@ -1,9 +1,11 @@
-"""One behavioural suite for both SDK doors, against a real cluster (1 shard x 3 replicas, real node
+"""One behavioural suite for both SDK doors, against a real cluster (2 shards x 3 replicas, real node
 processes over real gRPC and pysyncobj).
 
 Every test body is written once and runs twice: `door` is a `Client`, or an `AsyncClient` whose
 coroutines run to completion on the adapter's own event loop (one loop per AsyncClient, as the
-README says it must be). What is proven, for both: a closed client raises `ClientClosed`, unsent;
+README says it must be). What is proven, for both: every operation's results (revisions, found and
+missing keys, multi-key writes within and across shards, scans in key order across shards, every
+consistency level, session tokens handed between clients); a closed client raises `ClientClosed`, unsent;
 consistency is a level or its name; a bad argument is `InvalidArgument` and nothing is written;
 conflicting constructor arguments are refused; `atomic` must be said for put_many/delete_many;
 the CAS result cannot be misread; every method takes `timeout=`, and the deadline holds within
@@ -22,7 +24,8 @@ from typing import Any
 
 import pytest
 
-from kvstore import AsyncClient, CasResult, Client, Consistency, Item, errors
+from kvstore import AsyncClient, CasResult, Client, Consistency, Item, ReadConsistency, ReadPolicy, errors
+from kvstore.client.session import decode_session
 from kvstore.cluster.local import LocalCluster
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.routing.cluster_map import ClusterMap
@@ -32,9 +35,12 @@ from tests.conftest import running_cluster, wait_until
 MARGIN = 0.25
 
 
+SHARDS = 2
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    with running_cluster(tmp_path_factory.mktemp("doors"), topology="local-1x3") as c:
+    with running_cluster(tmp_path_factory.mktemp("doors"), shards=SHARDS) as c:
         yield c
 
 
@@ -108,8 +114,21 @@ class Bound:
         return lambda *args, **kwargs: self.door.call(self.client, method, *args, **kwargs)
 
 
+def prefix(door: Door) -> str:
+    return f"doors:{door.kind}:"
+
+
 def key(door: Door, name: str) -> bytes:
-    return f"doors:{door.kind}:{name}".encode()
+    return (prefix(door) + name).encode()
+
+
+def key_on_shard(cluster: LocalCluster, shard: int, start: str) -> bytes:
+    ring = cluster.cluster_map().ring
+    for i in range(10_000):
+        candidate = f"{start}:{i}".encode()
+        if ring.shard_for(candidate) == shard:
+            return candidate
+    raise AssertionError(f"no key for shard {shard}")
 
 
 # ----- the two doors have one API --------------------------------------------------------------
@@ -143,6 +162,147 @@ def test_both_doors_have_the_same_methods_arguments_docstrings_and_types() -> No
             assert "timeout" in inspect.signature(sync).parameters, f"{name} has no timeout="
     assert inspect.get_annotations(Client.cluster_map)["return"] == "ClusterMap"
     assert (Path(__file__).parents[2] / "kvstore" / "py.typed").exists()
+
+
+# ----- every operation --------------------------------------------------------------------------
+
+
+def keys_on_both_shards(cluster: LocalCluster, door: Door, name: str, count: int) -> list[bytes]:
+    keys = [key(door, f"{name}:{i:02d}") for i in range(count)]
+    assert {cluster.cluster_map().ring.shard_for(k) for k in keys} == set(range(SHARDS))
+    return keys
+
+
+def test_suite_put_get_get_item_delete(door: Door, kv: Any) -> None:
+    k = key(door, "k")
+    first = kv.put(k, b"v1")
+    assert first > 0
+    assert kv.get(k) == b"v1"
+    assert kv.get_item(k) == Item(k, b"v1", first)
+    second = kv.put(k, b"v2")
+    assert second > first
+    assert kv.get_item(k) == Item(k, b"v2", second)
+    assert kv.get(key(door, "missing")) is None and kv.get_item(key(door, "missing")) is None
+    assert kv.delete(k) is True
+    assert kv.get(k) is None
+    assert kv.delete(k) is False
+
+
+def test_suite_compare_and_set(door: Door, kv: Any) -> None:
+    k = key(door, "cas")
+    created = kv.compare_and_set(k, b"one", expected_revision=0)
+    assert created.succeeded and created.revision > 0 and created.current is None
+    taken = kv.compare_and_set(k, b"two", expected_revision=0)
+    assert not taken.succeeded and taken.revision is None
+    assert taken.current == Item(k, b"one", created.revision)
+    swapped = kv.compare_and_set(k, b"two", expected_revision=created.revision)
+    assert swapped.succeeded and swapped.revision > created.revision
+    lost = kv.compare_and_set(k, b"three", expected_revision=created.revision)
+    assert not lost.succeeded and lost.current == Item(k, b"two", swapped.revision)
+    assert kv.get(k) == b"two"
+
+
+def test_suite_multi_put_and_multi_get(door: Door, kv: Any) -> None:
+    items = {key(door, f"{{tag}}:{i}"): b"val-%d" % i for i in range(10)}  # one hash tag: one shard
+    revision = kv.multi_put(items)
+    assert revision > 0
+    assert kv.multi_get([*items, key(door, "{tag}:absent")]) == items
+    assert {kv.get_item(k).revision for k in items} == {revision}  # one entry, one revision
+    assert kv.delete_many(list(items), atomic=True) == len(items)
+    assert kv.multi_get(list(items)) == {}
+
+
+def test_suite_put_many_and_delete_many_across_shards(cluster: LocalCluster, door: Door, kv: Any) -> None:
+    keys = keys_on_both_shards(cluster, door, "many", 12)
+    items = {k: b"m-" + k for k in keys}
+    revisions = kv.put_many(items, atomic=False)
+    assert set(revisions) == set(range(SHARDS)) and all(r > 0 for r in revisions.values())
+    ring = cluster.cluster_map().ring
+    assert all(kv.get_item(k).revision == revisions[ring.shard_for(k)] for k in keys)
+    assert kv.multi_get(keys) == items
+    assert kv.delete_many(keys, atomic=False) == len(keys)
+    assert kv.multi_get(keys) == {}
+    assert kv.delete_many(keys, atomic=False) == 0
+
+
+def test_suite_atomic_writes_across_shards_are_refused(cluster: LocalCluster, door: Door, kv: Any) -> None:
+    first, second = (key_on_shard(cluster, s, prefix(door) + "cross") for s in range(SHARDS))
+    pair = {first: b"a", second: b"b"}
+    with pytest.raises(errors.CrossShardWrite):
+        kv.multi_put(pair)
+    with pytest.raises(errors.CrossShardWrite):
+        kv.put_many(pair, atomic=True)
+    assert kv.multi_get(list(pair)) == {}  # nothing was written
+    kv.put_many(pair, atomic=False)
+    with pytest.raises(errors.CrossShardWrite):
+        kv.delete_many(list(pair), atomic=True)
+    assert kv.multi_get(list(pair)) == pair  # nothing was deleted
+
+
+def test_suite_empty_key_is_invalid(door: Door, kv: Any) -> None:
+    with pytest.raises(errors.InvalidArgument):
+        kv.put(b"", b"v")
+    with pytest.raises(errors.InvalidArgument):
+        kv.get(b"")
+    with pytest.raises(errors.InvalidArgument):
+        kv.delete(b"")
+    with pytest.raises(errors.InvalidArgument):
+        kv.compare_and_set(b"", b"v", expected_revision=0)
+
+
+def test_suite_scan(cluster: LocalCluster, door: Door, kv: Any) -> None:
+    keys = keys_on_both_shards(cluster, door, "scan", 12)
+    kv.put_many({k: k[-2:] for k in keys}, atomic=False)
+    kv.put(key(door, "scan;after"), b"outside the prefix")
+    seen: list[Item] = []
+    continuation = b""
+    for _ in range(10):
+        page = kv.scan(prefix=key(door, "scan:"), limit=5, continuation=continuation)
+        seen += page.items
+        continuation = page.continuation
+        if not continuation:
+            break
+    assert [i.key for i in seen] == keys  # in key order, across both shards
+    assert all(i.value == i.key[-2:] and i.revision > 0 for i in seen)
+    ranged = kv.scan(start=keys[3], end=keys[7])
+    assert [i.key for i in ranged] == keys[3:7]
+
+
+LEVELS = [Consistency.STRONG, Consistency.SESSION, Consistency.EVENTUAL, Consistency.bounded(5.0)]
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=str)
+def test_suite_every_consistency_level_returns_the_written_value(
+    cluster: LocalCluster, door: Door, kv: Any, level: ReadConsistency
+) -> None:
+    keys = keys_on_both_shards(cluster, door, f"level-{level}", 6)
+    items = {k: b"at-" + str(level).encode() for k in keys}
+    revisions = kv.put_many(items, atomic=False)
+    # Reads at the leader the writer just used: every level must see the acknowledged write.
+    assert kv.get(keys[0], consistency=level) == items[keys[0]]
+    assert kv.get_item(keys[1], consistency=level).revision in revisions.values()
+    assert kv.multi_get(keys, consistency=level) == items
+    page = kv.scan(prefix=key(door, f"level-{level}:"), consistency=level)
+    assert {i.key: i.value for i in page} == items
+
+
+def test_suite_session_token(cluster: LocalCluster, door: Door, kv: Any) -> None:
+    fresh = door.from_cluster(cluster.dir)
+    assert fresh.session_token().startswith("kvs1.") and decode_session(fresh.session_token()) == {}
+    keys = keys_on_both_shards(cluster, door, "token", 6)
+    revisions = kv.put_many({k: b"t" for k in keys}, atomic=False)
+    token = kv.session_token()
+    assert all(decode_session(token)[shard] >= rev for shard, rev in revisions.items())
+    other = door.from_cluster(
+        cluster.dir, session=token, consistency=Consistency.SESSION, read_policy=ReadPolicy.FOLLOWERS_ONLY
+    )
+    assert other.core.session == decode_session(token)
+    assert door.call(other, "multi_get", keys) == {k: b"t" for k in keys}
+    assert door.call(other, "get", keys[0]) == b"t"
+    # Reads only raise the token; the other client's session never falls behind the handed one.
+    assert all(decode_session(other.session_token())[s] >= r for s, r in decode_session(token).items())
+    with pytest.raises(errors.InvalidArgument):
+        door.from_cluster(cluster.dir, session="not-a-token")
 
 
 # ----- closed clients --------------------------------------------------------------------------
@@ -182,7 +342,7 @@ def test_a_closed_client_raises_client_closed_on_every_call(door: Door, cluster:
     "level", ["strong", "session", "eventual", "bounded:0.5s", "bounded0.5", Consistency.EVENTUAL], ids=str
 )
 def test_consistency_is_a_level_or_its_name(door: Door, kv: Any, level: Any) -> None:
-    k = key(door, "level")
+    k = key(door, "named-level")
     revision = kv.put(k, b"v")
     assert kv.get(k, consistency=level) == b"v"
     assert kv.get_item(k, consistency=level) == Item(k, b"v", revision)
@@ -272,7 +432,7 @@ def test_from_cluster_refuses_other_addresses(door: Door, cluster: LocalCluster)
 
 
 def test_a_cas_result_cannot_be_misread(door: Door, kv: Any) -> None:
-    k = key(door, "cas")
+    k = key(door, "cas-fields")
     created = kv.compare_and_set(k, b"one", expected_revision=0)
     assert created == CasResult(True, created.revision, None) and created.revision > 0
     taken = kv.compare_and_set(k, b"two", expected_revision=0)
@@ -341,7 +501,7 @@ def test_the_deadline_holds_with_the_leader_paused(door: Door, cluster: LocalClu
     MARGIN), whatever it returns: done through a new leader, UnknownOutcome, or Timeout."""
     writer = door.from_cluster(cluster.dir, timeout=1.0)
     patient = door.from_cluster(cluster.dir, timeout=30.0)
-    k = key(door, "paused")
+    k = key_on_shard(cluster, 0, prefix(door) + "paused")  # on the shard whose leader stops
     door.call(writer, "put", k, b"before")  # the client knows the leader: it will try it first
     door.call(patient, "put", k, b"before")
     leader = cluster.leader_of(0)
