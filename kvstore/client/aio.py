@@ -19,7 +19,8 @@ from kvstore.client.pipeline import Pipeline, lane
 from kvstore.client.plans import Call, Parallel, Plan, Sleep
 from kvstore.client.results import CasResult, Item, Items, ScanPage
 from kvstore.client.retry import RetryPolicy
-from kvstore.client.transport import CHANNEL_OPTIONS, STUBS
+from kvstore.client.transport import STUBS
+from kvstore.config import Limits
 from kvstore.routing.cluster_map import ClusterMap
 
 
@@ -49,6 +50,7 @@ class AsyncClient:
         timeout: float = factory.DEFAULT_TIMEOUT,
         zone: str = "",
         retry: RetryPolicy | None = None,
+        limits: Limits | None = None,
         pipelining: bool = True,
         pipeline_depth: int = 1,
         _core: ClientCore | None = None,
@@ -61,7 +63,7 @@ class AsyncClient:
                 f"pipeline_depth must be an int of at least 1, not {pipeline_depth!r}"
             )
         self.core = _core or factory.make_core(
-            endpoints, router, None, consistency, read_policy, session, timeout, zone, retry
+            endpoints, router, None, consistency, read_policy, session, timeout, zone, retry, limits
         )
         # Concurrent calls to one endpoint travel as Batch RPCs, at most `pipeline_depth` of them
         # in flight per endpoint and lane (`pipeline.lane`): a Python gRPC call costs ~0.3 ms of CPU
@@ -177,7 +179,7 @@ class AsyncClient:
             channel = self._channels.get(address)
             if channel is None:
                 channel = self._channels[address] = grpc.aio.insecure_channel(
-                    address, options=CHANNEL_OPTIONS
+                    address, options=self.core.limits.grpc_options()
                 )
             stub = self._stubs[key] = STUBS[service](channel)
         return stub

@@ -12,6 +12,7 @@ from kvstore.client import arguments as check
 from kvstore.client.core import ClientCore, ClientSettings, Consistency, ReadConsistency, ReadPolicy
 from kvstore.client.retry import RetryPolicy
 from kvstore.client.session import decode_session
+from kvstore.config import Limits, NodeConfig
 from kvstore.routing.cluster_map import ClusterMap
 
 DEFAULT_TIMEOUT = 10.0
@@ -33,6 +34,7 @@ def make_core(
     timeout: float,
     zone: str,
     retry: RetryPolicy | None = None,
+    limits: Limits | None = None,
 ) -> ClientCore:
     places = (("endpoints", endpoints), ("router", router), ("a cluster", cluster_map))
     given = [name for name, value in places if value is not None]
@@ -59,6 +61,8 @@ def make_core(
         raise errors.InvalidArgument("timeout must be a positive number of seconds, not None")
     if retry is not None and not isinstance(retry, RetryPolicy):
         raise errors.InvalidArgument(f"retry must be a RetryPolicy, not {type(retry).__name__}")
+    if limits is not None and not isinstance(limits, Limits):
+        raise errors.InvalidArgument(f"limits must be a kvstore.config.Limits, not {type(limits).__name__}")
     if session is not None:
         try:
             decode_session(session)
@@ -77,6 +81,7 @@ def make_core(
         # (a cut-off old leader accepts writes it can never commit).
         settings=ClientSettings(timeout=seconds, rpc_timeout=min(5.0, max(0.5, seconds / 3)), zone=zone),
         retry=retry,
+        limits=limits,
     )
 
 
@@ -100,17 +105,26 @@ def core_from_cluster(directory: str | Path, options: dict[str, Any]) -> ClientC
             raise errors.InvalidArgument(
                 f"from_cluster reads the nodes' addresses from {directory}: give no {name} ({WHERE})"
             )
+    cluster_map = load_cluster_map(directory)
     return make_core(
         None,
         None,
-        load_cluster_map(directory),
+        cluster_map,
         options.pop("consistency", Consistency.STRONG),
         options.pop("read_policy", ReadPolicy.LEADER),
         options.pop("session", None),
         options.pop("timeout", DEFAULT_TIMEOUT),
         options.pop("zone", ""),
         options.pop("retry", None),
+        options.pop("limits", None) or cluster_limits(directory, cluster_map),
     )
+
+
+def cluster_limits(directory: str | Path, cluster_map: ClusterMap) -> Limits | None:
+    """The nodes' limits, from the first node's config in the cluster directory (`kvstore cluster
+    up` writes them to nodes/<name>.toml); None (the defaults) when the directory has none."""
+    path = Path(directory) / "nodes" / f"{cluster_map.shards[0].replicas[0].name}.toml"
+    return NodeConfig.load(path).limits if path.exists() else None
 
 
 def load_cluster_map(directory: str | Path) -> ClusterMap:

@@ -18,7 +18,8 @@ from kvstore.client.core import ClientCore, Consistency, ReadConsistency, ReadPo
 from kvstore.client.plans import Call, Parallel, Plan, Sleep, drive
 from kvstore.client.results import CasResult, Item, Items, ScanPage
 from kvstore.client.retry import RetryPolicy
-from kvstore.client.transport import CHANNEL_OPTIONS, STUBS
+from kvstore.client.transport import STUBS
+from kvstore.config import Limits
 from kvstore.routing.cluster_map import ClusterMap
 
 
@@ -34,7 +35,9 @@ class Client:
     "bounded:0.5s") is the default of every read; `read_policy` and `zone` choose replicas;
     `session` is a token from another client's `session_token()`. `timeout` (seconds) bounds each
     call, retries included; every method also takes its own `timeout=`. `retry` (a `RetryPolicy`)
-    says how it retries; the default retries what is safe to retry until the timeout.
+    says how it retries; the default retries what is safe to retry until the timeout. `limits`:
+    the nodes' `[limits]` if the cluster changed them (sizes are checked against them before
+    sending; `from_cluster` reads them from the directory's node configs).
 
     Every argument is checked before anything is sent (`errors.InvalidArgument`). Safe to share
     between threads (one per process is the intent: it keeps one channel per node). After
@@ -52,12 +55,13 @@ class Client:
         timeout: float = factory.DEFAULT_TIMEOUT,
         zone: str = "",
         retry: RetryPolicy | None = None,
+        limits: Limits | None = None,
         _core: ClientCore | None = None,
     ) -> None:
         if _core is not None and (endpoints is not None or router is not None):
             raise errors.InvalidArgument(factory.WHERE)
         self.core = _core or factory.make_core(
-            endpoints, router, None, consistency, read_policy, session, timeout, zone, retry
+            endpoints, router, None, consistency, read_policy, session, timeout, zone, retry, limits
         )
         self._channels: dict[str, grpc.Channel] = {}
         self._stubs: dict[tuple[str, str], Any] = {}
@@ -118,7 +122,7 @@ class Client:
                 channel = self._channels.get(address)
                 if channel is None:
                     channel = self._channels[address] = grpc.insecure_channel(
-                        address, options=CHANNEL_OPTIONS
+                        address, options=self.core.limits.grpc_options()
                     )
                 stub = self._stubs[key] = STUBS[service](channel)
         return stub

@@ -8,6 +8,7 @@ The behaviour of both doors against a real cluster: tests/cluster/test_sdk_doors
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from typing import Any
 
@@ -17,6 +18,7 @@ from kvstore import AsyncClient, CasResult, Client, Consistency, Item, errors
 from kvstore.client import arguments
 from kvstore.client.core import ClientCore
 from kvstore.client.results import cas_result
+from kvstore.cluster.local import LocalCluster
 from kvstore.config import Limits
 from kvstore.proto import kvstore_pb2 as pb
 from tests.unit.test_client_plans import (
@@ -174,6 +176,21 @@ def test_conflicting_or_missing_places_are_refused(door: Any, tmp_path: Any) -> 
 def test_bad_constructor_options_are_refused(door: Any, options: dict[str, Any]) -> None:
     with pytest.raises(errors.InvalidArgument):
         door(["127.0.0.1:7000"], **options)
+
+
+def test_from_cluster_checks_sizes_against_the_nodes_limits(tmp_path: Any) -> None:
+    cluster = LocalCluster(tmp_path)
+    cluster.create(shards=1, replicas=1)  # files only: no process is started
+    config = cluster.node_config("s0r0")
+    bigger = dataclasses.replace(config.limits, max_value_bytes=2 * LIMITS.max_value_bytes)
+    (tmp_path / "nodes" / "s0r0.toml").write_text(dataclasses.replace(config, limits=bigger).to_toml())
+    for door in DOORS:
+        kv = door.from_cluster(tmp_path)
+        assert kv.core.limits == bigger
+        first_step(kv.core.put(b"k", b"v" * (LIMITS.max_value_bytes + 1)))  # within the nodes' limit
+        with pytest.raises(errors.InvalidArgument, match="the limit is"):
+            first_step(kv.core.put(b"k", b"v" * (bigger.max_value_bytes + 1)))
+        assert door.from_cluster(tmp_path, limits=LIMITS).core.limits == LIMITS
 
 
 def test_constructor_options_by_name() -> None:
