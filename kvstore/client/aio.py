@@ -161,6 +161,15 @@ class AsyncClient:
             return await getattr(stub, step.method)(step.request, timeout=timeout or step.timeout)
         except grpc.RpcError as exc:
             raise errors.from_rpc_error(exc) from None
+        except asyncio.CancelledError:
+            # Closing the client closed the channel, and grpc.aio cancels the calls on it; a
+            # cancellation of the caller's own task stays one.
+            task = asyncio.current_task()
+            if self._closed and not (task is not None and task.cancelling()):
+                raise errors.ClientClosed(
+                    "the client was closed during the call; a write may still apply"
+                ) from None
+            raise
 
     def _pipeline(self, address: str, lane_name: str) -> Pipeline:
         pipeline = self._pipelines.get((address, lane_name))

@@ -166,6 +166,8 @@ class Dispatcher:
                     pb.ClusterMapRequest(),
                     min(deadline.rpc_timeout, remaining),
                 )
+            except errors.ClientClosed:
+                raise  # final: no other node would be asked either
             except errors.KvError as err:
                 last_error = err
                 continue

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -83,6 +84,45 @@ class Door:
         except errors.KvError as err:
             outcome = err
         return time.monotonic() - started, outcome
+
+    def while_calling(
+        self, client: Client | AsyncClient, method: str, args: tuple[Any, ...], after: float, action: Any
+    ) -> tuple[float, Any]:
+        """Start a call, run `action()` (it may return an awaitable) `after` seconds into it, and
+        return (seconds the call took, its result or the KvError it raised). The call runs in a
+        thread for a Client, in a task on the adapter's loop for an AsyncClient."""
+        started = time.monotonic()
+        if self.loop is None:
+            outcome: list[Any] = []
+
+            def call() -> None:
+                try:
+                    outcome.append(getattr(client, method)(*args))
+                except errors.KvError as err:
+                    outcome.append(err)
+                outcome.append(time.monotonic() - started)
+
+            thread = threading.Thread(target=call)
+            thread.start()
+            time.sleep(after)
+            action()
+            thread.join(30)
+            assert len(outcome) == 2, "the call did not return"
+            return outcome[1], outcome[0]
+
+        async def both() -> tuple[float, Any]:
+            task = asyncio.ensure_future(getattr(client, method)(*args))
+            await asyncio.sleep(after)
+            done = action()
+            if inspect.isawaitable(done):
+                await done
+            try:
+                result: Any = await asyncio.wait_for(task, 30)
+            except errors.KvError as err:
+                result = err
+            return time.monotonic() - started, result
+
+        return self.run(both())
 
     def close(self) -> None:
         for client in self.made:
@@ -333,6 +373,39 @@ def test_a_closed_client_raises_client_closed_on_every_call(door: Door, cluster:
             door.call(client, method, *args, **kwargs)
     reader = door.from_cluster(cluster.dir)
     assert door.call(reader, "get", b"doors:closed") is None  # no call after close() was sent
+
+
+def test_closing_during_a_call_ends_it_with_client_closed(door: Door, black_holes: list[str]) -> None:
+    # A call that would wait 10 s (seeds that never answer) is under way when the client closes.
+    client = door.make(black_holes, timeout=10.0)
+    took, outcome = door.while_calling(client, "get", (b"k",), after=0.3, action=client.close)
+    assert isinstance(outcome, errors.ClientClosed), outcome
+    assert took < 0.3 + 1.0, f"{took:.3f}s"
+
+
+def test_a_client_is_safe_to_share_between_threads(cluster: LocalCluster) -> None:
+    with Client.from_cluster(cluster.dir) as shared:
+        written: dict[bytes, int] = {}
+        failures: list[BaseException] = []
+
+        def work(worker: int) -> None:
+            try:
+                for i in range(25):
+                    k = b"doors:threads:%d:%d" % (worker, i)
+                    revision = shared.put(k, b"v%d" % i)
+                    assert shared.get_item(k) == Item(k, b"v%d" % i, revision)
+                    written[k] = revision
+            except BaseException as exc:  # reported below, in the test's thread
+                failures.append(exc)
+
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert failures == [] and len(written) == 200
+        assert all(revision > 0 for revision in written.values())
+        assert shared.multi_get(list(written)) == {k: b"v%s" % k.rsplit(b":", 1)[1] for k in written}
 
 
 # ----- consistency: a level or its name ------------------------------------------------------
