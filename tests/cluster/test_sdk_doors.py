@@ -1,24 +1,22 @@
 """One behavioural suite for both SDK doors, against a real cluster (2 shards x 3 replicas, real node
 processes over real gRPC and pysyncobj).
 
-Every test body is written once and runs twice: `door` is a `Client`, or an `AsyncClient` whose
-coroutines run to completion on the adapter's own event loop (one loop per AsyncClient, as the
-README says it must be). What is proven, for both: every operation's results (revisions, found and
-missing keys, multi-key writes within and across shards, scans in key order across shards, every
-consistency level, session tokens handed between clients); a closed client raises `ClientClosed`, unsent;
+Every test body is written once and runs twice: `door` (tests/cluster/sdk_doors.py) is a `Client`,
+or an `AsyncClient` whose coroutines run to completion on the adapter's own event loop (one loop
+per AsyncClient, as the README says it must be). What is proven, for both: every operation's
+results (revisions, found and missing keys, multi-key writes within and across shards, scans in
+key order across shards, every consistency level, session tokens handed between clients); a closed
+client raises `ClientClosed`, unsent, and closing during a call ends it with `ClientClosed`;
 consistency is a level or its name; a bad argument is `InvalidArgument` and nothing is written;
-conflicting constructor arguments are refused; `atomic` must be said for put_many/delete_many;
-the CAS result cannot be misread; every method takes `timeout=`, and the deadline holds within
-`MARGIN` against a black-holed address and against a paused (SIGSTOP) leader.
+conflicting constructor arguments are refused; `atomic` must be said for put_many/delete_many; the
+CAS result cannot be misread; every method takes `timeout=`, and the deadline holds within `MARGIN`
+against black-holed addresses and a paused (SIGSTOP) leader. And a `Client` shared by threads.
 """
 
 from __future__ import annotations
 
-import asyncio
 import inspect
-import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,105 +28,26 @@ from kvstore.client.session import decode_session
 from kvstore.cluster.local import LocalCluster
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.routing.cluster_map import ClusterMap
+from tests.cluster.sdk_doors import (
+    SHARDS,
+    Bound,
+    Door,
+    black_hole_addresses,
+    key,
+    key_on_shard,
+    keys_on_both_shards,
+    prefix,
+)
 from tests.conftest import running_cluster, wait_until
 
 # How far past its timeout a call may return: raising, thread hand-offs, a loaded 2-core machine.
 MARGIN = 0.25
 
 
-SHARDS = 2
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     with running_cluster(tmp_path_factory.mktemp("doors"), shards=SHARDS) as c:
         yield c
-
-
-class Door:
-    """Calls a Client or an AsyncClient the same way: an AsyncClient's coroutines run to completion
-    on this adapter's private event loop (every AsyncClient it makes lives on that one loop)."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self.cls: type[Client] | type[AsyncClient] = AsyncClient if kind == "async" else Client
-        self.loop = asyncio.new_event_loop() if kind == "async" else None
-        self.made: list[Client | AsyncClient] = []
-
-    def run(self, result: Any) -> Any:
-        if inspect.isawaitable(result):
-            assert self.loop is not None
-            return self.loop.run_until_complete(result)
-        return result
-
-    def make(self, *args: Any, **kwargs: Any) -> Client | AsyncClient:
-        client = self.cls(*args, **kwargs)
-        self.made.append(client)
-        return client
-
-    def from_cluster(self, directory: Path, **kwargs: Any) -> Client | AsyncClient:
-        client = self.cls.from_cluster(directory, **kwargs)
-        self.made.append(client)
-        return client
-
-    def call(self, client: Client | AsyncClient, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self.run(getattr(client, method)(*args, **kwargs))
-
-    def timed(
-        self, client: Client | AsyncClient, method: str, *args: Any, **kwargs: Any
-    ) -> tuple[float, Any]:
-        """(seconds the call took, its result or the KvError it raised)."""
-        started = time.monotonic()
-        try:
-            outcome: Any = self.call(client, method, *args, **kwargs)
-        except errors.KvError as err:
-            outcome = err
-        return time.monotonic() - started, outcome
-
-    def while_calling(
-        self, client: Client | AsyncClient, method: str, args: tuple[Any, ...], after: float, action: Any
-    ) -> tuple[float, Any]:
-        """Start a call, run `action()` (it may return an awaitable) `after` seconds into it, and
-        return (seconds the call took, its result or the KvError it raised). The call runs in a
-        thread for a Client, in a task on the adapter's loop for an AsyncClient."""
-        started = time.monotonic()
-        if self.loop is None:
-            outcome: list[Any] = []
-
-            def call() -> None:
-                try:
-                    outcome.append(getattr(client, method)(*args))
-                except errors.KvError as err:
-                    outcome.append(err)
-                outcome.append(time.monotonic() - started)
-
-            thread = threading.Thread(target=call)
-            thread.start()
-            time.sleep(after)
-            action()
-            thread.join(30)
-            assert len(outcome) == 2, "the call did not return"
-            return outcome[1], outcome[0]
-
-        async def both() -> tuple[float, Any]:
-            task = asyncio.ensure_future(getattr(client, method)(*args))
-            await asyncio.sleep(after)
-            done = action()
-            if inspect.isawaitable(done):
-                await done
-            try:
-                result: Any = await asyncio.wait_for(task, 30)
-            except errors.KvError as err:
-                result = err
-            return time.monotonic() - started, result
-
-        return self.run(both())
-
-    def close(self) -> None:
-        for client in self.made:
-            self.run(client.close())
-        if self.loop is not None:
-            self.loop.close()
 
 
 @pytest.fixture(params=["sync", "async"])
@@ -142,33 +61,6 @@ def door(request: pytest.FixtureRequest) -> Iterator[Door]:
 def kv(door: Door, cluster: LocalCluster) -> Any:
     """A client of this door on the cluster: `kv.method(...)` calls it and waits for the result."""
     return Bound(door, door.from_cluster(cluster.dir))
-
-
-class Bound:
-    """One client of a door: `bound.method(...)` calls it and waits for the result."""
-
-    def __init__(self, door: Door, client: Client | AsyncClient) -> None:
-        self.door, self.client = door, client
-
-    def __getattr__(self, method: str) -> Callable[..., Any]:
-        return lambda *args, **kwargs: self.door.call(self.client, method, *args, **kwargs)
-
-
-def prefix(door: Door) -> str:
-    return f"doors:{door.kind}:"
-
-
-def key(door: Door, name: str) -> bytes:
-    return (prefix(door) + name).encode()
-
-
-def key_on_shard(cluster: LocalCluster, shard: int, start: str) -> bytes:
-    ring = cluster.cluster_map().ring
-    for i in range(10_000):
-        candidate = f"{start}:{i}".encode()
-        if ring.shard_for(candidate) == shard:
-            return candidate
-    raise AssertionError(f"no key for shard {shard}")
 
 
 # ----- the two doors have one API --------------------------------------------------------------
@@ -205,12 +97,6 @@ def test_both_doors_have_the_same_methods_arguments_docstrings_and_types() -> No
 
 
 # ----- every operation --------------------------------------------------------------------------
-
-
-def keys_on_both_shards(cluster: LocalCluster, door: Door, name: str, count: int) -> list[bytes]:
-    keys = [key(door, f"{name}:{i:02d}") for i in range(count)]
-    assert {cluster.cluster_map().ring.shard_for(k) for k in keys} == set(range(SHARDS))
-    return keys
 
 
 def test_suite_put_get_get_item_delete(door: Door, kv: Any) -> None:
@@ -537,16 +423,8 @@ def test_every_method_takes_its_own_timeout(door: Door, kv: Any) -> None:
 
 @pytest.fixture
 def black_holes() -> Iterator[list[str]]:
-    """Three addresses that accept TCP connections and never answer (no HTTP/2 handshake)."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(3)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-            sock.listen(64)
-        yield [f"127.0.0.1:{sock.getsockname()[1]}" for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
+    """Three addresses that accept TCP connections and never answer."""
+    yield from black_hole_addresses(3)
 
 
 def test_the_deadline_holds_against_black_holed_addresses(door: Door, black_holes: list[str]) -> None:
