@@ -75,6 +75,7 @@ class AsyncClient:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[tuple[str, str], Any] = {}
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # its channels' loop: its first call's
 
     @classmethod
     def from_cluster(cls, directory: str | Path, **kwargs: Any) -> AsyncClient:
@@ -88,6 +89,15 @@ class AsyncClient:
         if self._closed:
             plan.close()
             raise errors.ClientClosed("the client is closed: nothing was sent")
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            plan.close()
+            raise RuntimeError(
+                "this AsyncClient belongs to the event loop of its first call (its gRPC channels are "
+                "bound to it): make one AsyncClient per event loop"
+            )
         try:
             step = next(plan)
         except StopIteration as done:

@@ -222,6 +222,18 @@ def test_a_closed_async_client_refuses_every_call() -> None:
     asyncio.run(scenario())
 
 
+def test_an_async_client_refuses_a_second_event_loop() -> None:
+    kv = AsyncClient(["127.0.0.1:1"], timeout=0.5)  # nothing listens: calls fail, quickly
+
+    async def call() -> None:
+        with pytest.raises(errors.KvError):
+            await kv.get(b"k")
+
+    asyncio.run(call())
+    with pytest.raises(RuntimeError, match="one AsyncClient per event loop"):
+        asyncio.run(kv.get(b"k"))
+
+
 # ----- the CAS result --------------------------------------------------------------------------
 
 
