@@ -222,6 +222,7 @@ class AsyncClient:
         await self.close()
 
     # ----- the API (keep in step with sync.Client) ------------------------------------------
+
     async def put(self, key: bytes, value: bytes, *, timeout: float | None = None) -> int:
         """Write `value` under `key`; return the write's revision (its shard's Raft log index).
 

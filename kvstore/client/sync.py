@@ -148,6 +148,7 @@ class Client:
         self.close()
 
     # ----- the API (keep in step with aio.AsyncClient) ------------------------------------------
+
     def put(self, key: bytes, value: bytes, *, timeout: float | None = None) -> int:
         """Write `value` under `key`; return the write's revision (its shard's Raft log index).
 
