@@ -182,7 +182,9 @@ def _preload(cluster: LocalCluster) -> None:
     value = os.urandom(VALUE_SIZE)
     with Client.from_cluster(cluster.dir, timeout=30.0) as kv:
         for first in range(0, KEYSPACE, 500):
-            kv.put_many({b"lt:%08d" % i: value for i in range(first, min(first + 500, KEYSPACE))})
+            kv.put_many(
+                {b"lt:%08d" % i: value for i in range(first, min(first + 500, KEYSPACE))}, atomic=False
+            )
 
 
 def _wait_rejoined(cluster: LocalCluster, timeout: float = 30.0) -> bool:

@@ -74,7 +74,9 @@ async def start_cluster(config: lib.BenchConfig, name: str, shards: int) -> Loca
 
 async def preload(kv: AsyncClient, start: int, end: int, batch: int = 1000) -> None:
     for first in range(start, end, batch):
-        await kv.put_many({lib.key(i): lib.VALUE for i in range(first, min(end, first + batch))})
+        await kv.put_many(
+            {lib.key(i): lib.VALUE for i in range(first, min(end, first + batch))}, atomic=False
+        )
 
 
 def keys_by_shard(cluster: LocalCluster, keyspace: int) -> list[list[bytes]]:

@@ -237,7 +237,7 @@ class KvUser(User):
         if len(keys) == 1:
             self.kv.put(keys[0], self.value)
         else:
-            self.kv.put_many(dict.fromkeys(keys, self.value))
+            self.kv.put_many(dict.fromkeys(keys, self.value), atomic=False)
         return len(keys) * len(self.value)
 
     def _call(self, op: str, consistency: str, keys: list[bytes], fn: Any) -> None:
@@ -456,7 +456,9 @@ def _preload(host: str, opts: Any) -> None:
     started = time.monotonic()
     with make_client(host, timeout=30.0) as kv:
         for first in range(0, opts.kv_keyspace, 500):
-            kv.put_many({key_of(i): value for i in range(first, min(first + 500, opts.kv_keyspace))})
+            kv.put_many(
+                {key_of(i): value for i in range(first, min(first + 500, opts.kv_keyspace))}, atomic=False
+            )
     log.info("preloaded %d keys in %.1fs", opts.kv_keyspace, time.monotonic() - started)
 
 

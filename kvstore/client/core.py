@@ -20,8 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 from kvstore import errors
+from kvstore.client import arguments as check
 from kvstore.client.dispatch import ClientSettings, Dispatcher, ReadPolicy, Routed
 from kvstore.client.plans import Parallel, Plan
+from kvstore.client.retry import Deadline
 from kvstore.client.split import (
     MAX_REGROUPS,
     REGROUP,
@@ -43,23 +45,41 @@ __all__ = ["ClientCore", "ClientSettings", "Consistency", "ReadConsistency", "Re
 
 class ClientCore(Dispatcher):
     """The operations, each a plan returning the raw protobuf response (a split operation's parts
-    merged, or one response per shard for `multi_get`)."""
+    merged, or one response per shard for `multi_get`).
 
-    def put(self, key: bytes, value: bytes) -> Plan:
-        request = pb.PutRequest(key=key, value=value, request_id=self.new_request_id())
-        return (yield from self.write([key], "Put", request))
+    Every operation checks its arguments first (arguments.py: `InvalidArgument`, nothing sent)
+    and takes a `timeout`: seconds for the whole operation, retries, parts and map fetches
+    included (None: the client's; see `Dispatcher.deadline`)."""
 
-    def compare_and_set(self, key: bytes, value: bytes, expected_revision: int) -> Plan:
+    def put(self, key: bytes, value: bytes, timeout: float | None = None) -> Plan:
+        request = pb.PutRequest(key=check.key(key, self.limits), value=check.value(value, self.limits))
+        deadline = self.deadline(check.timeout(timeout))
+        request.request_id = self.new_request_id()
+        return (yield from self.write([key], "Put", request, deadline=deadline))
+
+    def compare_and_set(
+        self, key: bytes, value: bytes, expected_revision: int, timeout: float | None = None
+    ) -> Plan:
         request = pb.CompareAndSetRequest(
-            key=key, value=value, expected_revision=expected_revision, request_id=self.new_request_id()
+            key=check.key(key, self.limits),
+            value=check.value(value, self.limits),
+            expected_revision=check.revision(expected_revision),
         )
-        return (yield from self.write([key], "CompareAndSet", request))
+        deadline = self.deadline(check.timeout(timeout))
+        request.request_id = self.new_request_id()
+        return (yield from self.write([key], "CompareAndSet", request, deadline=deadline))
 
     def get(
-        self, key: bytes, consistency: ReadConsistency | None = None, session: dict[int, int] | None = None
+        self,
+        key: bytes,
+        consistency: ReadConsistency | str | None = None,
+        session: dict[int, int] | None = None,
+        timeout: float | None = None,
     ) -> Plan:
-        request = pb.GetRequest(key=key)
-        return (yield from self.read([key], None, "Get", request, consistency or self.consistency, session))
+        request = pb.GetRequest(key=check.key(key, self.limits))
+        level = check.consistency(consistency) or self.consistency
+        deadline = self.deadline(check.timeout(timeout))
+        return (yield from self.read([key], None, "Get", request, level, session, deadline=deadline))
 
     def multi_put(
         self,
@@ -67,10 +87,16 @@ class ClientCore(Dispatcher):
         atomic: bool = True,
         request_id: bytes = b"",
         retry: bool = False,
+        timeout: float | None = None,
     ) -> Plan:
         """Atomic: one shard, one Raft entry (else CrossShardWrite), within the request limits (else
         InvalidArgument). Non-atomic: one write per shard, or several if a shard's part exceeds
         `max_batch_keys` or `max_request_bytes`. `request_id`, `retry`: a router passes its caller's on."""
+        items = check.items(items, self.limits)
+        check.flag(atomic, "atomic")
+        deadline = self.deadline(check.timeout(timeout))
+        if atomic and not items:
+            raise errors.InvalidArgument("an atomic write needs at least one key (it returns its revision)")
         request_id = request_id or self.new_request_id()
         if atomic:
             check_one_request(
@@ -82,7 +108,7 @@ class ClientCore(Dispatcher):
         if self.router:
             request = multi_put_request(items, request_id)
             request.non_atomic, request.retry = not atomic, retry
-            return (yield from self.write([], "MultiPut", request))
+            return (yield from self.write([], "MultiPut", request, deadline=deadline))
         by_key = dict(items)
 
         def part(routed: Routed, keys: list[bytes]) -> Plan:
@@ -90,28 +116,38 @@ class ClientCore(Dispatcher):
             sub_id = sub_request_id(request_id, routed.shard, keys, whole)
             request = multi_put_request(items if whole else [(k, by_key[k]) for k in keys], sub_id)
             request.retry = retry
-            return self.write(keys, "MultiPut", request, split=not atomic, routed=routed)
+            return self.write(keys, "MultiPut", request, split=not atomic, routed=routed, deadline=deadline)
 
         keys = [k for k, _ in items]
-        responses = yield from self._per_shard(keys, atomic, part, chunked=not atomic, values=by_key)
+        responses = yield from self._per_shard(
+            keys, atomic, part, deadline, chunked=not atomic, values=by_key
+        )
         return combine_headers(pb.MultiPutResponse(), responses)
 
     def delete(
-        self, keys: list[bytes], atomic: bool = True, request_id: bytes = b"", retry: bool = False
+        self,
+        keys: list[bytes],
+        atomic: bool = True,
+        request_id: bytes = b"",
+        retry: bool = False,
+        timeout: float | None = None,
     ) -> Plan:
+        keys = check.keys(keys, self.limits, unique=True)
+        check.flag(atomic, "atomic")
+        deadline = self.deadline(check.timeout(timeout))
         request_id = request_id or self.new_request_id()
         if atomic:
             check_one_request(self.limits, len(keys), sum(map(len, keys)), "an atomic delete")
         if self.router:
             request = pb.DeleteRequest(keys=keys, request_id=request_id, non_atomic=not atomic, retry=retry)
-            return (yield from self.write([], "Delete", request))
+            return (yield from self.write([], "Delete", request, deadline=deadline))
 
         def part(routed: Routed, group: list[bytes]) -> Plan:
             sub_id = sub_request_id(request_id, routed.shard, group, len(group) == len(keys))
             request = pb.DeleteRequest(keys=group, request_id=sub_id, retry=retry)
-            return self.write(group, "Delete", request, split=not atomic, routed=routed)
+            return self.write(group, "Delete", request, split=not atomic, routed=routed, deadline=deadline)
 
-        responses = yield from self._per_shard(keys, atomic, part, chunked=not atomic)
+        responses = yield from self._per_shard(keys, atomic, part, deadline, chunked=not atomic)
         combined = combine_headers(pb.DeleteResponse(), responses)
         combined.deleted = sum(r.deleted for r in responses)
         return combined
@@ -121,6 +157,7 @@ class ClientCore(Dispatcher):
         keys: list[bytes],
         atomic: bool,
         part: Callable[[Routed, list[bytes]], Plan],
+        deadline: Deadline,
         writes: bool = True,
         chunked: bool = False,
         values: dict[bytes, bytes] | None = None,
@@ -130,8 +167,10 @@ class ClientCore(Dispatcher):
         its keys). If a part fails, a write is reported as failed only if no part may have applied.
 
         `chunked` (non-atomic operations): a group beyond one request's limits (its keys and their
-        `values`) is split into several parts."""
-        yield from self._ensure_map()
+        `values`) is split into several parts. Every part, regrouped or not, ends by `deadline`."""
+        if not keys:
+            return []  # nothing to do: no map needed, nothing sent
+        yield from self._ensure_map(deadline)
         remaining, responses = list(keys), []
         for _ in range(MAX_REGROUPS):
             epoch = self.cluster_map.epoch
@@ -159,20 +198,27 @@ class ClientCore(Dispatcher):
     def multi_get(
         self,
         keys: list[bytes],
-        consistency: ReadConsistency | None = None,
+        consistency: ReadConsistency | str | None = None,
         session: dict[int, int] | None = None,
+        timeout: float | None = None,
     ) -> Plan:
         """One response per shard read (the caller merges them: `combine_multi_get`, or a dict)."""
-        level = consistency or self.consistency
+        keys = check.keys(keys, self.limits)
+        level = check.consistency(consistency) or self.consistency
+        deadline = self.deadline(check.timeout(timeout))
         if self.router:
+            if not keys:
+                return []
             request = pb.MultiGetRequest(keys=keys)
-            return [(yield from self.read(None, None, "MultiGet", request, level, session))]
+            return [
+                (yield from self.read(None, None, "MultiGet", request, level, session, deadline=deadline))
+            ]
 
         def part(routed: Routed, group: list[bytes]) -> Plan:
             request = pb.MultiGetRequest(keys=group)
-            return self.read(group, None, "MultiGet", request, level, session, routed)
+            return self.read(group, None, "MultiGet", request, level, session, routed, deadline)
 
-        return (yield from self._per_shard(keys, False, part, writes=False, chunked=True))
+        return (yield from self._per_shard(keys, False, part, deadline, writes=False, chunked=True))
 
     def scan(
         self,
@@ -182,22 +228,31 @@ class ClientCore(Dispatcher):
         prefix: bytes = b"",
         limit: int = 1000,
         continuation: bytes = b"",
-        consistency: ReadConsistency | None = None,
+        consistency: ReadConsistency | str | None = None,
         session: dict[int, int] | None = None,
+        timeout: float | None = None,
     ) -> Plan:
         """Keys in order across every shard. The continuation is the last key returned, so it
         stays valid when the cluster map changes between pages."""
-        level = consistency or self.consistency
-        if limit <= 0:
-            raise errors.InvalidArgument(f"scan limit must be positive (got {limit})")
+        start, end = check.scan_bound(start, "start"), check.scan_bound(end, "end")
+        prefix, continuation = (
+            check.scan_bound(prefix, "prefix"),
+            check.scan_bound(continuation, "continuation"),
+        )
+        limit = check.scan_limit(limit, self.limits)
+        level = check.consistency(consistency) or self.consistency
+        deadline = self.deadline(check.timeout(timeout))
 
         def request() -> pb.ScanRequest:
             return pb.ScanRequest(start=start, end=end, prefix=prefix, limit=limit, continuation=continuation)
 
         if self.router:
-            return (yield from self.read(None, None, "Scan", request(), level, session))
-        cluster_map = yield from self._ensure_map()
-        plans = [self.read(None, s.id, "Scan", request(), level, session) for s in cluster_map.shards]
+            return (yield from self.read(None, None, "Scan", request(), level, session, deadline=deadline))
+        cluster_map = yield from self._ensure_map(deadline)
+        plans = [
+            self.read(None, s.id, "Scan", request(), level, session, deadline=deadline)
+            for s in cluster_map.shards
+        ]
         responses = yield Parallel(plans)
         merged = list(heapq.merge(*(r.kvs for r in responses), key=lambda kv: kv.key))
         more = len(merged) > limit or any(r.continuation for r in responses)
@@ -218,16 +273,18 @@ class ClientCore(Dispatcher):
 
     # ----- one KV request message (`Client.send`: the router, tools that want the headers) --------
 
-    def send(self, request: Any) -> Plan:
+    def send(self, request: Any, timeout: float | None = None) -> Plan:
         """The plan for one KV request message, run as this client runs its own operations
         (routing, splitting by shard, retries). The request's fields stand: its request id and
         `retry` flag (assigned if empty), `non_atomic`, its read options (a read without session
         tokens uses this client's). The answer is the one response message a node gives: a split
         operation's parts merged under one header (per-shard revisions in `header.revisions`)."""
-        if isinstance(request, pb.PutRequest):
-            return (yield from self.write([request.key], "Put", request))
-        if isinstance(request, pb.CompareAndSetRequest):
-            return (yield from self.write([request.key], "CompareAndSet", request))
+        if isinstance(request, pb.PutRequest | pb.CompareAndSetRequest):
+            check.key(request.key, self.limits)
+            check.value(request.value, self.limits)
+            deadline = self.deadline(check.timeout(timeout))
+            method = "Put" if isinstance(request, pb.PutRequest) else "CompareAndSet"
+            return (yield from self.write([request.key], method, request, deadline=deadline))
         if isinstance(request, pb.MultiPutRequest):
             if len(request.keys) != len(request.values):
                 raise errors.InvalidArgument(
@@ -235,19 +292,20 @@ class ClientCore(Dispatcher):
                 )
             items = list(zip(request.keys, request.values, strict=True))
             atomic = not request.non_atomic
-            return (yield from self.multi_put(items, atomic, request.request_id, request.retry))
+            return (yield from self.multi_put(items, atomic, request.request_id, request.retry, timeout))
         if isinstance(request, pb.DeleteRequest):
             keys = list(request.keys)
-            return (yield from self.delete(keys, not request.non_atomic, request.request_id, request.retry))
+            atomic = not request.non_atomic
+            return (yield from self.delete(keys, atomic, request.request_id, request.retry, timeout))
         if not isinstance(request, pb.GetRequest | pb.MultiGetRequest | pb.ScanRequest):
             raise TypeError(f"not a KV request message: {type(request).__name__}")
         level = ReadConsistency(request.read.consistency, request.read.max_staleness_seconds)
         session = dict(request.read.session) or None
         if isinstance(request, pb.GetRequest):
-            return (yield from self.get(request.key, level, session))
+            return (yield from self.get(request.key, level, session, timeout))
         if isinstance(request, pb.MultiGetRequest):
             keys = list(request.keys)
-            return combine_multi_get(keys, (yield from self.multi_get(keys, level, session)))
+            return combine_multi_get(keys, (yield from self.multi_get(keys, level, session, timeout)))
         plan = self.scan(
             start=request.start,
             end=request.end,
@@ -256,5 +314,6 @@ class ClientCore(Dispatcher):
             continuation=request.continuation,
             consistency=level,
             session=session,
+            timeout=timeout,
         )
         return (yield from plan)

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 from kvstore import errors
 from kvstore.client.plans import Call, Plan
-from kvstore.client.retry import Attempts, RetryPolicy
+from kvstore.client.retry import Attempts, Deadline, RetryPolicy
 from kvstore.client.session import decode_session, encode_session
 from kvstore.client.split import MapChanged
 from kvstore.config import Limits
@@ -135,23 +135,39 @@ class Dispatcher:
 
     # ----- cluster map -----------------------------------------------------------------------
 
-    def _ensure_map(self) -> Plan:
+    def deadline(self, timeout: float | None = None) -> Deadline:
+        """An operation's deadline from now: its own `timeout`, else the policy's or the client's."""
+        return self.retry.deadline_for(timeout, self.settings.timeout, self.settings.rpc_timeout)
+
+    def _ensure_map(self, deadline: Deadline | None = None) -> Plan:
         if self.cluster_map is None:
-            yield from self.refresh_map()
+            yield from self.refresh_map(deadline=deadline)
         return self.cluster_map
 
-    def refresh_map(self, min_epoch: int = 0) -> Plan:
-        """Fetch the map from any known node; keep whichever is newest."""
+    def refresh_map(self, min_epoch: int = 0, deadline: Deadline | None = None) -> Plan:
+        """Fetch the map from any known node; keep whichever is newest. Within `deadline` (the
+        operation's that needs the map; by default the client's timeout from now)."""
+        deadline = deadline or self.deadline()
         candidates = list(self.seeds)
         if self.cluster_map is not None:
             candidates += [r.address for s in self.cluster_map.shards for r in s.replicas]
         random.shuffle(candidates)
         last_error: errors.KvError | None = None
         for address in dict.fromkeys(candidates):
+            remaining = deadline.at - self.retry.clock()
+            if remaining <= 0:
+                last_error = last_error or errors.Timeout("the deadline passed")
+                break
             try:
                 msg = yield Call(
-                    address, "Admin", "ClusterMap", pb.ClusterMapRequest(), self.settings.rpc_timeout
+                    address,
+                    "Admin",
+                    "ClusterMap",
+                    pb.ClusterMapRequest(),
+                    min(deadline.rpc_timeout, remaining),
                 )
+            except errors.ClientClosed:
+                raise  # final: no other node would be asked either
             except errors.KvError as err:
                 last_error = err
                 continue
@@ -214,11 +230,19 @@ class Dispatcher:
 
     # ----- the retry loops: the policy says whether to go on, these say where -----------------
 
-    def _attempts(self, write: bool = False) -> Attempts:
-        return self.retry.start(self.settings.timeout, self.settings.rpc_timeout, write=write)
+    def _attempts(self, deadline: Deadline | None, write: bool = False) -> Attempts:
+        return self.retry.start(
+            self.settings.timeout, self.settings.rpc_timeout, write=write, deadline=deadline
+        )
 
     def write(
-        self, keys: list[bytes], method: str, request: Any, split: bool = False, routed: Routed | None = None
+        self,
+        keys: list[bytes],
+        method: str,
+        request: Any,
+        split: bool = False,
+        routed: Routed | None = None,
+        deadline: Deadline | None = None,
     ) -> Plan:
         """Send a write to its shard's leader until it is applied, definitely failed, or time is up.
 
@@ -228,11 +252,11 @@ class Dispatcher:
         if not request.request_id:
             request.request_id = self.new_request_id()  # e.g. a bare gRPC client through the router
         if self.router:
-            return (yield from self._via_router(method, request, is_write=True))
-        attempts = self._attempts(write=True)
+            return (yield from self._via_router(method, request, is_write=True, deadline=deadline))
+        attempts = self._attempts(deadline, write=True)
         while True:
             attempts.begin()
-            yield from self._ensure_map()
+            yield from self._ensure_map(attempts.remaining())
             shard = self._shard_of(keys, split, routed)
             address = self._leader_guess(shard)
             request.epoch = self.cluster_map.epoch
@@ -244,7 +268,7 @@ class Dispatcher:
                     raise
                 attempts.failed(err)
                 if isinstance(err, errors.WrongShard):
-                    yield from self.refresh_map(err.epoch)
+                    yield from self.refresh_map(err.epoch, attempts.remaining())
                     if attempts.redirect():
                         continue
                 elif isinstance(err, errors.NotLeader):
@@ -272,17 +296,18 @@ class Dispatcher:
         consistency: ReadConsistency,
         session: dict[int, int] | None = None,
         routed: Routed | None = None,
+        deadline: Deadline | None = None,
     ) -> Plan:
         """Send a read to a replica that can serve it at `consistency`; fall back towards the leader."""
         if self.router:
             request.read.CopyFrom(self._read_options(consistency, None, session))
-            return (yield from self._via_router(method, request, is_write=False))
-        attempts = self._attempts()
+            return (yield from self._via_router(method, request, is_write=False, deadline=deadline))
+        attempts = self._attempts(deadline)
         refusal: errors.KvError | None = None
         level = consistency
         while True:
             attempts.begin()
-            yield from self._ensure_map()
+            yield from self._ensure_map(attempts.remaining())
             if keys is None:
                 shard = self.cluster_map.shard(shard_id)
             else:
@@ -290,6 +315,8 @@ class Dispatcher:
             if shard.id not in self.leaders and self.read_policy in _LEADER_AWARE:
                 yield from self._discover_leader(shard, attempts)
             for address in self._read_targets(shard, self.read_policy):
+                if attempts.expired():
+                    break  # the next replica would get no time: the operation ends here
                 request.read.CopyFrom(self._read_options(level, shard.id, session))
                 request.epoch = self.cluster_map.epoch
                 started = time.monotonic()
@@ -300,7 +327,7 @@ class Dispatcher:
                         raise
                     if isinstance(err, errors.WrongShard):
                         attempts.failed(err)
-                        yield from self.refresh_map(err.epoch)
+                        yield from self.refresh_map(err.epoch, attempts.remaining())
                         break
                     if isinstance(err, errors.ReplicaBehind):
                         attempts.failed(err)
@@ -328,6 +355,8 @@ class Dispatcher:
         that only reads would otherwise never learn it). Best effort: no answer leaves a guess."""
         addresses = {r.address for r in shard.replicas}
         for replica in shard.replicas:
+            if attempts.expired():
+                return
             try:
                 status = yield Call(
                     replica.address, "Admin", "Status", pb.StatusRequest(), attempts.call_timeout()
@@ -352,10 +381,12 @@ class Dispatcher:
             options.session.update({k: v for k, v in tokens.items() if v})
         return options
 
-    def _via_router(self, method: str, request: Any, *, is_write: bool) -> Plan:
+    def _via_router(
+        self, method: str, request: Any, *, is_write: bool, deadline: Deadline | None = None
+    ) -> Plan:
         """Send to the router until it answers: it does the routing, so only an unreachable or busy
         router, or no answer, is tried again (`RetryPolicy.retryable(through_router=True)`)."""
-        attempts = self._attempts(write=is_write)
+        attempts = self._attempts(deadline, write=is_write)
         while True:
             attempts.begin()
             if is_write:
@@ -365,6 +396,9 @@ class Dispatcher:
             except errors.KvError as err:
                 if not self.retry.retryable(err, through_router=True):
                     raise
+                if not is_write and isinstance(err, errors.UnknownOutcome):
+                    # For a read, "outcome unknown" only means no answer in time (as in `read`).
+                    err = errors.Timeout(f"read timed out at {self.router}: {err.message}")
                 attempts.failed(err)
             else:
                 self.observe(response.header)

@@ -3,15 +3,20 @@ doors use these)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 from kvstore.proto import kvstore_pb2 as pb
+
+#: What the multi-key writes take: a mapping, or (key, value) pairs with no key twice.
+Items: TypeAlias = Mapping[bytes, bytes] | list[tuple[bytes, bytes]]
 
 
 @dataclass(frozen=True)
 class Item:
+    """A key, its value, and its revision (the shard's Raft log index of the write that set it)."""
+
     key: bytes
     value: bytes
     revision: int
@@ -19,17 +24,36 @@ class Item:
 
 @dataclass(frozen=True)
 class CasResult:
+    """What `compare_and_set` did.
+
+    succeeded: True if the value was written.
+    revision:  on success, the write's revision; on failure None (never a number that is not one).
+    current:   on failure, what the key holds now (its value and revision), None if it does not
+               exist; on success None.
+    `current_revision` is what to pass as `expected_revision` to try again (0: absent).
+    """
+
     succeeded: bool
-    revision: int  # the write's revision if it succeeded
-    current: Item | None  # on failure: what the key holds now (None: absent)
+    revision: int | None
+    current: Item | None
+
+    @property
+    def current_revision(self) -> int:
+        """The key's revision now: the write's on success; on failure the key's (0: absent)."""
+        if self.succeeded:
+            assert self.revision is not None
+            return self.revision
+        return self.current.revision if self.current is not None else 0
 
 
 @dataclass(frozen=True)
 class ScanPage:
-    items: list[Item]
-    continuation: bytes  # b"" when there is nothing more
+    """One page of a scan, in key order; `continuation` (b"" on the last page) asks for the next."""
 
-    def __iter__(self) -> Any:
+    items: list[Item]
+    continuation: bytes
+
+    def __iter__(self) -> Iterator[Item]:
         return iter(self.items)
 
     def __len__(self) -> int:
@@ -49,8 +73,9 @@ def get_item_result(response: pb.GetResponse) -> Item | None:
 
 
 def cas_result(response: pb.CompareAndSetResponse) -> CasResult:
-    current = item(response.current) if response.current.revision else None
-    return CasResult(response.succeeded, response.header.revision if response.succeeded else 0, current)
+    if response.succeeded:
+        return CasResult(True, response.header.revision, None)
+    return CasResult(False, None, item(response.current) if response.current.revision else None)
 
 
 def multi_get_result(keys: list[bytes], responses: list[pb.MultiGetResponse]) -> dict[bytes, bytes]:
@@ -72,8 +97,4 @@ def revisions(response: Any) -> dict[int, int]:
     return dict(header.revisions) or {header.shard: header.revision}
 
 
-def as_items(items: Mapping[bytes, bytes] | list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    return list(items.items()) if isinstance(items, Mapping) else list(items)
-
-
-__all__ = ["CasResult", "Item", "ScanPage"]
+__all__ = ["CasResult", "Item", "Items", "ScanPage"]

@@ -9,10 +9,12 @@ module decides *whether* there is one and how long to wait before it.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from kvstore import errors
 from kvstore.client.plans import Sleep
@@ -25,6 +27,17 @@ MAX_WRITE_RETRY_SECONDS = 30.0
 # Errors that ask the sender to route again (another leader, a newer map, another replica). A
 # router answers them only once its own routing gave up, so to a thin client they are final.
 _ROUTING_ERRORS = (errors.NotLeader, errors.WrongShard, errors.ReplicaBehind)
+
+
+class Deadline(NamedTuple):
+    """One operation's time, shared by all its parts (each shard's part of a split operation, the
+    map fetches it needs): when it ends on the policy's clock, and the most one call may take.
+    Every call's timeout and every pause is cut to what remains, so the operation as a whole ends
+    by `at` (plus the time to raise), whatever its retries, parts and map refreshes."""
+
+    at: float
+    seconds: float
+    rpc_timeout: float
 
 
 @dataclass(frozen=True)
@@ -86,13 +99,40 @@ class RetryPolicy:
         ceiling = min(self.backoff_max, self.backoff_initial * (2**attempt))
         return random.uniform(ceiling * (1.0 - self.jitter), ceiling)
 
-    def start(self, timeout: float, rpc_timeout: float, *, write: bool = False) -> Attempts:
-        """One operation's attempts. `timeout`: the client's, used unless `deadline` is set;
-        `rpc_timeout`: the most one call may take."""
-        seconds = self.deadline if self.deadline is not None else timeout
+    def deadline_for(self, timeout: float | None, client_timeout: float, rpc_timeout: float) -> Deadline:
+        """An operation's deadline, from now: its own `timeout` if the call gave one, else this
+        policy's `deadline`, else the client's. A call's own timeout also shortens its attempts (a
+        third of it, at least 0.5 s, at most `rpc_timeout`), so a short call still tries another
+        replica when one does not answer."""
+        if timeout is not None:
+            seconds = timeout
+            rpc_timeout = min(rpc_timeout, max(0.5, timeout / 3))
+        else:
+            seconds = self.deadline if self.deadline is not None else client_timeout
+        if not (isinstance(seconds, int | float) and not isinstance(seconds, bool)) or not (
+            math.isfinite(seconds) and seconds > 0
+        ):
+            raise errors.InvalidArgument(f"timeout must be a positive number of seconds, not {seconds!r}")
+        return Deadline(self.clock() + seconds, float(seconds), rpc_timeout)
+
+    def start(
+        self,
+        timeout: float,
+        rpc_timeout: float,
+        *,
+        write: bool = False,
+        deadline: Deadline | None = None,
+    ) -> Attempts:
+        """One operation's (or one part's) attempts. `deadline`: the operation's (`deadline_for`);
+        without one, from now: `timeout` (the client's) unless this policy sets `deadline`, and
+        `rpc_timeout` the most one call may take. A write's attempts end `write_deadline` after
+        they start at the latest."""
+        if deadline is None:
+            deadline = self.deadline_for(None, timeout, rpc_timeout)
+        ends = deadline.at
         if write:
-            seconds = min(seconds, self.write_deadline)
-        return Attempts(self, seconds, rpc_timeout, write)
+            ends = min(ends, self.clock() + self.write_deadline)
+        return Attempts(self, ends, deadline.seconds, deadline.rpc_timeout, write)
 
 
 class Attempts:
@@ -102,12 +142,14 @@ class Attempts:
     A plan calls `begin()` before each attempt, `failed(error)` after each retryable failure,
     and asks `exhausted()` before pausing (`pause()`) for the next."""
 
-    def __init__(self, policy: RetryPolicy, seconds: float, rpc_timeout: float, write: bool) -> None:
+    def __init__(
+        self, policy: RetryPolicy, ends: float, seconds: float, rpc_timeout: float, write: bool
+    ) -> None:
         self.policy = policy
-        self.seconds = seconds
+        self.seconds = seconds  # the operation's timeout (for messages)
         self.rpc_timeout = rpc_timeout
         self.write = write
-        self.deadline = policy.clock() + seconds
+        self.deadline = ends
         self.made = 0  # attempts begun
         self.last: errors.KvError | None = None
         #: A write: some attempt may have applied, so later ones must say `retry` (and a failure
@@ -116,6 +158,13 @@ class Attempts:
         self._redirects = policy.free_redirects
 
     def begin(self) -> None:
+        """Before each attempt. Past the deadline (after a pause cut to it), no further attempt:
+        the operation's error is raised (a call with no time left could only fail, and for a
+        write that failure would read as "may have applied")."""
+        if self.expired():
+            if not self.made:  # the time went on the way (a map fetch, an earlier part)
+                raise errors.Timeout(f"no time left for an attempt (timeout {self.seconds}s)")
+            raise self.give_up("no attempt made")
         self.made += 1
 
     def expired(self) -> bool:
@@ -130,6 +179,10 @@ class Attempts:
         """The timeout of the next call: one call's at most, and never past the deadline."""
         return max(0.001, min(self.rpc_timeout, self.deadline - self.policy.clock()))
 
+    def remaining(self) -> Deadline:
+        """What is left of this operation's time, for what it needs on the way (a map fetch)."""
+        return Deadline(self.deadline, self.seconds, self.rpc_timeout)
+
     def failed(self, error: errors.KvError) -> None:
         self.last = error
         if self.write and self.policy.may_have_applied(error):
@@ -143,7 +196,9 @@ class Attempts:
         return False
 
     def pause(self) -> Sleep:
-        return Sleep(self.policy.pause(self.made - 1))
+        """The back-off before the next attempt, never past the deadline."""
+        remaining = max(0.0, self.deadline - self.policy.clock())
+        return Sleep(min(self.policy.pause(self.made - 1), remaining))
 
     def give_up(self, nothing_tried: str) -> errors.KvError:
         """The operation's error once no attempt is left."""

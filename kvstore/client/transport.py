@@ -1,11 +1,9 @@
-"""What the two front doors' gRPC channels share: the stubs per service and the channel options."""
+"""What the two front doors' gRPC channels share: the stubs per service. Their message limits come
+from the client's `Limits` (`Limits.grpc_options()`: what the SDK may send and a node accepts, and
+what a node may answer and the SDK reads)."""
 
 from __future__ import annotations
 
-from kvstore.config import Limits
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 
 STUBS = {"KV": pb_grpc.KVStub, "Admin": pb_grpc.AdminStub}
-# The same message limits as a node with the default Limits (derived there from the request and
-# answer limits): what the SDK may send, a node accepts, and what a node may answer, the SDK reads.
-CHANNEL_OPTIONS = Limits().grpc_options()

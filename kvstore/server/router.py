@@ -122,13 +122,18 @@ class RouterServicer(pb_grpc.KVServicer):
         return await self.client.send(request)
 
 
-def make_router_client(cluster_map: ClusterMap | None, seeds: list[str]) -> AsyncClient:
+def make_router_client(
+    cluster_map: ClusterMap | None, seeds: list[str], limits: Limits | None = None
+) -> AsyncClient:
     if cluster_map is not None:
         cluster_map.ring  # noqa: B018 (a map from another key placement stops the router at start)
     # Short attempts: the router must move off a cut-off leader well within one attempt of its
     # caller (a thin client tries each router call for a third of its deadline).
     settings = ClientSettings(timeout=8.0, rpc_timeout=1.0)
-    core = ClientCore(seeds=seeds, cluster_map=cluster_map, track_session=False, settings=settings)
+    # The nodes' limits: the core checks sizes against them before it sends (the SDK's checks).
+    core = ClientCore(
+        seeds=seeds, cluster_map=cluster_map, track_session=False, settings=settings, limits=limits
+    )
     return AsyncClient(_core=core)
 
 
@@ -152,7 +157,7 @@ async def start_router(
     `server_settings.max_concurrent_rpcs`, as a node does."""
     limits = limits or Limits()
     server_settings = server_settings or ServerSettings()
-    client = make_router_client(cluster_map, seeds)
+    client = make_router_client(cluster_map, seeds, limits)
     server = grpc.aio.server(options=limits.grpc_options())
     gate = ConcurrencyGate(server_settings.max_concurrent_rpcs, server_settings.max_concurrent_ops)
     add_service(server, RouterServicer(client, limits), "KV", gate)

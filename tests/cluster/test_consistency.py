@@ -6,15 +6,13 @@ What is proven, each on real node processes over real gRPC:
 - SESSION: read-your-writes over every replica and shard, monotonic reads, token hand-off;
 - BOUNDED(s): never older than s, on a healthy cluster and at a follower stopped longer than s;
 - replica progress is visible in Admin.Status; the CLI reads at every level;
-- one behavioural suite that Client and AsyncClient both pass with the same assertions.
+- (the behavioural suite both SDK doors pass: tests/cluster/test_sdk_doors.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import contextlib
-import inspect
 import subprocess
 import sys
 import threading
@@ -28,7 +26,7 @@ import grpc
 import pytest
 
 import kvstore.cluster.local as local_cluster
-from kvstore import AsyncClient, Client, Consistency, Item, ReadConsistency, ReadPolicy, errors
+from kvstore import Client, Consistency, ReadConsistency, ReadPolicy, errors
 from kvstore.chaos.proxy import ProxyCluster
 from kvstore.client.core import ClientCore, ClientSettings
 from kvstore.client.session import decode_session
@@ -526,190 +524,7 @@ def test_read_policy_holds_for_a_client_that_never_wrote(cluster: LocalCluster, 
         assert counts == {leader: 30}, f"LEADER policy, leader {leader}: {counts}"
 
 
-# ----- 6. one behavioural suite, run by Client and by AsyncClient --------------------------------
-
-
-class Api:
-    """Calls a Client or an AsyncClient the same way: coroutines run to completion on a private loop."""
-
-    def __init__(self, kind: str, directory: Path) -> None:
-        self.kind, self.dir = kind, directory
-        self.loop = asyncio.new_event_loop() if kind == "async" else None
-        self.client = self.make()
-        self.prefix = f"suite:{kind}:"
-
-    def make(self, **kwargs: Any) -> Client | AsyncClient:
-        cls = AsyncClient if self.kind == "async" else Client
-        return cls.from_cluster(self.dir, **kwargs)
-
-    def run(self, result: Any) -> Any:
-        if inspect.isawaitable(result):
-            assert self.loop is not None
-            return self.loop.run_until_complete(result)
-        return result
-
-    def on(self, client: Client | AsyncClient, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self.run(getattr(client, method)(*args, **kwargs))
-
-    def __getattr__(self, method: str) -> Any:
-        return lambda *args, **kwargs: self.on(self.client, method, *args, **kwargs)
-
-    def key(self, name: str) -> bytes:
-        return (self.prefix + name).encode()
-
-    def shutdown(self) -> None:
-        self.run(self.client.close())
-        if self.loop is not None:
-            self.loop.close()
-
-
-@pytest.fixture(scope="module", params=["sync", "async"])
-def api(request: pytest.FixtureRequest, cluster: LocalCluster) -> Iterator[Api]:
-    adapter = Api(request.param, cluster.dir)
-    yield adapter
-    adapter.shutdown()
-
-
-def keys_on_both_shards(cluster: LocalCluster, api: Api, name: str, count: int) -> list[bytes]:
-    keys = [api.key(f"{name}:{i:02d}") for i in range(count)]
-    assert {cluster.cluster_map().ring.shard_for(k) for k in keys} == set(range(SHARDS))
-    return keys
-
-
-def test_suite_put_get_get_item_delete(api: Api) -> None:
-    key = api.key("k")
-    first = api.put(key, b"v1")
-    assert first > 0
-    assert api.get(key) == b"v1"
-    assert api.get_item(key) == Item(key, b"v1", first)
-    second = api.put(key, b"v2")
-    assert second > first
-    assert api.get_item(key) == Item(key, b"v2", second)
-    assert api.get(api.key("missing")) is None and api.get_item(api.key("missing")) is None
-    assert api.delete(key) is True
-    assert api.get(key) is None
-    assert api.delete(key) is False
-
-
-def test_suite_compare_and_set(api: Api) -> None:
-    key = api.key("cas")
-    created = api.compare_and_set(key, b"one", expected_revision=0)
-    assert created.succeeded and created.revision > 0 and created.current is None
-    taken = api.compare_and_set(key, b"two", expected_revision=0)
-    assert not taken.succeeded and taken.revision == 0
-    assert taken.current == Item(key, b"one", created.revision)
-    swapped = api.compare_and_set(key, b"two", expected_revision=created.revision)
-    assert swapped.succeeded and swapped.revision > created.revision
-    lost = api.compare_and_set(key, b"three", expected_revision=created.revision)
-    assert not lost.succeeded and lost.current == Item(key, b"two", swapped.revision)
-    assert api.get(key) == b"two"
-
-
-def test_suite_multi_put_and_multi_get(api: Api) -> None:
-    items = {api.key(f"{{tag}}:{i}"): b"val-%d" % i for i in range(10)}  # one hash tag: one shard
-    revision = api.multi_put(items)
-    assert revision > 0
-    assert api.multi_get([*items, api.key("{tag}:absent")]) == items
-    assert {api.get_item(k).revision for k in items} == {revision}  # one entry, one revision
-    assert api.delete_many(list(items)) == len(items)
-    assert api.multi_get(list(items)) == {}
-
-
-def test_suite_put_many_and_delete_many_across_shards(cluster: LocalCluster, api: Api) -> None:
-    keys = keys_on_both_shards(cluster, api, "many", 12)
-    items = {k: b"m-" + k for k in keys}
-    revisions = api.put_many(items)
-    assert set(revisions) == set(range(SHARDS)) and all(r > 0 for r in revisions.values())
-    ring = cluster.cluster_map().ring
-    assert all(api.get_item(k).revision == revisions[ring.shard_for(k)] for k in keys)
-    assert api.multi_get(keys) == items
-    assert api.delete_many(keys, atomic=False) == len(keys)
-    assert api.multi_get(keys) == {}
-    assert api.delete_many(keys, atomic=False) == 0
-
-
-def test_suite_atomic_writes_across_shards_are_refused(cluster: LocalCluster, api: Api) -> None:
-    first, second = (key_on_shard(cluster, s, api.prefix + "cross") for s in range(SHARDS))
-    pair = {first: b"a", second: b"b"}
-    with pytest.raises(errors.CrossShardWrite):
-        api.multi_put(pair)
-    with pytest.raises(errors.CrossShardWrite):
-        api.put_many(pair, atomic=True)
-    assert api.multi_get(list(pair)) == {}  # nothing was written
-    api.put_many(pair)
-    with pytest.raises(errors.CrossShardWrite):
-        api.delete_many(list(pair))  # atomic by default
-    assert api.multi_get(list(pair)) == pair  # nothing was deleted
-
-
-def test_suite_empty_key_is_invalid(api: Api) -> None:
-    with pytest.raises(errors.InvalidArgument):
-        api.put(b"", b"v")
-    with pytest.raises(errors.InvalidArgument):
-        api.get(b"")
-    with pytest.raises(errors.InvalidArgument):
-        api.delete(b"")
-    with pytest.raises(errors.InvalidArgument):
-        api.compare_and_set(b"", b"v", expected_revision=0)
-
-
-def test_suite_scan(cluster: LocalCluster, api: Api) -> None:
-    keys = keys_on_both_shards(cluster, api, "scan", 12)
-    api.put_many({k: k[-2:] for k in keys})
-    api.put(api.key("scan;after"), b"outside the prefix")
-    seen: list[Item] = []
-    continuation = b""
-    for _ in range(10):
-        page = api.scan(prefix=api.key("scan:"), limit=5, continuation=continuation)
-        seen += page.items
-        continuation = page.continuation
-        if not continuation:
-            break
-    assert [i.key for i in seen] == keys  # in key order, across both shards
-    assert all(i.value == i.key[-2:] and i.revision > 0 for i in seen)
-    ranged = api.scan(start=keys[3], end=keys[7])
-    assert [i.key for i in ranged] == keys[3:7]
-
-
-LEVELS = [Consistency.STRONG, Consistency.SESSION, Consistency.EVENTUAL, Consistency.bounded(5.0)]
-
-
-@pytest.mark.parametrize("level", LEVELS, ids=str)
-def test_suite_every_consistency_level_returns_the_written_value(
-    cluster: LocalCluster, api: Api, level: ReadConsistency
-) -> None:
-    keys = keys_on_both_shards(cluster, api, f"level-{level}", 6)
-    items = {k: b"at-" + str(level).encode() for k in keys}
-    revisions = api.put_many(items)
-    # Reads at the leader the writer just used: every level must see the acknowledged write.
-    assert api.get(keys[0], consistency=level) == items[keys[0]]
-    assert api.get_item(keys[1], consistency=level).revision in revisions.values()
-    assert api.multi_get(keys, consistency=level) == items
-    page = api.scan(prefix=api.key(f"level-{level}:"), consistency=level)
-    assert {i.key: i.value for i in page} == items
-
-
-def test_suite_session_token(cluster: LocalCluster, api: Api) -> None:
-    fresh = api.make()
-    try:
-        assert fresh.session_token().startswith("kvs1.") and decode_session(fresh.session_token()) == {}
-    finally:
-        api.run(fresh.close())
-    keys = keys_on_both_shards(cluster, api, "token", 6)
-    revisions = api.put_many({k: b"t" for k in keys})
-    token = api.session_token()
-    assert all(decode_session(token)[shard] >= rev for shard, rev in revisions.items())
-    other = api.make(session=token, consistency=Consistency.SESSION, read_policy=ReadPolicy.FOLLOWERS_ONLY)
-    try:
-        assert other.core.session == decode_session(token)
-        assert api.on(other, "multi_get", keys) == {k: b"t" for k in keys}
-        assert api.on(other, "get", keys[0]) == b"t"
-        # Reads only raise the token; the other client's session never falls behind the handed one.
-        assert all(decode_session(other.session_token())[s] >= r for s, r in decode_session(token).items())
-    finally:
-        api.run(other.close())
-    with pytest.raises(ValueError):
-        api.make(session="not-a-token")
+# ----- 6. the behavioural suite both SDK doors pass: tests/cluster/test_sdk_doors.py ---------------
 
 
 # ----- 7. replica progress in Admin.Status -------------------------------------------------------
@@ -717,7 +532,7 @@ def test_suite_session_token(cluster: LocalCluster, api: Api) -> None:
 
 def test_status_shows_progress_and_followers_converge(cluster: LocalCluster) -> None:
     with Client.from_cluster(cluster.dir) as kv:
-        revisions = kv.put_many({b"status:%d" % i: b"s" for i in range(30)})
+        revisions = kv.put_many({b"status:%d" % i: b"s" for i in range(30)}, atomic=False)
     assert set(revisions) == set(range(SHARDS))
 
     def converged() -> list[dict[str, Any]] | None:

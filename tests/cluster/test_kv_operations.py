@@ -63,7 +63,7 @@ def test_multi_put_is_atomic_and_multi_get_returns_found_keys(kv: Client) -> Non
     got = kv.multi_get([*items, b"api:m:absent"])
     assert got == items
     assert {kv.get_item(k).revision for k in items} == {revision}  # one entry, one revision
-    assert kv.delete_many(list(items)) == 20
+    assert kv.delete_many(list(items), atomic=True) == 20
     assert kv.multi_get(list(items)) == {}
 
 

@@ -243,7 +243,7 @@ async def test_eventual_reads_do_not_wait_behind_writes_strong_or_session_reads(
 
 
 def test_pipeline_depth_must_be_positive() -> None:
-    with pytest.raises(ValueError, match="pipeline_depth"):
+    with pytest.raises(errors.InvalidArgument, match="pipeline_depth"):
         AsyncClient("fake:1", pipeline_depth=0)
 
 

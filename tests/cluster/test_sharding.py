@@ -197,7 +197,7 @@ def test_atomic_writes_across_shards_raise_and_write_nothing(
     assert set(written) == {a, b}
     before = {k: kv.get_item(k) for k in keys}
     with pytest.raises(errors.CrossShardWrite, match=expected_message):
-        door.delete_many(keys)
+        door.delete_many(keys, atomic=True)
     assert {k: kv.get_item(k) for k in keys} == before  # nothing deleted, revisions untouched
     assert door.delete_many(keys, atomic=False) == len(keys)
     assert door.multi_get(keys) == {}
