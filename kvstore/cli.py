@@ -50,7 +50,8 @@ def _add_cluster_commands(sub: Any) -> None:
         "--base-port",
         type=int,
         default=None,
-        help="first of 3 consecutive ports per replica (default: free ports)",
+        help="replica i (s0r0, s0r1, ... shard by shard) gets client port BASE+2i and Raft port "
+        "BASE+2i+1; the health ports follow, one per replica (default: free ports)",
     )
     up.add_argument("--vnodes", type=int, default=None, help="ring points per shard; default 256")
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the nodes (default 60)")
@@ -86,11 +87,12 @@ def _add_cluster_commands(sub: Any) -> None:
     kill.add_argument("--signal", default="KILL", choices=["KILL", "TERM", "STOP", "CONT"])
     start = cluster.add_parser(
         "start",
-        help="start one stopped node and wait until it serves as a member of its Raft group "
-        "(else exit 1 with the reason from its log, and stop it)",
+        help="start stopped nodes and wait until they serve as members of their Raft groups "
+        "(else exit 1 with the reason from each one's log, and stop them); to start every "
+        "stopped node, run `cluster up --dir DIR` again",
     )
     start.add_argument("--dir", required=True)
-    start.add_argument("node")
+    start.add_argument("nodes", nargs="+", metavar="NODE")
     start.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for it (default 60)")
     down = cluster.add_parser("down", help="stop every node (data is kept)")
     down.add_argument("--dir", required=True)
@@ -300,10 +302,11 @@ def _cluster(args: argparse.Namespace) -> int:
         pid = cluster.kill(args.node, args.signal)
         print(f"sent SIG{args.signal} to {args.node} (pid {pid})")
     elif args.action == "start":
-        pid = cluster.start(args.node)
-        if _wait_serving(cluster, [args.node], [args.node], args.timeout, "cluster start") is None:
+        pids = {name: cluster.start(name) for name in args.nodes}  # all first: a shard needs a quorum
+        if _wait_serving(cluster, args.nodes, args.nodes, args.timeout, "cluster start") is None:
             return 1
-        print(f"started {args.node} (pid {pid}): serving, a member of its Raft group")
+        for name, pid in pids.items():
+            print(f"started {name} (pid {pid}): serving, a member of its Raft group")
     elif args.action == "fault":
         _fault(cluster, args)
     elif args.action == "down":

@@ -41,7 +41,8 @@ exit status:
   2    usage error: bad arguments, hex, consistency level or value source; no cluster
        named, or no cluster map in its directory; a cluster command that could not run
   3    refused: cas found the key at another revision (absent, or present for revision 0)
-  4    the store answered with an error; stderr has one line: error (KIND): message
+  4    an error from the store or the SDK (refused argument, unavailable, timeout, ...);
+       stderr has one line: error (KIND): message
   5    unknown outcome: a write may or may not have applied (read the key before retrying)
   130  interrupted (Ctrl-C)
   141  stdout was closed before everything was written (e.g. `kvstore scan | head -1`)"""
@@ -132,8 +133,9 @@ def add_data_commands(sub: Any, target: argparse.ArgumentParser) -> None:
     get = command(
         "get",
         "read a key",
-        "prints its value (--json: key, found, value, revision, shard;\n"
-        "a missing key: found false, value and revision null)",
+        "prints its value's bytes exactly (a newline follows only on a terminal: `get k > file`\n"
+        "restores the file); --hex: hex and a newline; --json: key, found, value, revision, shard\n"
+        "(a missing key: found false, value and revision null)",
         "0 found, 1 not found, 2 usage, 4 error",
         reads,
     )
@@ -257,6 +259,12 @@ def _out(line: bytes) -> None:
     sys.stdout.buffer.write(line + b"\n")
 
 
+def _out_value(value: bytes) -> None:
+    """A value exactly as stored, so `kvstore get k > file` restores the file byte for byte; a
+    newline follows only on a terminal, where the prompt would otherwise glue onto it."""
+    sys.stdout.buffer.write(value + (b"\n" if sys.stdout.isatty() else b""))
+
+
 def _json(document: Any) -> None:
     _out(json.dumps(document, ensure_ascii=False).encode("utf-8"))
 
@@ -309,8 +317,10 @@ def _get(kv: Any, args: argparse.Namespace, _: bytes) -> int:
     value = response.kv.value if response.found else None
     if args.json:
         _json(_item(key, value, response.kv.revision, response.header.shard, args.hex))
-    elif value is not None:
+    elif value is not None and args.hex:
         _out(shown(value, args.hex))
+    elif value is not None:
+        _out_value(value)
     else:
         _note(f"(not found: {display(key, args.hex)})")
     return EXIT_OK if response.found else EXIT_NOT_FOUND
@@ -342,7 +352,15 @@ def _delete(kv: Any, args: argparse.Namespace, _: bytes) -> int:
     response = kv.send(pb.DeleteRequest(keys=[key]))
     deleted = response.deleted == 1
     if args.json:
-        _json({**json_fields("key", key, args.hex), "deleted": deleted, "revision": response.header.revision})
+        header = response.header
+        _json(
+            {
+                **json_fields("key", key, args.hex),
+                "deleted": deleted,
+                "revision": header.revision,
+                "shard": header.shard,
+            }
+        )
     elif deleted:
         _out(b"deleted")
     else:
@@ -399,6 +417,7 @@ def _cas(kv: Any, args: argparse.Namespace, value: bytes) -> int:
         document: dict[str, Any] = {**json_fields("key", key, args.hex), "succeeded": response.succeeded}
         document["revision"] = response.header.revision if response.succeeded else None
         document["expected_revision"] = expected
+        document["shard"] = response.header.shard
         if current is not None and not response.succeeded:
             document["current"] = {
                 **json_fields("value", current.value, args.hex),

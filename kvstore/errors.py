@@ -26,8 +26,9 @@ class KvError(Exception):
     def __init__(self, message: str = "", *, from_server: bool = True) -> None:
         super().__init__(message or self.__class__.__doc__ or self.kind)
         self.message = message or (self.__class__.__doc__ or self.kind).strip()
-        #: False when the error came from the transport (no kvstore server said it): for a write,
-        #: the request may have reached a server and been applied.
+        #: False when the error came from the transport (no kvstore server said it) after the
+        #: request may have left: for a write, it may have reached a server and been applied.
+        #: Errors known to arise before anything was sent (no connection) keep it True.
         self.from_server = from_server
 
     def metadata(self) -> list[tuple[str, str]]:
@@ -187,8 +188,14 @@ def from_status(code: grpc.StatusCode, details: str, metadata: dict[str, str]) -
         return _BY_KIND[kind](details)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _GRPC_CONCURRENCY_LIMIT in details:
         return Overloaded(f"{code.name}: {details}")  # refused before the method ran: not applied
+    if code == grpc.StatusCode.UNAVAILABLE and any(s in details for s in _NEVER_SENT):
+        # No connection: the channel failed the call before sending it, so it cannot have applied.
+        return Unavailable(f"not sent (no connection): {details}")
     return _BY_CODE.get(code, KvError)(f"{code.name}: {details}", from_server=False)
 
+
+# What gRPC says when a call fails because no connection could be made: the call never left.
+_NEVER_SENT = ("failed to connect to all addresses", "DNS resolution failed")
 
 _CODE_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
 

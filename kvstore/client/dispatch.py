@@ -178,7 +178,10 @@ class Dispatcher:
                 return self.cluster_map
         if self.cluster_map is not None:
             return self.cluster_map
-        raise errors.Unavailable(f"could not fetch the cluster map from any of {candidates}: {last_error}")
+        raise errors.Unavailable(
+            f"could not fetch the cluster map from any of {candidates}: {last_error} (seed addresses "
+            "are the nodes' client ports, not their Raft ports: `kvstore cluster status` lists them)"
+        )
 
     def _shard_of(self, keys: list[bytes], split: bool = False, routed: Routed | None = None) -> ShardInfo:
         """The one shard owning `keys`. If they span shards: a part of a split operation must be

@@ -358,6 +358,12 @@ class LocalCluster:
         except grpc.RpcError:
             base.role = base.health = "unreachable"
             return base
+        if s.pid and s.pid != pid:  # e.g. another cluster's node on the same port
+            base.role = "foreign"
+            base.health = (
+                f"another process (pid {s.pid}) answers at {replica.address}, not this node (pid {pid})"
+            )
+            return base
         return ReplicaStatus(
             replica.name,
             shard,
@@ -411,6 +417,10 @@ class LocalCluster:
                 for r in s["replicas"]
                 if r["node"] in wanted and (problem := start_problem(r, s["leader"]))
             }
+            for name in wanted:  # a node this object started that has exited is down, whoever answers
+                child = self._children.get(name)
+                if child is not None and child.poll() is not None:
+                    problems[name] = "down"
             if not problems:
                 return shards
             exited = {name for name, problem in problems.items() if problem == "down"}

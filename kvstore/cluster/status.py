@@ -22,7 +22,9 @@ from kvstore.routing.ring import SLOT_COUNT
 # its leader many times a second, so a healthy one stays far below this.
 CAUGHT_UP_STALENESS_SECONDS = 2.0
 # Roles of a replica that did not answer (its process is gone, stopped, or not answering).
-SILENT_ROLES = ("down", "paused", "unreachable")
+# Roles of a replica that gave no status of its own: not running, stopped, not answering, or another
+# process (not the one this cluster started) answering at its address.
+SILENT_ROLES = ("down", "paused", "unreachable", "foreign")
 METRICS = (
     "term",
     "applied_index",
@@ -146,6 +148,8 @@ def start_problem(replica: dict[str, Any], shard_leader: str | None) -> str | No
     that a leader keeps current (term > 0, caught up: the leader's appends reach it and it answers
     them, so the leader counts it). A replica whose Raft port never opened stays `follower term=0`."""
     role, health = replica["role"], replica["health"]
+    if role == "foreign":
+        return str(health)  # says which process answers instead
     if role in SILENT_ROLES:
         return role
     staleness = replica["staleness_seconds"]

@@ -297,7 +297,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node", "shard", "role", "term", "leader", "leader_address", "commit_index", "applied_index", "leader_commit_index", "staleness_seconds", "epoch", "key_count", "address", "zone", "raft_log_size", "health")
+    __slots__ = ("node", "shard", "role", "term", "leader", "leader_address", "commit_index", "applied_index", "leader_commit_index", "staleness_seconds", "epoch", "key_count", "address", "zone", "raft_log_size", "health", "pid")
     NODE_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -314,6 +314,7 @@ class StatusResponse(_message.Message):
     ZONE_FIELD_NUMBER: _ClassVar[int]
     RAFT_LOG_SIZE_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
     node: str
     shard: int
     role: str
@@ -330,7 +331,8 @@ class StatusResponse(_message.Message):
     zone: str
     raft_log_size: int
     health: str
-    def __init__(self, node: _Optional[str] = ..., shard: _Optional[int] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader: _Optional[str] = ..., leader_address: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., leader_commit_index: _Optional[int] = ..., staleness_seconds: _Optional[float] = ..., epoch: _Optional[int] = ..., key_count: _Optional[int] = ..., address: _Optional[str] = ..., zone: _Optional[str] = ..., raft_log_size: _Optional[int] = ..., health: _Optional[str] = ...) -> None: ...
+    pid: int
+    def __init__(self, node: _Optional[str] = ..., shard: _Optional[int] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader: _Optional[str] = ..., leader_address: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., leader_commit_index: _Optional[int] = ..., staleness_seconds: _Optional[float] = ..., epoch: _Optional[int] = ..., key_count: _Optional[int] = ..., address: _Optional[str] = ..., zone: _Optional[str] = ..., raft_log_size: _Optional[int] = ..., health: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class Replica(_message.Message):
     __slots__ = ("name", "address", "raft_address", "zone")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from typing import Any
 
@@ -229,6 +230,7 @@ class AdminServicer(pb_grpc.AdminServicer):
             zone=config.zone,
             raft_log_size=status.raft_log_size,
             health=self.ctx.health.text,
+            pid=os.getpid(),
         )
 
     @rpc_errors

@@ -104,11 +104,11 @@ def test_binary_keys_and_values_in_hex_and_json(cluster: LocalCluster, tmp_path:
     source = tmp_path / "value.bin"
     source.write_bytes(b"\x00from a file\xff")
     assert at(cluster, "put", "file:k", "--file", str(source)).returncode == EXIT_OK
-    assert at(cluster, "get", "file:k").stdout == source.read_bytes() + b"\n"  # plain: the bytes as they are
+    assert at(cluster, "get", "file:k").stdout == source.read_bytes()  # plain, to a pipe: exactly the bytes
     assert at(cluster, "put", "dash", "--value", "-").returncode == EXIT_OK  # a literal "-"
-    assert at(cluster, "get", "dash").stdout == b"-\n"
+    assert at(cluster, "get", "dash").stdout == b"-"
     assert at(cluster, "put", "dash", "-", stdin=b"from stdin").returncode == EXIT_OK
-    assert at(cluster, "get", "dash").stdout == b"from stdin\n"
+    assert at(cluster, "get", "dash").stdout == b"from stdin"
 
 
 def test_multi_get_answers_per_key_across_shards(cluster: LocalCluster) -> None:
@@ -153,14 +153,19 @@ def test_cas_with_the_revision_get_shows(cluster: LocalCluster) -> None:
         f"CONFLICT: the key is at revision {new_revision}, expected revision {revision}; nothing written\n"
     )
     refused = document(at(cluster, "cas", "--json", "cas:k", "third", "--expected-revision", "0"))
+    shard = cluster.cluster_map().ring.shard_for(b"cas:k")
     assert refused == {
         "key": "cas:k",
         "succeeded": False,
         "revision": None,
         "expected_revision": 0,
+        "shard": shard,
         "current": {"value": "second", "revision": new_revision},
     }
-    assert at(cluster, "get", "cas:k").stdout == b"second\n"
+    removed = document(at(cluster, "delete", "--json", "cas:k"))
+    assert removed["deleted"] is True and removed["shard"] == shard and removed["revision"] > new_revision
+    assert at(cluster, "cas", "cas:k", "back", "--expected-revision", "0").returncode == EXIT_OK
+    assert at(cluster, "get", "cas:k").stdout == b"back"
 
 
 def test_exit_statuses_and_notes_on_stderr(cluster: LocalCluster) -> None:
@@ -199,7 +204,7 @@ def test_exit_statuses_and_notes_on_stderr(cluster: LocalCluster) -> None:
 def test_a_bad_consistency_spelling_lists_the_valid_forms(cluster: LocalCluster) -> None:
     assert at(cluster, "put", "level", "x").returncode == EXIT_OK
     for spelling in ("bounded:0.5s", "bounded0.5", "bounded:0.5", "session"):
-        assert at(cluster, "get", "level", "--consistency", spelling).stdout == b"x\n", spelling
+        assert at(cluster, "get", "level", "--consistency", spelling).stdout == b"x", spelling
     bad = at(cluster, "scan", "--consistency", "bounded:soon")
     assert bad.returncode == EXIT_USAGE and bad.stdout == b""
     assert b"valid forms: strong, session, eventual, bounded:SECONDS (e.g. bounded:0.5s" in bad.stderr
@@ -223,10 +228,10 @@ def test_scan_into_a_closed_pipe_stops_quietly(cluster: LocalCluster, tmp_path: 
 def test_kvstore_cluster_names_the_default_cluster(cluster: LocalCluster) -> None:
     env = {"KVSTORE_CLUSTER": str(cluster.dir)}
     assert kvstore("put", "env:k", "from the environment", env=env).returncode == EXIT_OK
-    assert kvstore("get", "env:k", env=env).stdout == b"from the environment\n"
+    assert kvstore("get", "env:k", env=env).stdout == b"from the environment"
     wrong = {"KVSTORE_CLUSTER": "/no/such/cluster"}
     flag_wins = kvstore("get", "env:k", "--cluster", str(cluster.dir), env=wrong)
-    assert flag_wins.returncode == EXIT_OK and flag_wins.stdout == b"from the environment\n"
+    assert flag_wins.returncode == EXIT_OK and flag_wins.stdout == b"from the environment"
     nowhere = kvstore("get", "env:k", env=wrong)
     assert nowhere.returncode == EXIT_USAGE and b"no cluster map at /no/such/cluster" in nowhere.stderr
     unnamed = kvstore("get", "env:k")

@@ -282,3 +282,60 @@ def test_the_log_line_that_says_why(tmp_path: Path) -> None:
     log.write_text("old run: error: something\n2026-01-01 INFO x: fine\n")
     assert last_error_line(log, start=len("old run: error: something\n")) == "2026-01-01 INFO x: fine"
     assert last_error_line(tmp_path / "none.log") == "(no log)"
+
+
+def test_a_second_cluster_on_the_ports_of_a_running_one_fails_and_never_borrows_its_nodes(
+    tmp_path: Path,
+) -> None:
+    """Found by a new-user walk: `cluster up` of a second cluster on a running cluster's ports
+    reported success, its status showed the first cluster's nodes as its own, and its clients
+    read the first cluster's data. Now each node's Admin.Status carries its pid: a node of
+    another process answering at a replica's address is `foreign`, and `up` fails naming every
+    node with the reason from its log."""
+    base = _free_block(3 * 3)
+    first = LocalCluster(tmp_path / "first")
+    first.create(shards=1, replicas=3, base_port=base, raft=TEST_RAFT)
+    second = LocalCluster(tmp_path / "second")
+    second.create(shards=1, replicas=3, base_port=base, raft=TEST_RAFT)
+    try:
+        up = _cli("cluster", "up", "--dir", str(first.dir))
+        assert up.returncode == 0, up.stdout + up.stderr
+        again = _cli("cluster", "up", "--dir", str(second.dir), "--timeout", "60")
+        assert again.returncode == 1, again.stdout + again.stderr
+        assert "cluster up:" not in again.stdout
+        for name in ("s0r0", "s0r1", "s0r2"):
+            assert re.search(
+                rf"{name}: exited with code 2; its log says: error: cannot listen on", again.stderr
+            )
+        assert _nothing_running(second)
+        # The status of the stopped second cluster shows no node of the first as its own.
+        status = _cli("cluster", "status", "--dir", str(second.dir), "--json")
+        document = json.loads(status.stdout)
+        roles = {r["node"]: r["role"] for s in document["shards"] for r in s["replicas"]}
+        assert set(roles.values()) == {"down"} and document["healthy"] is False
+        # And while a second-cluster node is alive but another process answers at its address,
+        # the status says so instead of reporting the other node's state.
+        second.start("s0r1")  # exits within seconds (its port is taken)
+        replica = next(r for s in second.status(timeout=1.0) for r in s["replicas"] if r["node"] == "s0r1")
+        assert replica["role"] in ("foreign", "down"), replica
+        if replica["role"] == "foreign":
+            assert "another process (pid" in replica["health"] and start_problem(replica, "s0r0")
+    finally:
+        second.down()
+        first.down()
+
+
+def test_cluster_start_brings_back_a_whole_shard_at_once(tmp_path: Path) -> None:
+    """Every replica of a shard stopped: one alone cannot become a member (no quorum), so `cluster
+    start` takes several nodes, starts them all, then waits for each."""
+    with running_cluster(tmp_path / "c", raft=TEST_RAFT) as cluster:
+        names = cluster.node_names()
+        for name in names:
+            cluster.kill(name, "TERM")
+        wait_until(lambda: _nothing_running(cluster), timeout=30)
+        start = _cli("cluster", "start", "--dir", str(cluster.dir), *names, "--timeout", "60")
+        assert start.returncode == 0, start.stdout + start.stderr
+        for name in names:
+            assert f"started {name} (pid " in start.stdout
+        shards = cluster.status(timeout=1.0)
+        assert all(start_problem(r, s["leader"]) is None for s in shards for r in s["replicas"])

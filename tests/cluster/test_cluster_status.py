@@ -63,7 +63,7 @@ METRICS = {
     "key_count": int,
     "raft_log_size": int,
 }
-ROLES = {"leader", "follower", "candidate", "down", "paused", "unreachable"}
+ROLES = {"leader", "follower", "candidate", "down", "paused", "unreachable", "foreign"}
 
 
 def _check(where: str, value: dict[str, Any], schema: dict[str, Any]) -> None:

@@ -583,6 +583,6 @@ def test_cli_get_at_every_consistency_level(cluster: LocalCluster) -> None:
                 p.wait()
     for level in levels[:-1]:
         (out, err), code = results[level]
-        assert code == 0 and out == "hello from the cli\n", (level, out, err)
+        assert code == 0 and out == "hello from the cli", (level, out, err)
     (out, err), code = results["sometimes"]
     assert code == 2 and "unknown consistency" in err, (out, err)

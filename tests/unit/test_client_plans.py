@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from kvstore import AsyncClient, Client, Consistency, RetryPolicy, errors
@@ -574,3 +575,22 @@ def test_session_tokens_round_trip() -> None:
     assert decode_session(encode_session({0: 5, 3: 1 << 40})) == {0: 5, 3: 1 << 40}
     with pytest.raises(ValueError):
         decode_session("not-a-token")
+
+
+def test_a_call_grpc_failed_before_sending_cannot_have_applied() -> None:
+    """Found by a new-user walk: a put to a shard whose nodes were all down ended UnknownOutcome
+    though no attempt ever left ("failed to connect to all addresses"). A bare UNAVAILABLE that
+    says no connection was made is a definite "not applied"; one that may have come after the
+    request left (a reset connection) still may have applied."""
+    may = RetryPolicy.may_have_applied
+    refused = errors.from_status(
+        grpc.StatusCode.UNAVAILABLE,
+        "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:7000: "
+        "Failed to connect to remote host: Connection refused",
+        {},
+    )
+    assert isinstance(refused, errors.Unavailable) and not may(refused)
+    unresolved = errors.from_status(grpc.StatusCode.UNAVAILABLE, "DNS resolution failed for nowhere:1", {})
+    assert not may(unresolved)
+    reset = errors.from_status(grpc.StatusCode.UNAVAILABLE, "Connection reset by peer", {})
+    assert isinstance(reset, errors.Unavailable) and may(reset)
