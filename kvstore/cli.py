@@ -57,6 +57,13 @@ def _add_cluster_commands(sub: Any) -> None:
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the nodes (default 60)")
     up.add_argument("--faults", action="store_true", help="put a fault proxy in front of every Raft port")
     up.add_argument("--insecure", action="store_true", help=_INSECURE_HELP)
+    up.add_argument(
+        "--durability",
+        choices=("fsync", "none"),
+        default="fsync",
+        help='storage.durability of every node (default fsync; "none" syncs nothing to disk: a power '
+        "cut can lose acknowledged writes; throwaway test clusters only, each node warns)",
+    )
     fault = cluster.add_parser("fault", help="cut, delay or heal Raft links (cluster started with --faults)")
     fault.add_argument("--dir", required=True)
     fault.add_argument(
@@ -265,10 +272,11 @@ def _cluster(args: argparse.Namespace) -> int:
             args.base_port,
         )
         if not cluster.map_path.exists():
-            from kvstore.config import RaftSettings
+            from kvstore.config import RaftSettings, StorageSettings
 
             raft = RaftSettings(insecure=args.insecure)
-            cluster.create(topology=topology, raft=raft, faults=args.faults)
+            storage = StorageSettings(durability=args.durability)
+            cluster.create(topology=topology, raft=raft, storage=storage, faults=args.faults)
         else:
             existing = cluster.cluster_map()
             shape = (len(existing.shards), len(existing.shards[0].replicas), cluster.has_fault_proxies)

@@ -179,6 +179,9 @@ class RaftSettings(Section):
         )
 
 
+DURABILITY_MODES = ("fsync", "none")  # storage.durability
+
+
 @dataclass
 class StorageSettings(Section):
     section = "storage"
@@ -196,7 +199,12 @@ class StorageSettings(Section):
     # this many seconds apart; once failures have lasted io_failure_limit_seconds the node exits.
     io_retry_max_backoff: float = setting(5.0, 0.05, 600.0)
     io_failure_limit_seconds: float = setting(120.0, 0.5, 86_400.0)
-    fsync: bool = True  # fsync each group commit (one per apply batch)
+    # "fsync": a replica's Raft log is on stable storage before it acknowledges entries or counts
+    # its own copy toward a commit, its term and vote before it acts on them, and every apply
+    # batch is synced (one fsync per tick each: group commit). "none" syncs nothing: a power cut
+    # can lose acknowledged writes and let replicas diverge. For throwaway test clusters only: a
+    # node started with it warns at every start.
+    durability: str = "fsync"
     # Client sessions (de-duplicating retried writes, docs/architecture.md): a write's outcome is
     # kept this long, by the leader's clock, whatever the traffic. It must exceed the longest
     # time a client retries one write (the SDK's `timeout`, 10 s by default, never more than
@@ -208,6 +216,10 @@ class StorageSettings(Section):
     max_dedup_sessions: int = setting(100_000, 1, 10_000_000)
 
     def check(self) -> None:
+        _require(
+            self.durability in DURABILITY_MODES,
+            f"storage.durability = {self.durability!r}: must be one of {', '.join(DURABILITY_MODES)}",
+        )
         _require(
             self.map_size_bytes <= self.max_map_size_bytes,
             f"storage.map_size_bytes ({self.map_size_bytes}) must not exceed "
@@ -310,6 +322,7 @@ class NodeConfig(Section):
 
 _SESSIONS_NOW = "max_dedup_sessions (retention is now dedup_retention_seconds per client session)"
 _RENAMED = {
+    "fsync": 'durability ("fsync" or "none"; fsync = false is durability = "none")',
     "dedup_window_entries": _SESSIONS_NOW,
     "dedup_window_ids": _SESSIONS_NOW,
     "password": "secret_file (a file holding the shard's secret; never the secret itself)",

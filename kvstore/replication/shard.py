@@ -55,10 +55,16 @@ def open_shard(config: NodeConfig, client_address_of: Callable[[str], str]) -> S
     `client_address_of`: Raft address -> gRPC address (for redirecting writers to the leader).
     Must run on the event loop that will use the shard; `Shard.close()` closes it all."""
     data_dir = Path(config.data_dir)
+    durable = config.storage.durability == "fsync"
+    if not durable:
+        log.warning(
+            'UNSAFE: storage.durability = "none": nothing is synced to disk; a power cut can lose '
+            "acknowledged writes and make replicas diverge (test clusters only)"
+        )
     storage = Storage(
         data_dir,
         map_size=config.storage.map_size_bytes,
-        fsync=config.storage.fsync,
+        fsync=durable,
         max_map_size=config.storage.max_map_size_bytes,
         disk=DiskSpace(data_dir, config.storage.min_free_bytes, config.storage.min_free_fraction),
     )

@@ -136,7 +136,11 @@ class ShardStateMachine(FreshnessTracking, PatchedSyncObj):
         self._entry_stamp = 0  # the stamp of the entry being applied (apply_entry)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         # The journal reserves disk space before it grows: a full disk is waited out, not a SIGBUS.
-        journal.use_for(str(settings.data_dir / "raft.journal"), self.health.wait_for_disk)
+        journal.use_for(
+            str(settings.data_dir / "raft.journal"),
+            self.health.wait_for_disk,
+            durable=settings.storage.durability == "fsync",
+        )
         dump = settings.data_dir / "raft.dump"
         self.snapshots = SnapshotManager(storage, dump, self._on_snapshot_installed)
         raft = settings.raft
@@ -185,6 +189,31 @@ class ShardStateMachine(FreshnessTracking, PatchedSyncObj):
         except SyncObjException:
             check_can_listen("raft_bind", bind)  # raises with the reason if the port is still taken
             raise ListenError("raft_bind", bind, "pysyncobj could not bind it") from None
+
+    # ----- a durable log: synced before it counts (docs/architecture.md, "Durability") ----------
+
+    def _onTick(self, timeToWait: float = 0.0) -> None:  # noqa: N802, N803 (pysyncobj's names)
+        # The leader counts its own copy toward every commit it computes at the start of a tick:
+        # whatever it appended since the last tick (new proposals, its no-op on election) is synced
+        # first, once for all of them (group commit).
+        self._sync_log()
+        super()._onTick(timeToWait)
+
+    def _SyncObj__sendNextNodeIdx(  # noqa: N802 (replaces pysyncobj's follower acknowledgement)
+        self,
+        node: Any,
+        reset: bool = False,
+        nextNodeIdx: int | None = None,
+        success: bool = False,  # noqa: N803
+    ) -> None:
+        if success:
+            self._sync_log()  # a follower acknowledges only entries that are on its disk
+        super()._SyncObj__sendNextNodeIdx(node, reset=reset, nextNodeIdx=nextNodeIdx, success=success)
+
+    def _sync_log(self) -> None:
+        raft_log = getattr(self, "_SyncObj__raftLog", None)  # None until SyncObj.__init__ made it
+        if isinstance(raft_log, journal.ReservedFileJournal):
+            raft_log.sync()
 
     # ----- the replicated method -----------------------------------------------------------
 

@@ -298,11 +298,11 @@ def test_rerender_removes_stale_node_configs(tmp_path: Path) -> None:
 
 def test_set_overrides_node_settings_and_rejects_unknown_ones(tmp_path: Path) -> None:
     args = ["compose", "--shards", "1", "--out", str(tmp_path)]
-    extra = ["--set", "raft.min_timeout=1.25", "--set", "storage.fsync=false"]
+    extra = ["--set", "raft.min_timeout=1.25", "--set", 'storage.durability="none"']
     assert render.main([*args, *extra]) == 0
     for path in (tmp_path / render.COMPOSE_CONFIG_DIR / "nodes").glob("*.toml"):
         config = NodeConfig.load(path)
-        assert config.raft.min_timeout == 1.25 and config.storage.fsync is False
+        assert config.raft.min_timeout == 1.25 and config.storage.durability == "none"
         assert config.raft.max_timeout == NodeConfig.from_dict(_identity()).raft.max_timeout
     assert "--set raft.min_timeout=1.25" in (tmp_path / "docker-compose.yml").read_text()
     for bad in ("raft.no_such_setting=1", "name=x", "listen.x=1", "raft.min_timeout=not-toml"):

@@ -43,7 +43,9 @@ def test_every_numeric_setting_has_a_range_that_holds_its_default() -> None:
         ("limits", "max_request_bytes", 64 << 20, "limits.max_request_bytes = 67108864 is out of range"),
         ("limits", "max_batch_keys", "many", "limits.max_batch_keys must be an integer, not 'many'"),
         ("limits", "max_batch_keys", 1.5, "limits.max_batch_keys must be an integer"),
-        ("storage", "fsync", 1, "storage.fsync must be true or false"),
+        ("raft", "insecure", 1, "raft.insecure must be true or false"),
+        ("storage", "durability", "sometimes", "storage.durability = 'sometimes': must be one of fsync"),
+        ("storage", "fsync", False, 'setting fsync was renamed durability ("fsync" or "none"'),
         ("raft", "max_timeout", 0.5, "raft.min_timeout (0.8) must be below raft.max_timeout (0.5)"),
         ("limits", "default_scan_limit", 20_000, "limits.default_scan_limit (20000) must not exceed"),
         (
