@@ -65,6 +65,10 @@ def open_shard(config: NodeConfig, client_address_of: Callable[[str], str]) -> S
         data_dir,
         map_size=config.storage.map_size_bytes,
         fsync=durable,
+        # One sync per apply batch, not two: a crash may undo the last batch (LMDB's meta page not
+        # yet synced), and the durable Raft log replays it from LMDB's applied index. Snapshots
+        # sync the store first (the log is compacted past what they hold).
+        metasync=False,
         max_map_size=config.storage.max_map_size_bytes,
         disk=DiskSpace(data_dir, config.storage.min_free_bytes, config.storage.min_free_fraction),
     )

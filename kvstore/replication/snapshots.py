@@ -62,6 +62,7 @@ class SnapshotManager:
     def serialize(self, tmp_path: str, raft_meta: Any) -> None:
         if not self._room_for_snapshot():
             return  # state stays NOT_SERIALIZING: pysyncobj asks again later, the log is kept
+        self._storage.sync()  # the log will be compacted past what this copy holds
         txn = self._storage.begin_snapshot()
         handed_over = False  # once the thread owns `txn`, it ends it
         try:

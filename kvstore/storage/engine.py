@@ -72,6 +72,7 @@ class Storage:
         path: str | Path,
         map_size: int = 256 << 20,
         fsync: bool = True,
+        metasync: bool | None = None,
         max_map_size: int = 16 << 30,
         disk: DiskSpace | None = None,
     ) -> None:
@@ -80,6 +81,9 @@ class Storage:
         self._map_size = min(map_size, max_map_size)
         self._max_map_size = max_map_size
         self._fsync = fsync
+        # LMDB's second sync per commit (its meta page). Without it a crash can undo the last
+        # committed transaction, never corrupt the store: fine when a durable log replays it.
+        self._metasync = fsync if metasync is None else metasync
         self.disk = disk
         # Held by readers for the length of one read, and by the apply thread while it resizes
         # or swaps the environment: LMDB forbids both while any transaction is open.
@@ -100,7 +104,7 @@ class Storage:
             map_size=max(self._map_size, _existing_size(env_path)),
             max_dbs=8,
             sync=self._fsync,
-            metasync=self._fsync,
+            metasync=self._metasync,
             writemap=False,
             max_readers=256,
         )
@@ -304,6 +308,10 @@ class Storage:
         """(sessions, outcomes) as committed."""
         with self._env_lock, self._env.begin() as txn:
             return self._dedup.counts(txn)
+
+    def sync(self) -> None:
+        """Every committed transaction on disk, its meta page included (see `metasync`)."""
+        self._env.sync(True)
 
     def commit(self) -> bool:
         """Commit the open write transaction, if any. Returns whether there was one."""
