@@ -307,6 +307,7 @@ def _timed_loop(op: Any, max_calls: int, seconds: float) -> lib.Measurement:
 # ----- the etcd peer (only with --etcd and an etcd binary on PATH; nothing is ever installed) ------
 
 ETCD_PUT = "peer etcd put"
+ETCD_PUT_ONE = "peer etcd put, 1 in flight"  # latency: one call at a time
 ETCD_GET_SERIALIZABLE = "peer etcd get serializable"
 ETCD_GET_LINEARIZABLE = "peer etcd get linearizable"
 ETCD_TXN_PUTS = "peer etcd txn 100 puts"
@@ -510,6 +511,7 @@ async def _etcd_rows(
     ):
         unit = "ops" if per_call == 1 else "keys"
         results.add(lib.Row("peer", name, unit, per_call, await measure(config, call)))
+    results.add(lib.Row("peer", ETCD_PUT_ONE, "ops", 1, await measure(config, put, concurrency=1)))
 
 
 if __name__ == "__main__":
