@@ -1,0 +1,320 @@
+"""A FUSE filesystem for power-loss tests: every byte written since a file's last fsync can be lost.
+
+Like LazyFS (which etcd's robustness tests use), but small and in Python (mfusepy, ctypes over
+libfuse3). It passes every operation through to a backing directory and, before a file's bytes
+are first overwritten since its last fsync/fdatasync, keeps their previous content (4 KiB
+pre-images) and the file's last synced size. A *cut* (the `cut` command, see below) puts every
+such file back: its synced bytes and synced size, as a disk would hold them after power loss.
+
+What the model covers (and what it does not):
+
+- File data and size (write, truncate, fallocate) are volatile until fsync or fdatasync of that
+  file. msync(MS_SYNC) of a shared mapping reaches us as the dirty pages' writes followed by an
+  fsync, so it counts as a sync too. Writes through a shared mmap (pysyncobj's journal) reach us
+  only at kernel writeback, or never before the cut: either way they are lost unless synced,
+  because the cut discards every write that arrives after it (the dead process's dirty pages,
+  flushed by the unmount), and the mount is then replaced, so no stale page cache survives.
+- A file created since the mount and neither fsynced nor followed by an fsync of its directory is
+  removed at the cut, if it still has the name it was created with; renamed, it stays, with its
+  unsynced data reverted (for a new file: empty), the zero-length file of a real crash.
+- Renames, unlinks, mkdir, rmdir, links, chmod and utimes are durable at once (LazyFS does the
+  same): a cut does not bring back an unlinked file or undo a rename.
+- The cut itself is all-or-nothing per file: no torn writes within the unsynced part (a real disk
+  may keep any subset of the unsynced blocks); the durability work adds torn-tail tests itself.
+
+Control: the daemon serves one extra file, `/.powerloss-control`, not in the backing directory.
+Writing `cut` to it reverts every unsynced change and from then on discards writes; the report
+(JSON: files reverted, bytes dropped, files removed) is written to `--report`. The harness side
+is tests/support/powerloss_mount.py.
+
+Run: python -m tests.support.powerloss_fs BACKING MOUNTPOINT --report FILE (foreground).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import mfusepy
+
+CONTROL = "/.powerloss-control"
+_CONTROL_FH = 1 << 40  # never a real descriptor
+_BLOCK = 4096
+
+
+@dataclass
+class _Unsynced:
+    """One file's changes since its last sync: the content to go back to."""
+
+    fd: int  # our own descriptor of the file: reverting works whatever its name is now
+    synced_size: int
+    preimages: dict[int, bytes] = field(default_factory=dict)  # block number -> bytes before
+
+
+class PowerLossFS(mfusepy.Operations):
+    use_ns = True
+
+    def __init__(self, backing: str, report: str) -> None:
+        self.root = os.path.realpath(backing)
+        self.report = report
+        self._mutex = threading.Lock()
+        self.unsynced: dict[int, _Unsynced] = {}  # inode -> changes
+        self.created: dict[str, int] = {}  # relative path -> inode, never synced since creation
+        self.cut_done = False
+
+    def _full(self, path: str) -> str:
+        return os.path.join(self.root, path.lstrip("/"))
+
+    # ----- the volatile layer -----
+
+    def _record(self, fd: int, start: int, end: int) -> None:
+        """Keep the pre-images of blocks [start, end) of `fd`'s file before they change."""
+        ino = os.fstat(fd).st_ino
+        state = self.unsynced.get(ino)
+        if state is None:
+            state = _Unsynced(fd=os.dup(fd), synced_size=os.fstat(fd).st_size)
+            self.unsynced[ino] = state
+        size = os.fstat(fd).st_size
+        for block in range(start // _BLOCK, -(-end // _BLOCK)):
+            if block not in state.preimages and block * _BLOCK < max(size, state.synced_size):
+                state.preimages[block] = os.pread(fd, _BLOCK, block * _BLOCK)
+
+    def _synced(self, fd: int) -> None:
+        ino = os.fstat(fd).st_ino
+        state = self.unsynced.pop(ino, None)
+        if state is not None:
+            os.close(state.fd)
+        for path, created_ino in list(self.created.items()):
+            if created_ino == ino:
+                del self.created[path]
+
+    def cut(self) -> dict[str, Any]:
+        """Power loss: every file back to its synced content and size; writes discarded from now."""
+        self.cut_done = True
+        reverted = dropped = 0
+        for state in self.unsynced.values():
+            size = os.fstat(state.fd).st_size
+            changed = sum(len(b) for b in state.preimages.values())
+            for block, before in sorted(state.preimages.items()):
+                os.pwrite(state.fd, before, block * _BLOCK)
+            os.ftruncate(state.fd, state.synced_size)
+            dropped += max(changed, size - state.synced_size)
+            reverted += 1
+            os.close(state.fd)
+        self.unsynced.clear()
+        removed = []
+        for path, ino in self.created.items():
+            full = self._full(path)
+            try:
+                if os.lstat(full).st_ino == ino:
+                    os.unlink(full)
+                    removed.append(path)
+            except FileNotFoundError:
+                pass
+        self.created.clear()
+        return {"files_reverted": reverted, "bytes_dropped": dropped, "files_removed": sorted(removed)}
+
+    # ----- the control file -----
+
+    def _control_write(self, data: bytes) -> int:
+        command = data.decode().strip()
+        if command != "cut":
+            raise OSError(errno.EINVAL, f"unknown command {command!r}")
+        result = self.cut()
+        with open(self.report, "w") as f:
+            json.dump(result, f)
+        return len(data)
+
+    # ----- pass-through, recording what changes -----
+
+    def access(self, path: str, amode: int) -> int:
+        if path != CONTROL and not os.access(self._full(path), amode):
+            raise OSError(errno.EACCES, "")
+        return 0
+
+    def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+        if path == CONTROL:
+            return {"st_mode": 0o100200, "st_nlink": 1, "st_size": 0}
+        st = os.lstat(self._full(path))
+        keys = ("st_atime_ns", "st_ctime_ns", "st_gid", "st_mode", "st_mtime_ns", "st_nlink", "st_size")
+        attrs = {k.removesuffix("_ns"): getattr(st, k) for k in keys}
+        attrs.update(st_uid=st.st_uid, st_ino=st.st_ino, st_blocks=st.st_blocks)
+        return attrs
+
+    def readdir(self, path: str, fh: int) -> list[str]:
+        return [".", "..", *os.listdir(self._full(path))]
+
+    def readlink(self, path: str) -> str:
+        return os.readlink(self._full(path))
+
+    def statfs(self, path: str) -> dict[str, int]:
+        st = os.statvfs(self._full(path))
+        keys = ("f_bavail", "f_bfree", "f_blocks", "f_bsize", "f_favail", "f_ffree", "f_files", "f_flag")
+        return {k: getattr(st, k) for k in (*keys, "f_frsize", "f_namemax")}
+
+    def chmod(self, path: str, mode: int) -> int:
+        os.chmod(self._full(path), mode)
+        return 0
+
+    def chown(self, path: str, uid: int, gid: int) -> int:
+        os.chown(self._full(path), uid, gid)
+        return 0
+
+    def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
+        os.utime(self._full(path), ns=times)
+        return 0
+
+    def mkdir(self, path: str, mode: int) -> int:
+        os.mkdir(self._full(path), mode)
+        return 0
+
+    def rmdir(self, path: str) -> int:
+        os.rmdir(self._full(path))
+        return 0
+
+    def unlink(self, path: str) -> int:
+        with self._mutex:
+            os.unlink(self._full(path))
+            self.created.pop(path, None)
+        return 0
+
+    def symlink(self, target: str, source: str) -> int:
+        os.symlink(source, self._full(target))
+        return 0
+
+    def link(self, target: str, source: str) -> int:
+        os.link(self._full(source), self._full(target))
+        return 0
+
+    def rename(self, old: str, new: str) -> int:
+        with self._mutex:
+            os.rename(self._full(old), self._full(new))
+            # Renamed, a created file keeps its new name through a cut (data reverted, not removed).
+            self.created.pop(old, None)
+            self.created.pop(new, None)
+        return 0
+
+    def open(self, path: str, flags: int) -> int:
+        if path == CONTROL:
+            return _CONTROL_FH
+        with self._mutex:
+            # Writable means read-write here (pre-images are read through the same descriptor),
+            # and no O_APPEND: the kernel sends every write with its offset already.
+            flags &= ~(os.O_CREAT | os.O_TRUNC | os.O_APPEND)
+            if flags & os.O_ACCMODE != os.O_RDONLY:
+                flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+            fd = os.open(self._full(path), flags)
+            if flags & os.O_TRUNC and not self.cut_done:
+                self._record(fd, 0, os.fstat(fd).st_size)
+                os.ftruncate(fd, 0)
+        return fd
+
+    def create(self, path: str, mode: int, fi: Any = None) -> int:
+        with self._mutex:
+            full = self._full(path)
+            existed = os.path.exists(full)
+            fd = os.open(full, os.O_RDWR | os.O_CREAT, mode)
+            if not existed:
+                self.created[path] = os.fstat(fd).st_ino
+        return fd
+
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        if fh == _CONTROL_FH:
+            return b""
+        return os.pread(fh, size, offset)
+
+    def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+        if fh == _CONTROL_FH:
+            return self._control_write(data)
+        with self._mutex:
+            if self.cut_done:
+                return len(data)  # after the power cut: the dead process's late writeback is lost
+            self._record(fh, offset, offset + len(data))
+            return os.pwrite(fh, data, offset)
+
+    def truncate(self, path: str, length: int, fh: int | None = None) -> int:
+        if path == CONTROL:
+            return 0
+        with self._mutex:
+            if self.cut_done:
+                return 0
+            fd = fh if fh is not None else os.open(self._full(path), os.O_RDWR)
+            try:
+                size = os.fstat(fd).st_size
+                self._record(fd, min(length, size), max(length, size))
+                os.ftruncate(fd, length)
+            finally:
+                if fd != fh:
+                    os.close(fd)
+        return 0
+
+    def fallocate(self, path: str, mode: int, offset: int, size: int, fh: int) -> int:
+        if mode != 0:
+            raise OSError(errno.EOPNOTSUPP, "only plain allocation is modelled")
+        with self._mutex:
+            if self.cut_done:
+                return 0
+            self._record(fh, offset, offset)  # only the size can change: remember the synced one
+            os.posix_fallocate(fh, offset, size)
+        return 0
+
+    def flush(self, path: str, fh: int) -> int:
+        return 0  # close(2) is no sync
+
+    def release(self, path: str, fh: int) -> int:
+        if fh != _CONTROL_FH:
+            os.close(fh)
+        return 0
+
+    def fsync(self, path: str, datasync: int, fh: int) -> int:
+        if fh == _CONTROL_FH:
+            return 0
+        with self._mutex:
+            if self.cut_done:
+                return 0
+            if datasync:
+                os.fdatasync(fh)
+            else:
+                os.fsync(fh)
+            self._synced(fh)
+        return 0
+
+    def fsyncdir(self, path: str, datasync: int, fh: int) -> int:
+        with self._mutex:
+            if self.cut_done:
+                return 0
+            prefix = path.rstrip("/") + "/"
+            for created in [p for p in self.created if os.path.dirname(p) + "/" == prefix]:
+                del self.created[created]  # its directory entry is durable now
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("backing")
+    parser.add_argument("mountpoint")
+    parser.add_argument("--report", required=True, help="where a cut's JSON report is written")
+    args = parser.parse_args(argv)
+    fs = PowerLossFS(args.backing, args.report)
+    # Foreground, one thread (the volatile layer is simple under one lock anyway); no attribute
+    # or entry caching, so the kernel always asks us and a test sees reverted sizes at once.
+    mfusepy.FUSE(
+        fs,
+        args.mountpoint,
+        foreground=True,
+        nothreads=True,
+        attr_timeout=0,
+        entry_timeout=0,
+        negative_timeout=0,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
