@@ -107,9 +107,15 @@ def wait_applied_equal(powered: PoweredCluster, names: list[str], timeout: float
 
 
 def write_under_load(
-    kv: Client, prefix: bytes, count: int, seconds: float, threads: int = 4
+    kv: Client,
+    prefix: bytes,
+    count: int,
+    seconds: float,
+    threads: int = 4,
+    stop: threading.Event | None = None,
 ) -> tuple[dict[bytes, bytes], int]:
-    """Up to `count` unique puts from `threads` writers for at most `seconds`. Returns the
+    """Up to `count` unique puts from `threads` writers for at most `seconds` (or until `stop` is
+    set). Returns the
     acknowledged writes and how many had an unknown outcome (no promise made for those)."""
     acked: dict[bytes, bytes] = {}
     unknown = [0]
@@ -118,7 +124,7 @@ def write_under_load(
 
     def writer(w: int) -> None:
         for i in range(w, count, threads):
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or (stop is not None and stop.is_set()):
                 return
             key, value = prefix + b"%06d" % i, b"v-%d-%s" % (i, prefix)
             try:
