@@ -13,14 +13,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.powerloss_mount import PowerLossMount, require_fuse
+from tests.support.powerloss_mount import FuseUnavailable, PowerLossMount, fuse_unavailable, require_fuse
 
 
 @pytest.fixture
 def fs(tmp_path: Path) -> Iterator[PowerLossMount]:
     require_fuse()
-    with PowerLossMount(tmp_path / "backing", tmp_path / "mnt") as mount:
+    mount = PowerLossMount(tmp_path / "backing", tmp_path / "mnt")
+    try:
+        mount.mount()
+    except FuseUnavailable as err:
+        fuse_unavailable(str(err))
+    try:
         yield mount
+    finally:
+        mount.unmount()
 
 
 def _write(path: Path, data: bytes, sync: bool, mode: str = "wb") -> None:

@@ -23,7 +23,13 @@ from kvstore.cluster.local import LocalCluster
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from tests.conftest import TEST_RAFT
-from tests.support.powerloss_mount import CutReport, PowerLossMount, require_fuse
+from tests.support.powerloss_mount import (
+    CutReport,
+    FuseUnavailable,
+    PowerLossMount,
+    fuse_unavailable,
+    require_fuse,
+)
 
 
 @dataclass
@@ -63,7 +69,10 @@ def cluster_on_powerloss_fs(directory: Path, **create: Any) -> Iterator[PoweredC
             mount = PowerLossMount(directory / "backing" / name, directory / "data" / name)
             mount.log = directory / "logs" / f"{name}.fuse.log"
             powered.mounts[name] = mount
-            mount.mount()
+            try:
+                mount.mount()
+            except FuseUnavailable as err:
+                fuse_unavailable(str(err))
         cluster.start_all()
         cluster.wait_for_leaders(30)
         yield powered

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import NoReturn
 
 import pytest
 
@@ -31,8 +32,7 @@ class FuseUnavailable(RuntimeError):
 
 
 def require_fuse() -> None:
-    """Fail under CI=true (the project's setup installs FUSE: its absence is a broken setup, and a
-    skip would hide that power loss went untested), skip elsewhere, when FUSE cannot be used."""
+    """Fail under CI=true, skip elsewhere, when FUSE cannot be used here."""
     problems = []
     if not os.path.exists("/dev/fuse"):
         problems.append("/dev/fuse is missing")
@@ -42,9 +42,14 @@ def require_fuse() -> None:
         import mfusepy  # noqa: F401 (only whether it loads libfuse3)
     except (ImportError, OSError) as err:
         problems.append(f"mfusepy cannot load libfuse: {err}")
-    if not problems:
-        return
-    reason = "FUSE unavailable: " + "; ".join(problems) + " (run tests/support/install-fuse)"
+    if problems:
+        fuse_unavailable("; ".join(problems) + " (run tests/support/install-fuse)")
+
+
+def fuse_unavailable(reason: str) -> NoReturn:
+    """Under CI=true a failure (the project's setup installs FUSE: its absence is a broken setup,
+    and a skip would hide that power loss went untested); elsewhere a skip."""
+    reason = f"FUSE unavailable: {reason}"
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(reason)
     pytest.skip(reason)
