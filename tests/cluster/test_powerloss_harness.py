@@ -8,7 +8,9 @@ through an mmap that is never msynced, see kvstore/replication/journal.py) loses
 written since the mount. That the journal's bytes change shows the harness really drops unsynced
 data from a node; whether acknowledged writes survive *under load*, with a restart and more
 writes after it, is the full cycle in tests/powerloss/ (`make powerloss`), which does not pass
-until the Raft log is durable (issue 15, item 1).
+until the Raft log is durable (issue 15, item 1). That work flips the journal assertion here: the
+journal must then come back unchanged (every entry was applied, so it was synced first), and the
+full cycle joins the CI run.
 """
 
 from __future__ import annotations

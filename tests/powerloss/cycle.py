@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvstore import Client
+from kvstore.chaos.checker import check_linearizable
+from kvstore.chaos.history import Op
 from tests.conftest import client
 from tests.support.power_cluster import (
     PoweredCluster,
@@ -39,16 +41,19 @@ class CycleResult:
     diverged: dict[str, int] = field(default_factory=dict)  # replica -> keys unlike the majority
     applied: dict[str, int] = field(default_factory=dict)  # replica -> applied index at the end
     problems: list[str] = field(default_factory=list)  # no leader, no convergence, ...
+    not_linearizable: list[str] = field(default_factory=list)  # keys the checker refutes
+    history: list[Op] = field(default_factory=list, repr=False)
 
     @property
     def ok(self) -> bool:
-        return not (self.lost or self.wrong or self.diverged or self.problems)
+        return not (self.lost or self.wrong or self.diverged or self.problems or self.not_linearizable)
 
     def summary(self) -> str:
         return (
             f"cuts={self.cuts} acked={self.acked} unknown={self.unknown} "
             f"dropped={self.bytes_dropped}B lost={len(self.lost)} wrong={len(self.wrong)} "
-            f"diverged={self.diverged or 0} applied={self.applied} problems={self.problems or 0}"
+            f"diverged={self.diverged or 0} applied={self.applied} problems={self.problems or 0} "
+            f"not_linearizable={len(self.not_linearizable)}"
             + (f" e.g. lost {self.lost[:3]}" if self.lost else "")
         )
 
@@ -63,7 +68,9 @@ def _load_then_cut(
     stop = threading.Event()
 
     def load() -> None:
-        outcome["acked"], outcome["unknown"] = write_under_load(kv, prefix, 3_000, 20, stop=stop)
+        outcome["acked"], outcome["unknown"] = write_under_load(
+            kv, prefix, 3_000, 20, stop=stop, history=result.history
+        )
 
     writer = threading.Thread(target=load)
     writer.start()
@@ -103,7 +110,9 @@ def run_cycle(directory: Path, cuts: int = 3) -> CycleResult:
             # Writes after the last restart: new entries take log indexes that replicas whose
             # store is ahead of their (lost) log would skip.
             with client(cluster, timeout=5.0) as kv:
-                after, unknown = write_under_load(kv, b"after:", count=300, seconds=20)
+                after, unknown = write_under_load(
+                    kv, b"after:", count=300, seconds=20, history=result.history
+                )
             acked.update(after)
             result.unknown += unknown
         result.acked = len(acked)
@@ -138,8 +147,34 @@ def _check(powered: PoweredCluster, names: list[str], acked: dict[bytes, bytes],
             result.lost.append(key)
         elif majority != acked[key]:
             result.wrong.append(key)
+    _check_history(powered, result)
     digests = {n: hashlib.sha256(repr(sorted(seen[n].items())).encode()).hexdigest()[:12] for n in seen}
     print(f"replica digests over the acknowledged keys: {digests}")
+
+
+def _check_history(powered: PoweredCluster, result: CycleResult) -> None:
+    """Strong reads of every key written (acknowledged or not), then the linearizability checker
+    over the whole history: with one write per key, a read must show an acknowledged write, and
+    may show an unknown one."""
+    keys = sorted({op.key for op in result.history})
+    try:
+        with client(powered.cluster, timeout=10.0) as kv:
+            for start in range(0, len(keys), 200):
+                chunk = keys[start : start + 200]
+                call = time.monotonic_ns()
+                got = kv.multi_get([k.encode() for k in chunk])
+                ret = time.monotonic_ns()
+                for key in chunk:
+                    value = got.get(key.encode())
+                    read = value.decode() if value is not None else None
+                    result.history.append(Op(-1, "get", key, read, None, True, call, ret))
+    except Exception as err:  # no leader to read from is a finding, not a crash
+        result.problems.append(f"strong reads failed: {err}")
+        return
+    verdict = check_linearizable(result.history, timeout_s=30)
+    result.not_linearizable = list(verdict.failed_keys)
+    if verdict.timed_out:
+        result.problems.append("the linearizability check ran out of time")
 
 
 def main() -> int:

@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 
 from kvstore import Client, errors
+from kvstore.chaos.history import Op
 from kvstore.cluster.local import LocalCluster
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
@@ -122,9 +123,10 @@ def write_under_load(
     seconds: float,
     threads: int = 4,
     stop: threading.Event | None = None,
+    history: list[Op] | None = None,
 ) -> tuple[dict[bytes, bytes], int]:
     """Up to `count` unique puts from `threads` writers for at most `seconds` (or until `stop` is
-    set). Returns the
+    set), each recorded in `history` for the linearizability checker when given. Returns the
     acknowledged writes and how many had an unknown outcome (no promise made for those)."""
     acked: dict[bytes, bytes] = {}
     unknown = [0]
@@ -136,14 +138,20 @@ def write_under_load(
             if time.monotonic() > deadline or (stop is not None and stop.is_set()):
                 return
             key, value = prefix + b"%06d" % i, b"v-%d-%s" % (i, prefix)
+            call = time.monotonic_ns()
             try:
                 kv.put(key, value)
-            except errors.KvError:  # not acknowledged: no promise made
-                with lock:
-                    unknown[0] += 1
-                continue
+                ok: bool | None = True
+            except errors.KvError:  # not acknowledged: no promise made (it may still apply)
+                ok = None
             with lock:
-                acked[key] = value
+                if history is not None:
+                    ret = time.monotonic_ns() if ok else None
+                    history.append(Op(w, "put", key.decode(), value.decode(), None, ok, call, ret))
+                if ok:
+                    acked[key] = value
+                else:
+                    unknown[0] += 1
 
     workers = [threading.Thread(target=writer, args=(w,)) for w in range(threads)]
     for t in workers:
