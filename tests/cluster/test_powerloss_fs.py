@@ -126,3 +126,22 @@ def test_writes_after_the_cut_are_kept_until_the_next_one(fs: PowerLossMount) ->
     assert path.read_bytes() == b"twothree"
     fs.cut()
     assert path.read_bytes() == b"two"
+
+
+def test_a_torn_cut_keeps_whole_blocks_of_either_version_and_repeats_with_its_seed(
+    fs: PowerLossMount,
+) -> None:
+    path, blocks = fs.mountpoint / "f", 32
+    outcomes = []
+    for _ in range(2):
+        _write(path, b"a" * 4096 * blocks, sync=True)
+        _write(path, b"b" * 4096 * (blocks + 4), sync=False, mode="r+b")  # overwrites and extends
+        report = fs.cut(torn_seed=7)
+        data = path.read_bytes()
+        assert len(data) in (4096 * blocks, 4096 * (blocks + 4))
+        chunks = {data[i : i + 4096] for i in range(0, len(data), 4096)}
+        assert chunks <= {b"a" * 4096, b"b" * 4096, b"\0" * 4096}  # past the old end: zeros or b
+        assert b"a" * 4096 in chunks and b"b" * 4096 in chunks, "a torn cut kept all or nothing"
+        assert 0 < report.blocks_kept < blocks + 4
+        outcomes.append(data)
+    assert outcomes[0] == outcomes[1]

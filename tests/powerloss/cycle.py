@@ -59,7 +59,7 @@ class CycleResult:
 
 
 def _load_then_cut(
-    powered: PoweredCluster, kv: Client, prefix: bytes, result: CycleResult
+    powered: PoweredCluster, kv: Client, prefix: bytes, result: CycleResult, torn_seed: int | None
 ) -> dict[bytes, bytes]:
     """Writers run; once some writes are acknowledged, every replica of shard 0 loses power."""
     names = powered.replicas_of(0)
@@ -79,7 +79,7 @@ def _load_then_cut(
         started = time.monotonic()
         while writer.is_alive() and time.monotonic() - started < 2.0:
             time.sleep(0.1)
-        reports = powered.power_cut(names)
+        reports = powered.power_cut(names, torn_seed)
     finally:
         stop.set()
         writer.join(60)
@@ -90,16 +90,18 @@ def _load_then_cut(
     return acked
 
 
-def run_cycle(directory: Path, cuts: int = 3) -> CycleResult:
+def run_cycle(directory: Path, cuts: int = 3, torn_seed: int | None = None) -> CycleResult:
     """One cluster (1 x 3), `cuts` rounds of load + power cut + restart, then a final write phase
-    and the checks. Bounded: about 30 s per cut plus the checks."""
+    and the checks. Bounded: about 30 s per cut plus the checks. `torn_seed`: torn cuts (each
+    unsynced block survives or not at random, repeatably)."""
     result = CycleResult()
     acked: dict[bytes, bytes] = {}
     with cluster_on_powerloss_fs(directory) as powered:
         cluster, names = powered.cluster, powered.replicas_of(0)
         for cut in range(cuts):
             with client(cluster, timeout=5.0) as kv:
-                acked.update(_load_then_cut(powered, kv, b"cut%d:" % cut, result))
+                seed = None if torn_seed is None else torn_seed + 100 * cut
+                acked.update(_load_then_cut(powered, kv, b"cut%d:" % cut, result, seed))
             cluster.start_all()
             try:
                 cluster.wait_for_leaders(30)
@@ -183,11 +185,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="fresh clusters, one after another")
     parser.add_argument("--cuts", type=int, default=3, help="power cuts per cluster")
+    parser.add_argument(
+        "--torn", type=int, metavar="SEED", help="torn cuts: keep a random part of unsynced blocks"
+    )
     args = parser.parse_args()
     failed = 0
     for round_ in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="powerloss-") as tmp:
-            result = run_cycle(Path(tmp) / "c", cuts=args.cuts)
+            torn = None if args.torn is None else args.torn + 1000 * round_
+            result = run_cycle(Path(tmp) / "c", cuts=args.cuts, torn_seed=torn)
         failed += not result.ok
         print(f"round {round_ + 1}: {'OK' if result.ok else 'LOSS'} {result.summary()}", flush=True)
     print(f"{failed} of {args.rounds} rounds lost acknowledged writes or diverged")

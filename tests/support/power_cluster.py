@@ -44,13 +44,16 @@ class PoweredCluster:
     def address(self, name: str) -> str:
         return self.cluster.cluster_map().replica(name)[1].address
 
-    def power_cut(self, names: list[str]) -> dict[str, CutReport]:
+    def power_cut(self, names: list[str], torn_seed: int | None = None) -> dict[str, CutReport]:
         """SIGKILL every replica in `names` (all of them dead before any disk is touched), then
-        drop each one's unsynced data."""
+        drop each one's unsynced data (with `torn_seed`, a random part of it: a torn cut)."""
         for name in names:
             if self.cluster.pid(name):
                 self.cluster.kill(name, "KILL")
-        return {name: self.mounts[name].cut() for name in names}
+        return {
+            name: self.mounts[name].cut(None if torn_seed is None else torn_seed + i)
+            for i, name in enumerate(names)
+        }
 
 
 @contextlib.contextmanager

@@ -19,12 +19,15 @@ What the model covers (and what it does not):
   unsynced data reverted (for a new file: empty), the zero-length file of a real crash.
 - Renames, unlinks, mkdir, rmdir, links, chmod and utimes are durable at once (LazyFS does the
   same): a cut does not bring back an unlinked file or undo a rename.
-- The cut itself is all-or-nothing per file: no torn writes within the unsynced part (a real disk
-  may keep any subset of the unsynced blocks); the durability work adds torn-tail tests itself.
+- A plain cut drops all of a file's unsynced blocks; a torn cut keeps each one (4 KiB, whole) and
+  each file's unsynced size with probability 1/2, and a new file's name too. Writes are not torn
+  inside a block.
 
 Control: the daemon serves one extra file, `/.powerloss-control`, not in the backing directory.
-Writing `cut` to it reverts every unsynced change and from then on discards writes; the report
-(JSON: files reverted, bytes dropped, files removed) is written to `--report`. The harness side
+Writing `cut` to it reverts every unsynced change and from then on discards writes; `cut torn SEED`
+keeps a random part of the unsynced blocks (a disk cache written back in part, in any order, as
+real disks do; SEED makes it repeatable). The report (JSON: files reverted, bytes dropped, blocks
+kept, files removed) is written to `--report`. The harness side
 is tests/support/powerloss_mount.py.
 
 Run: python -m tests.support.powerloss_fs BACKING MOUNTPOINT --report FILE (foreground).
@@ -36,6 +39,7 @@ import argparse
 import errno
 import json
 import os
+import random
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -81,9 +85,12 @@ class PowerLossFS(mfusepy.Operations):
             state = _Unsynced(fd=os.dup(fd), synced_size=os.fstat(fd).st_size)
             self.unsynced[ino] = state
         size = os.fstat(fd).st_size
+        # Blocks past the end of file too (their "before" is empty): a torn cut may keep or drop them.
         for block in range(start // _BLOCK, -(-end // _BLOCK)):
-            if block not in state.preimages and block * _BLOCK < max(size, state.synced_size):
-                state.preimages[block] = os.pread(fd, _BLOCK, block * _BLOCK)
+            if block not in state.preimages:
+                start_of_block = block * _BLOCK
+                inside = start_of_block < max(size, state.synced_size)
+                state.preimages[block] = os.pread(fd, _BLOCK, start_of_block) if inside else b""
 
     def _synced(self, fd: int) -> None:
         ino = os.fstat(fd).st_ino
@@ -94,22 +101,31 @@ class PowerLossFS(mfusepy.Operations):
             if created_ino == ino:
                 del self.created[path]
 
-    def cut(self) -> dict[str, Any]:
-        """Power loss: every file back to its synced content and size; writes discarded from now."""
+    def cut(self, torn: random.Random | None = None) -> dict[str, Any]:
+        """Power loss: every file back to its synced content and size; writes discarded from now.
+        `torn`: a disk that wrote back part of its cache, in any order: each unsynced block (and
+        each file's unsynced size) reached the disk or not, at random."""
         self.cut_done = True
-        reverted = dropped = 0
+        reverted = dropped = kept = 0
         for state in self.unsynced.values():
             size = os.fstat(state.fd).st_size
-            changed = sum(len(b) for b in state.preimages.values())
+            final = size if torn is not None and torn.random() < 0.5 else state.synced_size
             for block, before in sorted(state.preimages.items()):
-                os.pwrite(state.fd, before, block * _BLOCK)
-            os.ftruncate(state.fd, state.synced_size)
-            dropped += max(changed, size - state.synced_size)
+                if torn is not None and torn.random() < 0.5:
+                    kept += 1  # this block reached the disk
+                    continue
+                # Past the old end of file the "before" is short: what was never written reads as zeros.
+                length = min(_BLOCK, max(0, final - block * _BLOCK))
+                os.pwrite(state.fd, before.ljust(length, b"\0"), block * _BLOCK)
+                dropped += _BLOCK
+            os.ftruncate(state.fd, final)
             reverted += 1
             os.close(state.fd)
         self.unsynced.clear()
         removed = []
         for path, ino in self.created.items():
+            if torn is not None and torn.random() < 0.5:
+                continue  # its directory entry reached the disk (its data as above)
             full = self._full(path)
             try:
                 if os.lstat(full).st_ino == ino:
@@ -118,15 +134,23 @@ class PowerLossFS(mfusepy.Operations):
             except FileNotFoundError:
                 pass
         self.created.clear()
-        return {"files_reverted": reverted, "bytes_dropped": dropped, "files_removed": sorted(removed)}
+        return {
+            "files_reverted": reverted,
+            "bytes_dropped": dropped,
+            "blocks_kept": kept,
+            "files_removed": sorted(removed),
+        }
 
     # ----- the control file -----
 
     def _control_write(self, data: bytes) -> int:
-        command = data.decode().strip()
-        if command != "cut":
+        command = data.decode().split()
+        if command == ["cut"]:
+            result = self.cut()
+        elif len(command) == 3 and command[:2] == ["cut", "torn"] and command[2].isdigit():
+            result = self.cut(torn=random.Random(int(command[2])))
+        else:
             raise OSError(errno.EINVAL, f"unknown command {command!r}")
-        result = self.cut()
         with open(self.report, "w") as f:
             json.dump(result, f)
         return len(data)

@@ -59,6 +59,7 @@ def fuse_unavailable(reason: str) -> NoReturn:
 class CutReport:
     files_reverted: int
     bytes_dropped: int
+    blocks_kept: int
     files_removed: list[str]
 
 
@@ -90,12 +91,13 @@ class PowerLossMount:
                 raise FuseUnavailable(f"no mount at {self.mountpoint}: see {self.log}")
             time.sleep(0.02)
 
-    def cut(self) -> CutReport:
-        """Power loss: everything not synced is gone; the mount is back up, fresh, afterwards."""
+    def cut(self, torn_seed: int | None = None) -> CutReport:
+        """Power loss: everything not synced is gone (with `torn_seed`, a random part of it); the
+        mount is back up, fresh, afterwards."""
         self.report_path.unlink(missing_ok=True)
         fd = os.open(self.mountpoint / CONTROL_NAME, os.O_WRONLY)
         try:
-            os.write(fd, b"cut")
+            os.write(fd, b"cut" if torn_seed is None else b"cut torn %d" % torn_seed)
         finally:
             os.close(fd)
         report = json.loads(self.report_path.read_text())
