@@ -130,6 +130,10 @@ def _check(powered: PoweredCluster, names: list[str], acked: dict[bytes, bytes],
     for name in names:
         status = replica_status(powered.address(name))
         result.applied[name] = status.applied_index if status else -1
+        if status is None:  # down: say why, from its log (the run's directory goes away)
+            log = powered.cluster.log_path(name)
+            tail = log.read_text(errors="replace").splitlines()[-3:] if log.exists() else []
+            result.problems.append(f"{name} is down; its log ends: {' | '.join(tail)}")
     keys = sorted(acked)
     seen: dict[str, dict[bytes, bytes | None]] = {}
     for name in names:

@@ -27,8 +27,7 @@ Control: the daemon serves one extra file, `/.powerloss-control`, not in the bac
 Writing `cut` to it reverts every unsynced change and from then on discards writes; `cut torn SEED`
 keeps a random part of the unsynced blocks (a disk cache written back in part, in any order, as
 real disks do; SEED makes it repeatable). The report (JSON: files reverted, bytes dropped, blocks
-kept, files removed) is written to `--report`. The harness side
-is tests/support/powerloss_mount.py.
+kept, files removed) is written to `--report`. The harness side is tests/support/powerloss_mount.py.
 
 Run: python -m tests.support.powerloss_fs BACKING MOUNTPOINT --report FILE (foreground).
 """
