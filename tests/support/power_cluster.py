@@ -70,7 +70,8 @@ def cluster_on_powerloss_fs(directory: Path, **create: Any) -> Iterator[PoweredC
     powered = PoweredCluster(cluster)
     try:
         for name in cluster.node_names():
-            mount = PowerLossMount(directory / "backing" / name, directory / "data" / name)
+            data_dir = Path(cluster.node_config(name).data_dir)
+            mount = PowerLossMount(directory / "backing" / name, data_dir)
             mount.log = directory / "logs" / f"{name}.fuse.log"
             powered.mounts[name] = mount
             try:
