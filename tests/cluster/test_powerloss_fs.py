@@ -81,25 +81,64 @@ def test_an_unsynced_truncate_is_undone_and_a_synced_one_kept(fs: PowerLossMount
     assert kept.read_bytes() == b"k" * 100
 
 
-def test_new_files_renames_and_directory_syncs(fs: PowerLossMount) -> None:
-    root = fs.mountpoint
-    _write(root / "never-synced", b"gone", sync=False)
-    _write(root / "synced", b"kept", sync=True)
-    _write(root / "tmp", b"unsynced data", sync=False)
-    os.rename(root / "tmp", root / "renamed")  # the rename is durable, its data is not
-    (root / "sub").mkdir()
-    _write(root / "sub" / "dir-synced", b"data not synced", sync=False)
-    fd = os.open(root / "sub", os.O_RDONLY)
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def test_new_files_are_kept_only_when_synced_or_their_directory_is(fs: PowerLossMount) -> None:
+    root = fs.mountpoint
+    _write(root / "never-synced", b"gone", sync=False)
+    _write(root / "synced", b"kept", sync=True)
+    (root / "sub").mkdir()
+    _write(root / "sub" / "dir-synced", b"data not synced", sync=False)
+    _fsync_dir(root / "sub")
     report = fs.cut()
     assert report.files_removed == ["/never-synced"]
-    assert not (root / "never-synced").exists()
+    assert sorted(p.name for p in root.iterdir()) == ["sub", "synced"]
     assert (root / "synced").read_bytes() == b"kept"
-    assert (root / "renamed").read_bytes() == b""  # the zero-length file of a real crash
-    assert (root / "sub" / "dir-synced").read_bytes() == b""
+    assert (root / "sub" / "dir-synced").read_bytes() == b""  # its name is durable, its data not
+
+
+def test_renames_and_unlinks_are_undone_without_a_directory_fsync(fs: PowerLossMount) -> None:
+    root = fs.mountpoint
+    for name in ("replaced", "moved", "unlinked", "renamed-durably"):
+        _write(root / name, name.encode(), sync=True)
+    _fsync_dir(root)
+    # The usual atomic replace, without the directory fsync: the old content is what survives.
+    _write(root / "replaced.tmp", b"new content", sync=True)
+    os.rename(root / "replaced.tmp", root / "replaced")
+    os.rename(root / "moved", root / "moved-to")
+    os.unlink(root / "unlinked")
+    assert sorted(p.name for p in root.iterdir()) == ["moved-to", "renamed-durably", "replaced"]
+    (root / "d").mkdir()
+    os.rename(root / "renamed-durably", root / "d" / "there")
+    _fsync_dir(root / "d")
+    report = fs.cut()
+    assert report.names_undone == 3
+    # The fsynced tmp file's own name was durable (fsync of a new file), the rename not.
+    assert sorted(p.name for p in root.iterdir()) == ["d", "moved", "replaced", "replaced.tmp", "unlinked"]
+    assert (root / "replaced").read_bytes() == b"replaced"
+    assert (root / "replaced.tmp").read_bytes() == b"new content"
+    assert (root / "moved").read_bytes() == b"moved"
+    assert (root / "unlinked").read_bytes() == b"unlinked"
+    assert (root / "d" / "there").read_bytes() == b"renamed-durably"
+
+
+def test_a_new_file_renamed_over_another_without_syncs_leaves_the_old_one(fs: PowerLossMount) -> None:
+    root = fs.mountpoint
+    _write(root / "meta", b"v1", sync=True)
+    _fsync_dir(root)
+    for version in (b"v2", b"v3"):  # pysyncobj's meta file: tmp, rename, no fsync at all
+        _write(root / "meta.tmp", version, sync=False)
+        os.rename(root / "meta.tmp", root / "meta")
+    assert (root / "meta").read_bytes() == b"v3"
+    fs.cut()
+    assert sorted(p.name for p in root.iterdir()) == ["meta"]
+    assert (root / "meta").read_bytes() == b"v1"
 
 
 def test_mmap_writes_survive_only_if_msynced(fs: PowerLossMount) -> None:

@@ -15,19 +15,25 @@ What the model covers (and what it does not):
   because the cut discards every write that arrives after it (the dead process's dirty pages,
   flushed by the unmount), and the mount is then replaced, so no stale page cache survives.
 - A file created since the mount and neither fsynced nor followed by an fsync of its directory is
-  removed at the cut, if it still has the name it was created with; renamed, it stays, with its
-  unsynced data reverted (for a new file: empty), the zero-length file of a real crash.
-- Renames, unlinks, mkdir, rmdir, links, chmod and utimes are durable at once (LazyFS does the
-  same): a cut does not bring back an unlinked file or undo a rename.
+  removed at the cut (under whatever name it has then).
+- A rename or an unlink of a file is undone by the cut unless the directory of the new name (of
+  the unlinked file) was fsynced since: the file it replaced or removed comes back (kept aside as a
+  hard link in `.powerloss-graveyard` of the backing directory). So tmp-file-then-rename without a
+  directory fsync is lost, as POSIX allows; a renamed file whose data was not fsynced comes back
+  with its synced data only (the zero-length file of a real crash, when the rename survives).
+- Directories (mkdir, rmdir, a renamed directory), links, symlinks, chmod and utimes are durable
+  at once (not modelled).
 - A plain cut drops all of a file's unsynced blocks; a torn cut keeps each one (4 KiB, whole) and
-  each file's unsynced size with probability 1/2, and a new file's name too. Writes are not torn
-  inside a block.
+  each file's unsynced size with probability 1/2, and a new file's name too, and a random prefix of
+  the pending renames and unlinks (metadata is journaled in order). Writes are not torn inside a
+  block.
 
 Control: the daemon serves one extra file, `/.powerloss-control`, not in the backing directory.
 Writing `cut` to it reverts every unsynced change and from then on discards writes; `cut torn SEED`
 keeps a random part of the unsynced blocks (a disk cache written back in part, in any order, as
 real disks do; SEED makes it repeatable). The report (JSON: files reverted, bytes dropped, blocks
-kept, files removed) is written to `--report`. The harness side is tests/support/powerloss_mount.py.
+kept, files removed, renames and unlinks undone) is written to `--report`. The harness side is
+tests/support/powerloss_mount.py.
 
 Run: python -m tests.support.powerloss_fs BACKING MOUNTPOINT --report FILE (foreground).
 """
@@ -36,9 +42,11 @@ from __future__ import annotations
 
 import argparse
 import errno
+import itertools
 import json
 import os
 import random
+import shutil
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -47,6 +55,7 @@ from typing import Any
 import mfusepy
 
 CONTROL = "/.powerloss-control"
+GRAVEYARD = ".powerloss-graveyard"  # in the backing directory, hidden from the mount
 _CONTROL_FH = 1 << 40  # never a real descriptor
 _BLOCK = 4096
 
@@ -60,6 +69,20 @@ class _Unsynced:
     preimages: dict[int, bytes] = field(default_factory=dict)  # block number -> bytes before
 
 
+@dataclass
+class _Pending:
+    """A rename (`old` -> `new`) or an unlink (`old` only) that a cut undoes."""
+
+    old: str
+    new: str | None
+    directory: str  # whose fsync makes it durable: the directory of the new name (or the unlinked)
+    grave: str | None  # the file it replaced or removed, kept aside
+
+
+def _parent(path: str) -> str:
+    return os.path.dirname(path.rstrip("/")) or "/"
+
+
 class PowerLossFS(mfusepy.Operations):
     use_ns = True
 
@@ -69,6 +92,13 @@ class PowerLossFS(mfusepy.Operations):
         self._mutex = threading.Lock()
         self.unsynced: dict[int, _Unsynced] = {}  # inode -> changes
         self.created: dict[str, int] = {}  # relative path -> inode, never synced since creation
+        # Renames and unlinks not yet made durable by an fsync of their directory, oldest first;
+        # what they replaced or removed waits in the graveyard (same filesystem: links, no copies).
+        self.pending: list[_Pending] = []
+        self.graveyard = os.path.join(self.root, GRAVEYARD)
+        shutil.rmtree(self.graveyard, ignore_errors=True)  # a previous mount's: already cut
+        os.makedirs(self.graveyard)
+        self._graves = itertools.count()
         self.cut_done = False
 
     def _full(self, path: str) -> str:
@@ -133,12 +163,40 @@ class PowerLossFS(mfusepy.Operations):
             except FileNotFoundError:
                 pass
         self.created.clear()
+        # Metadata reaches the disk in order (a journal): a torn cut keeps a prefix of it.
+        keep = torn.randint(0, len(self.pending)) if torn is not None else 0
+        for op in reversed(self.pending[keep:]):
+            self._undo(op)
+        for op in self.pending[:keep]:
+            self._commit(op)
+        undone = len(self.pending) - keep
+        self.pending.clear()
         return {
+            "names_undone": undone,
             "files_reverted": reverted,
             "bytes_dropped": dropped,
             "blocks_kept": kept,
             "files_removed": sorted(removed),
         }
+
+    def _bury(self, path: str) -> str | None:
+        """Keep the file at `path` aside (a hard link), for a cut to bring back."""
+        full = self._full(path)
+        if not os.path.lexists(full) or os.path.isdir(full):
+            return None
+        grave = os.path.join(self.graveyard, str(next(self._graves)))
+        os.link(full, grave, follow_symlinks=False)
+        return grave
+
+    def _undo(self, op: _Pending) -> None:
+        if op.new is not None and os.path.lexists(self._full(op.new)):
+            os.rename(self._full(op.new), self._full(op.old))
+        if op.grave is not None:
+            os.rename(op.grave, self._full(op.new if op.new is not None else op.old))
+
+    def _commit(self, op: _Pending) -> None:
+        if op.grave is not None:
+            os.unlink(op.grave)
 
     # ----- the control file -----
 
@@ -171,7 +229,8 @@ class PowerLossFS(mfusepy.Operations):
         return attrs
 
     def readdir(self, path: str, fh: int) -> list[str]:
-        return [".", "..", *os.listdir(self._full(path))]
+        names = os.listdir(self._full(path))
+        return [".", "..", *(n for n in names if not (path == "/" and n == GRAVEYARD))]
 
     def readlink(self, path: str) -> str:
         return os.readlink(self._full(path))
@@ -203,8 +262,11 @@ class PowerLossFS(mfusepy.Operations):
 
     def unlink(self, path: str) -> int:
         with self._mutex:
+            # A file whose creation is not durable needs nothing kept: a cut removes it anyway.
+            grave = None if self.created.pop(path, None) is not None else self._bury(path)
             os.unlink(self._full(path))
-            self.created.pop(path, None)
+            if grave is not None:
+                self.pending.append(_Pending(path, None, _parent(path), grave))
         return 0
 
     def symlink(self, target: str, source: str) -> int:
@@ -217,10 +279,15 @@ class PowerLossFS(mfusepy.Operations):
 
     def rename(self, old: str, new: str) -> int:
         with self._mutex:
+            if os.path.isdir(self._full(old)):  # directories: durable at once (not modelled)
+                os.rename(self._full(old), self._full(new))
+                return 0
+            # Replacing a file whose creation is not durable: nothing to bring back at a cut.
+            grave = None if self.created.pop(new, None) is not None else self._bury(new)
             os.rename(self._full(old), self._full(new))
-            # Renamed, a created file keeps its new name through a cut (data reverted, not removed).
-            self.created.pop(old, None)
-            self.created.pop(new, None)
+            if old in self.created:  # a new file keeps being new under its new name
+                self.created[new] = self.created.pop(old)
+            self.pending.append(_Pending(old, new, _parent(new), grave))
         return 0
 
     def open(self, path: str, flags: int) -> int:
@@ -312,9 +379,12 @@ class PowerLossFS(mfusepy.Operations):
         with self._mutex:
             if self.cut_done:
                 return 0
-            prefix = path.rstrip("/") + "/"
-            for created in [p for p in self.created if os.path.dirname(p) + "/" == prefix]:
+            directory = path.rstrip("/") or "/"
+            for created in [p for p in self.created if _parent(p) == directory]:
                 del self.created[created]  # its directory entry is durable now
+            for op in [op for op in self.pending if op.directory == directory]:
+                self._commit(op)
+                self.pending.remove(op)
         return 0
 
 

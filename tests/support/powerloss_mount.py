@@ -61,6 +61,7 @@ class CutReport:
     bytes_dropped: int
     blocks_kept: int
     files_removed: list[str]
+    names_undone: int
 
 
 class PowerLossMount:
