@@ -108,7 +108,7 @@ class PowerLossMount:
 
     def unmount(self) -> None:
         """Unmount by path and stop the daemon by PID (idempotent)."""
-        if os.path.ismount(self.mountpoint):
+        if _in_mount_table(self.mountpoint):
             result = subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
             if result.returncode != 0:  # busy: detach it now, it goes when the last user does
                 subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
@@ -128,3 +128,11 @@ class PowerLossMount:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.unmount()
+
+
+def _in_mount_table(path: Path) -> bool:
+    """Mounted, even when its daemon died (os.path.ismount says no then: the stat fails)."""
+    target = os.path.realpath(path).encode()
+    with open("/proc/self/mounts", "rb") as f:
+        # Fields are space-separated with spaces in paths escaped as \040.
+        return any(line.split()[1].replace(b"\\040", b" ") == target for line in f)
