@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit lint proto bench chaos clean
+.PHONY: demo test test-unit lint proto bench chaos powerloss fuse clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ demo: $(STAMP)
 
 # tests/unit: no processes, no sockets to other processes (well under a minute);
 # tests/cluster: real node processes over gRPC and pysyncobj on loopback.
-test: $(STAMP)
+test: $(STAMP) fuse
 	$(BIN)/ruff check kvstore tests loadtests
 	$(BIN)/python -m pytest -q tests/unit tests/cluster
 
@@ -29,6 +29,14 @@ lint: $(STAMP)
 
 proto: $(STAMP)
 	$(BIN)/python -m kvstore.proto.generate
+
+# The power-loss filesystem for tests (FUSE): installs Debian's fuse3 when missing (as root).
+fuse:
+	tests/support/install-fuse
+
+# The full power-cut cycle on every replica of a shard (tests/powerloss/): what was lost, printed.
+powerloss: $(STAMP) fuse
+	$(BIN)/python -m pytest -q -s tests/powerloss
 
 bench: $(STAMP)
 	$(BIN)/kvstore bench --etcd
