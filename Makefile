@@ -16,10 +16,11 @@ demo: $(STAMP)
 	$(BIN)/kvstore demo
 
 # tests/unit: no processes, no sockets to other processes (well under a minute);
-# tests/cluster: real node processes over gRPC and pysyncobj on loopback.
+# tests/cluster: real node processes over gRPC and pysyncobj on loopback;
+# tests/powerloss: power cuts on every replica of a shard (a FUSE filesystem, see `fuse`).
 test: $(STAMP) fuse
 	$(BIN)/ruff check kvstore tests loadtests
-	$(BIN)/python -m pytest -q tests/unit tests/cluster
+	$(BIN)/python -m pytest -q tests/unit tests/cluster tests/powerloss
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit

@@ -19,6 +19,7 @@ from pathlib import Path
 from kvstore import Client
 from kvstore.chaos.checker import check_linearizable
 from kvstore.chaos.history import Op
+from kvstore.config import StorageSettings
 from tests.conftest import client
 from tests.support.power_cluster import (
     PoweredCluster,
@@ -90,13 +91,17 @@ def _load_then_cut(
     return acked
 
 
-def run_cycle(directory: Path, cuts: int = 3, torn_seed: int | None = None) -> CycleResult:
+def run_cycle(
+    directory: Path, cuts: int = 3, torn_seed: int | None = None, durability: str = "fsync"
+) -> CycleResult:
     """One cluster (1 x 3), `cuts` rounds of load + power cut + restart, then a final write phase
     and the checks. Bounded: about 30 s per cut plus the checks. `torn_seed`: torn cuts (each
-    unsynced block survives or not at random, repeatably)."""
+    unsynced block survives or not at random, repeatably). `durability`: the nodes'
+    storage.durability ("none": the control, which must lose writes)."""
     result = CycleResult()
     acked: dict[bytes, bytes] = {}
-    with cluster_on_powerloss_fs(directory) as powered:
+    storage = StorageSettings(durability=durability)
+    with cluster_on_powerloss_fs(directory, storage=storage) as powered:
         cluster, names = powered.cluster, powered.replicas_of(0)
         for cut in range(cuts):
             with client(cluster, timeout=5.0) as kv:
@@ -192,12 +197,15 @@ def main() -> int:
     parser.add_argument(
         "--torn", type=int, metavar="SEED", help="torn cuts: keep a random part of unsynced blocks"
     )
+    parser.add_argument(
+        "--durability", choices=("fsync", "none"), default="fsync", help='"none": the control run'
+    )
     args = parser.parse_args()
     failed = 0
     for round_ in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="powerloss-") as tmp:
             torn = None if args.torn is None else args.torn + 1000 * round_
-            result = run_cycle(Path(tmp) / "c", cuts=args.cuts, torn_seed=torn)
+            result = run_cycle(Path(tmp) / "c", cuts=args.cuts, torn_seed=torn, durability=args.durability)
         failed += not result.ok
         print(f"round {round_ + 1}: {'OK' if result.ok else 'LOSS'} {result.summary()}", flush=True)
     print(f"{failed} of {args.rounds} rounds lost acknowledged writes or diverged")
