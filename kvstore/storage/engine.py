@@ -109,6 +109,7 @@ class Storage:
             max_readers=256,
         )
         self._max_key_size = int(self._env.max_key_size())
+        self._page_size = int(self._env.stat()["psize"])  # fixed per environment; stat() is dear
         self._data = self._env.open_db(b"data")
         self._meta = self._env.open_db(b"meta")
         self._dedup = DedupTables(self._env, self._meta)
@@ -328,8 +329,8 @@ class Storage:
 
     def _used_bytes(self) -> tuple[int, int]:
         """(bytes of the map in use, map size)."""
-        info = self._env.info()
-        return (info["last_pgno"] + 1) * self._env.stat()["psize"], info["map_size"]
+        info = self._env.info()  # asked before every write batch and every write: keep it to one call
+        return (info["last_pgno"] + 1) * self._page_size, info["map_size"]
 
     def _grow_if_needed(self) -> None:
         used, map_size = self._used_bytes()
