@@ -132,7 +132,7 @@ class ShardStateMachine(FreshnessTracking, PatchedSyncObj):
         self._max_request_id = storage.max_key_size - 8
         # Followers' success acknowledgements held until their entries are synced: (node, next
         # index, term). Set before SyncObj.__init__ starts the tick thread.
-        self._deferred_acks: list[tuple[Any, int, int]] = []
+        self._deferred_acks: list[tuple[Any, int, int, tuple[float, int] | None]] = []
         self._init_freshness()
         self._last_reported = 0
         self._last_refusal_log = -1e9
@@ -216,7 +216,8 @@ class ShardStateMachine(FreshnessTracking, PatchedSyncObj):
         if success:
             if nextNodeIdx is None:
                 nextNodeIdx = self._SyncObj__getCurrentLogIndex() + 1
-            self._deferred_acks.append((node, nextNodeIdx, self.raftCurrentTerm))
+            # `answering`: the append this acknowledges, echoed to the leader (freshness.py).
+            self._deferred_acks.append((node, nextNodeIdx, self.raftCurrentTerm, self.answering))
             return
         self._sync_log()
         self._send_deferred_acks()
@@ -227,9 +228,14 @@ class ShardStateMachine(FreshnessTracking, PatchedSyncObj):
         term, and the log still reaches the index (a later message in the same poll may have cut
         it; the leader then learns from the next acknowledgement)."""
         acks, self._deferred_acks = self._deferred_acks, []
-        for node, next_index, term in acks:
-            if term == self.raftCurrentTerm and next_index <= self._SyncObj__getCurrentLogIndex() + 1:
-                super()._SyncObj__sendNextNodeIdx(node, nextNodeIdx=next_index, success=True)
+        answering = self.answering
+        try:
+            for node, next_index, term, echo in acks:
+                if term == self.raftCurrentTerm and next_index <= self._SyncObj__getCurrentLogIndex() + 1:
+                    self.answering = echo  # the transport stamps it on the acknowledgement
+                    super()._SyncObj__sendNextNodeIdx(node, nextNodeIdx=next_index, success=True)
+        finally:
+            self.answering = answering
 
     def _sync_log(self) -> None:
         raft_log = getattr(self, "_SyncObj__raftLog", None)  # None until SyncObj.__init__ made it

@@ -97,8 +97,14 @@ def test_acks_and_applies_wait_for_the_log_on_disk(
     monkeypatch.setattr(journal._ReservedFile, "sync", sync)
     machines = _group(tmp_path, durability)
     try:
-        _write(_leader(machines), 200)
+        leader = _leader(machines)
+        _write(leader, 200)
         time.sleep(0.5)  # followers apply what the last heartbeat committed
+        # Held acknowledgements still echo the append they answer: the leader stays confirmed and
+        # followers fresh (bounded-staleness reads depend on it; freshness.py).
+        confirmed = leader.leader_confirmed_at()
+        assert confirmed is not None and time.monotonic() - confirmed < 1.0
+        assert all(m.staleness() < 1.0 for m in machines if m is not leader)
     finally:
         for m in machines:
             m.destroy_synchronous()
