@@ -55,6 +55,8 @@ from pysyncobj.journal import (
 )
 from pysyncobj.pickle import dumps, loads, to_bytes
 
+from kvstore.storage.disk import fsync_directory
+
 # (source, doing, attempt): runs `attempt` until it succeeds, waiting out OSErrors.
 DiskWaiter = Callable[[str, str, Callable[[], None]], None]
 
@@ -248,7 +250,7 @@ class ReservedFileJournal(Journal):
         upgraded.sync()
         upgraded._destroy()
         os.replace(tmp, self._path)
-        _fsync_directory(os.path.dirname(os.path.abspath(self._path)))
+        fsync_directory(os.path.dirname(os.path.abspath(self._path)))
         self._file = _ReservedFile(self._path, _header(), self._wait)
         log.info(
             "raft journal %s: rewritten with checksums (format 1 -> 2, %d entries)", self._path, len(entries)
@@ -327,7 +329,7 @@ class ReservedFileJournal(Journal):
                     os.fsync(f.fileno())
             os.replace(tmp, self._meta_path)
             if self._durable:  # the rename itself, or a crash could bring back the old term and vote
-                _fsync_directory(os.path.dirname(os.path.abspath(self._meta_path)))
+                fsync_directory(os.path.dirname(os.path.abspath(self._meta_path)))
 
         self._wait("journal", "writing the raft journal meta file", attempt)
         self._meta_saved = True
@@ -354,14 +356,6 @@ class ReservedFileJournal(Journal):
     def onOneSecondTimer(self) -> None:  # noqa: N802
         if not self._meta_saved:
             self._store_meta()
-
-
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # journal path -> how that journal waits for the disk (registered by the state machine before

@@ -62,3 +62,13 @@ class DiskSpace:
         """Bytes that may still be used before the watermark (0 when below it)."""
         free, _ = self.sample()
         return max(0, free - self.floor())
+
+
+def fsync_directory(path: str | Path) -> None:
+    """Make a directory's entries durable: a rename or a new file in it survives a crash only
+    after this (the file's own fsync covers its data, not its name)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

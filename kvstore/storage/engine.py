@@ -31,7 +31,7 @@ from typing import BinaryIO, NamedTuple
 import lmdb
 
 from kvstore.storage.dedup import DedupTables, Outcome, Session
-from kvstore.storage.disk import DiskSpace
+from kvstore.storage.disk import DiskSpace, fsync_directory
 
 log = logging.getLogger(__name__)
 
@@ -420,7 +420,7 @@ class Storage:
             self._env.close()
             os.replace(live, old)
             os.replace(staging, live)
-            _fsync_dir(self.path)  # a crash now leaves either the old store or the new one
+            fsync_directory(self.path)  # a crash now leaves either the old store or the new one
             self._open(live)
         shutil.rmtree(old, ignore_errors=True)
 
@@ -440,14 +440,6 @@ def _iterate(cursor: lmdb.Cursor, positioned: bool) -> Iterator[tuple[bytes, byt
         yield cursor.key(), cursor.value()
         if not cursor.next():
             return
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _existing_size(env_path: Path) -> int:

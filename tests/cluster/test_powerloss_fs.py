@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from kvstore.storage.disk import fsync_directory
 from tests.support.powerloss_mount import FuseUnavailable, PowerLossMount, fuse_unavailable, require_fuse
 
 
@@ -81,21 +82,13 @@ def test_an_unsynced_truncate_is_undone_and_a_synced_one_kept(fs: PowerLossMount
     assert kept.read_bytes() == b"k" * 100
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def test_new_files_are_kept_only_when_synced_or_their_directory_is(fs: PowerLossMount) -> None:
     root = fs.mountpoint
     _write(root / "never-synced", b"gone", sync=False)
     _write(root / "synced", b"kept", sync=True)
     (root / "sub").mkdir()
     _write(root / "sub" / "dir-synced", b"data not synced", sync=False)
-    _fsync_dir(root / "sub")
+    fsync_directory(root / "sub")
     report = fs.cut()
     assert report.files_removed == ["/never-synced"]
     assert sorted(p.name for p in root.iterdir()) == ["sub", "synced"]
@@ -107,7 +100,7 @@ def test_renames_and_unlinks_are_undone_without_a_directory_fsync(fs: PowerLossM
     root = fs.mountpoint
     for name in ("replaced", "moved", "unlinked", "renamed-durably"):
         _write(root / name, name.encode(), sync=True)
-    _fsync_dir(root)
+    fsync_directory(root)
     # The usual atomic replace, without the directory fsync: the old content is what survives.
     _write(root / "replaced.tmp", b"new content", sync=True)
     os.rename(root / "replaced.tmp", root / "replaced")
@@ -116,7 +109,7 @@ def test_renames_and_unlinks_are_undone_without_a_directory_fsync(fs: PowerLossM
     assert sorted(p.name for p in root.iterdir()) == ["moved-to", "renamed-durably", "replaced"]
     (root / "d").mkdir()
     os.rename(root / "renamed-durably", root / "d" / "there")
-    _fsync_dir(root / "d")
+    fsync_directory(root / "d")
     report = fs.cut()
     assert report.names_undone == 3
     # The fsynced tmp file's own name was durable (fsync of a new file), the rename not.
@@ -131,7 +124,7 @@ def test_renames_and_unlinks_are_undone_without_a_directory_fsync(fs: PowerLossM
 def test_a_new_file_renamed_over_another_without_syncs_leaves_the_old_one(fs: PowerLossMount) -> None:
     root = fs.mountpoint
     _write(root / "meta", b"v1", sync=True)
-    _fsync_dir(root)
+    fsync_directory(root)
     for version in (b"v2", b"v3"):  # pysyncobj's meta file: tmp, rename, no fsync at all
         _write(root / "meta.tmp", version, sync=False)
         os.rename(root / "meta.tmp", root / "meta")
