@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit lint proto bench chaos powerloss fuse clean
+.PHONY: demo test test-unit lint proto bench chaos powerloss powerloss-long fuse clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,15 @@ fuse:
 # The full power-cut cycle on every replica of a shard (tests/powerloss/): what was lost, printed.
 powerloss: $(STAMP) fuse
 	$(BIN)/python -m pytest -q -s tests/powerloss
+
+# The long run (not in `make test`: about 5 minutes): 2 shards x 3 on the power-loss filesystem,
+# 20 power cuts amid kill/pause/partition, the chaos checkers over the whole history
+# (tests/powerloss/long_run.py; CUTS=, SEED=, DURABILITY=none for the control).
+CUTS ?= 20
+SEED ?= 1
+DURABILITY ?= fsync
+powerloss-long: $(STAMP) fuse
+	$(BIN)/python -m tests.powerloss.long_run --cuts $(CUTS) --seed $(SEED) --durability $(DURABILITY)
 
 bench: $(STAMP)
 	$(BIN)/kvstore bench --etcd

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kvstore.chaos.checker import Anomaly
-from kvstore.chaos.history import History
+from kvstore.chaos.history import History, Op
 
 
 @dataclass
@@ -28,10 +28,16 @@ class ChaosReport:
     linearizable: bool
     explanation: str = ""
     fault_log: list[dict[str, Any]] = field(default_factory=list)
+    outcomes: dict[str, int] = field(default_factory=dict)  # ops by outcome: ok, failed, unknown
+    elapsed: float = 0.0  # wall time of the whole run (a run with power cuts ends after its cuts)
 
     @property
     def ok(self) -> bool:
         return self.linearizable and not self.anomalies and self.converged
+
+    @property
+    def bytes_dropped(self) -> int:
+        return sum(int(f.get("dropped", 0)) for f in self.fault_log)
 
     def to_markdown(self) -> str:
         lines = [
@@ -39,18 +45,26 @@ class ChaosReport:
             "",
             "| measure | value |",
             "| --- | --- |",
-            f"| operations recorded | {self.ops_recorded} |",
+            f"| operations recorded | {self.ops_recorded} ({_fmt_counts(self.outcomes)}) |",
             f"| operations checked (linearizability) | {self.ops_checked} |",
             f"| indeterminate operations | {self.indeterminate} |",
             f"| faults injected | {_fmt_counts(self.faults)} |",
+            f"| unsynced bytes dropped by power cuts | {self.bytes_dropped} |",
             f"| anomalies | {_fmt_counts(self.anomalies) or '0'} |",
             f"| acknowledged writes lost | {self.lost_writes} |",
             f"| replicas converged | {'yes' if self.converged else 'NO'} |",
+            f"| wall time | {self.elapsed:.0f} s |",
             f"| verdict | {'PASS' if self.ok else 'FAIL'} |",
         ]
         if self.explanation:
             lines += ["", "```", self.explanation, "```"]
         return "\n".join(lines) + "\n"
+
+
+def outcomes(ops: list[Op]) -> dict[str, int]:
+    """Ops by outcome: ok (took effect / answered), failed (definitely no effect), unknown."""
+    names = {True: "ok", False: "failed", None: "unknown"}
+    return dict(Counter(names[op.ok] for op in ops))
 
 
 def _fmt_counts(counts: dict[str, int]) -> str:

@@ -8,7 +8,8 @@ The run, in order:
    reader, each recording every op with call/return times (`time.monotonic_ns()`); timeouts and
    lost connections are recorded as outcome unknown;
 3. inject faults chosen from the nemeses (SIGKILL + restart, SIGSTOP/SIGCONT, partitions, link
-   delay) at seeded random times, healing each after a while;
+   delay) at seeded random times, healing each after a while; with `power_cuts`, every other
+   fault is a power cut (kvstore.chaos.power), often while the fault before it still holds;
 4. heal everything, stop the workload, read every key strongly, wait for replicas to converge;
 5. check: linearizability of strong ops, session guarantees, bounded staleness, no acknowledged
    write lost, convergence (same applied index and same data on every replica of a shard), and
@@ -18,7 +19,6 @@ The run, in order:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import random
 import shutil
@@ -29,19 +29,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from kvstore import errors
 from kvstore.chaos import checker
+from kvstore.chaos.convergence import wait_converged
 from kvstore.chaos.history import History, Op
+from kvstore.chaos.power import CUT_KINDS, CutPlanner, PowerSupply
 from kvstore.chaos.proxy import ProxyCluster
-from kvstore.chaos.report import ChaosReport, aggregate, write_report
+from kvstore.chaos.report import ChaosReport, aggregate, outcomes, write_report
 from kvstore.client.core import Consistency, ReadPolicy
 from kvstore.client.sync import Client
 from kvstore.cluster.local import LocalCluster
-from kvstore.config import RaftSettings, ServerSettings
+from kvstore.config import RaftSettings, ServerSettings, StorageSettings
 from kvstore.proto import kvstore_pb2 as pb
-from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 
 NEMESES = ("kill", "pause", "partition", "delay")
 BOUND_SECONDS = 1.0
@@ -64,6 +63,16 @@ class ChaosOptions:
     # How long a cut-off leader keeps believing it leads (pysyncobj's own default is 30 s).
     leader_fallback_timeout: float = 2.5
     unsafe_local_strong_reads: bool = False  # the planted bug (see ServerSettings)
+    storage: StorageSettings | None = None  # durability "none": a control run, which must lose
+    # Power cuts (kvstore.chaos.power): with power_cuts > 0 (and a power supply, which puts the
+    # data directories on storage that can lose power), faults alternate between a nemesis and a
+    # cut, and the run ends after that many cuts (or at `duration`, whichever comes first).
+    power: PowerSupply | None = None
+    power_cuts: int = 0
+    cut_kinds: tuple[str, ...] = CUT_KINDS
+    power_off: tuple[float, float] = (0.2, 1.5)  # how long the cut replicas stay down
+    overlap: float = 0.5  # chance that a cut falls while the nemesis before it still holds
+    torn_cuts: bool = False  # each unsynced block survives a cut or not (seeded)
 
 
 @dataclass
@@ -72,6 +81,7 @@ class Fault:
     target: str
     start: float
     end: float = 0.0
+    dropped: int = 0  # a power cut: bytes its victims' disks never received
 
 
 class ChaosRun:
@@ -114,8 +124,11 @@ class ChaosRun:
             ),
             server=ServerSettings(unsafe_local_strong_reads=self.o.unsafe_local_strong_reads),
             advertise_for=via_proxies,
+            storage=self.o.storage,
         )
         self.cluster = cluster
+        if self.o.power is not None:
+            self.o.power.attach(cluster)
         cluster.start_all()
         cluster.wait_for_leaders(60)
         return cluster
@@ -136,6 +149,8 @@ class ChaosRun:
     # ----- run -----------------------------------------------------------------------------
 
     def run(self) -> ChaosReport:
+        if self.o.power_cuts and self.o.power is None:
+            raise ValueError("power cuts need a power supply (kvstore.chaos.power.PowerSupply)")
         self.o.out.mkdir(parents=True, exist_ok=True)
         try:
             cluster = self._start_cluster()
@@ -148,7 +163,7 @@ class ChaosRun:
             for t in threads:
                 t.join(self.o.op_timeout * 5)
             final = self._final_reads(cluster, keys)
-            convergence = self._convergence(cluster)
+            convergence = wait_converged(cluster)
             return self._check(final, convergence)
         finally:
             self.stop.set()
@@ -156,6 +171,8 @@ class ChaosRun:
                 self.cluster.down()
             if self.proxies is not None:
                 self.proxies.stop()
+            if self.o.power is not None:
+                self.o.power.detach()
 
     def _start_workload(self, cluster: LocalCluster, keys: dict[int, list[bytes]]) -> list[threading.Thread]:
         threads = []
@@ -269,6 +286,9 @@ class ChaosRun:
     # ----- nemeses -------------------------------------------------------------------------
 
     def _nemesis_loop(self, cluster: LocalCluster, until: float) -> None:
+        if self.o.power_cuts:
+            self._power_loop(cluster, until)
+            return
         while True:
             gap = self.rng.uniform(*self.o.fault_gap)
             length = self.rng.uniform(*self.o.fault_length)
@@ -280,6 +300,43 @@ class ChaosRun:
             time.sleep(length)
             self._heal(cluster, fault)
         time.sleep(max(0.0, until - time.monotonic()))
+
+    def _power_loop(self, cluster: LocalCluster, until: float) -> None:
+        """A nemesis, then a power cut (with probability `overlap` while that nemesis still holds,
+        healed after the cut's restart), until `power_cuts` cuts are done or `until`."""
+        planner = CutPlanner(self.rng, self.o.cut_kinds, self.o.leader_bias)
+        cuts = 0
+        while cuts < self.o.power_cuts and time.monotonic() < until:
+            held = None
+            if self.o.nemeses:
+                time.sleep(self.rng.uniform(*self.o.fault_gap))
+                held = self._inject(cluster, self.rng.choice(self.o.nemeses))
+                time.sleep(self.rng.uniform(*self.o.fault_length))
+                if self.rng.random() >= self.o.overlap:
+                    self._heal(cluster, held)
+                    held = None
+            time.sleep(self.rng.uniform(*self.o.fault_gap) / (2 if held else 1))
+            self._power_cut(cluster, planner)
+            cuts += 1
+            if held is not None:
+                time.sleep(self.rng.uniform(*self.o.fault_length) / 2)
+                self._heal(cluster, held)
+        time.sleep(min(self.o.fault_gap[1], max(0.0, until - time.monotonic())))
+
+    def _power_cut(self, cluster: LocalCluster, planner: CutPlanner) -> None:
+        """Cut the power of a set of replicas at once, keep it off a moment, restart them."""
+        assert self.o.power is not None
+        kind = planner.next_kind()
+        names = planner.victims(cluster, kind)
+        torn_seed = self.rng.randrange(1 << 30) if self.o.torn_cuts else None
+        fault = Fault(f"powercut-{kind}", ",".join(names), time.monotonic() - self.t0)
+        self.faults.append(fault)
+        fault.dropped = self.o.power.cut(names, torn_seed)
+        time.sleep(self.rng.uniform(*self.o.power_off))
+        for name in names:
+            if cluster.pid(name) is None:  # a node killed by a nemesis that still holds: back too
+                cluster.start(name)
+        fault.end = time.monotonic() - self.t0
 
     def _victim(self, cluster: LocalCluster, prefer_leader: bool) -> str:
         shard = self.rng.randrange(self.o.shards)
@@ -314,9 +371,11 @@ class ChaosRun:
     def _heal(self, cluster: LocalCluster, fault: Fault) -> None:
         assert self.proxies is not None
         if fault.kind == "kill":
-            cluster.start(fault.target)
+            if cluster.pid(fault.target) is None:  # a power cut since may have restarted it
+                cluster.start(fault.target)
         elif fault.kind == "pause":
-            cluster.kill(fault.target, "CONT")
+            with contextlib.suppress(RuntimeError):  # a power cut since killed it (and restarted it)
+                cluster.kill(fault.target, "CONT")
         else:
             self.proxies.controller.heal()
         fault.end = time.monotonic() - self.t0
@@ -344,21 +403,6 @@ class ChaosRun:
                     final[key.decode()] = got.decode() if got is not None else None
         return final
 
-    def _convergence(self, cluster: LocalCluster, timeout: float = 60.0) -> dict[str, Any]:
-        """Every replica of a shard at the same applied index with the same data digest."""
-        deadline = time.monotonic() + timeout
-        while True:
-            per_shard = {}
-            for shard in cluster.cluster_map().shards:
-                states = {r.name: _replica_state(r.address) for r in shard.replicas}
-                per_shard[str(shard.id)] = states
-            converged = all(
-                len({json.dumps(v, sort_keys=True) for v in s.values()}) == 1 for s in per_shard.values()
-            )
-            if converged or time.monotonic() > deadline:
-                return {"converged": converged, "replicas": per_shard}
-            time.sleep(0.5)
-
     def _check(self, final: dict[str, str | None], convergence: dict[str, Any]) -> ChaosReport:
         ops = list(self.history)
         lin = checker.check_linearizable(ops, timeout_s=60.0)
@@ -383,32 +427,11 @@ class ChaosRun:
             linearizable=lin.ok,
             explanation=lin.explanation if not lin.ok else "",
             fault_log=[asdict(f) for f in self.faults],
+            outcomes=outcomes(ops),
+            elapsed=time.monotonic() - self.t0,
         )
         write_report(self.o.out, report, self.history, anomalies)
         return report
-
-
-def _replica_state(address: str) -> dict[str, Any]:
-    """Applied index and a digest of everything the replica holds (eventual scans: no Raft)."""
-    try:
-        with grpc.insecure_channel(address) as channel:
-            applied = pb_grpc.AdminStub(channel).Status(pb.StatusRequest(), timeout=3).applied_index
-            digest = hashlib.blake2b(digest_size=12)
-            continuation = b""
-            stub = pb_grpc.KVStub(channel)
-            for _ in range(10_000):
-                request = pb.ScanRequest(
-                    limit=1000, continuation=continuation, read=pb.ReadOptions(consistency=pb.EVENTUAL)
-                )
-                page = stub.Scan(request, timeout=5)
-                for kv in page.kvs:
-                    digest.update(kv.key + b"\0" + kv.value + b"\0" + str(kv.revision).encode())
-                if not page.continuation:
-                    break
-                continuation = page.continuation
-        return {"applied_index": applied, "digest": digest.hexdigest()}
-    except grpc.RpcError as exc:
-        return {"error": exc.code().name}
 
 
 def run_chaos_cli(args: Any) -> int:

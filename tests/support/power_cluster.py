@@ -55,6 +55,44 @@ class PoweredCluster:
             for i, name in enumerate(names)
         }
 
+    def mount_all(self) -> None:
+        """One power-loss filesystem on each replica's data directory, over `<dir>/backing/<name>`
+        (before the nodes start)."""
+        for name in self.cluster.node_names():
+            data_dir = Path(self.cluster.node_config(name).data_dir)
+            mount = PowerLossMount(self.cluster.dir / "backing" / name, data_dir)
+            mount.log = self.cluster.dir / "logs" / f"{name}.fuse.log"
+            self.mounts[name] = mount
+            try:
+                mount.mount()
+            except FuseUnavailable as err:
+                fuse_unavailable(str(err))
+
+    def unmount_all(self) -> None:
+        for mount in self.mounts.values():
+            mount.unmount()
+
+
+class FusePower:
+    """The chaos runner's power supply (kvstore.chaos.power.PowerSupply) on the power-loss
+    filesystem: `kvstore chaos` with power cuts, as tests/powerloss/long_run.py drives it."""
+
+    def __init__(self) -> None:
+        self.powered: PoweredCluster | None = None
+
+    def attach(self, cluster: LocalCluster) -> None:
+        require_fuse()
+        self.powered = PoweredCluster(cluster)
+        self.powered.mount_all()
+
+    def cut(self, names: list[str], torn_seed: int | None = None) -> int:
+        assert self.powered is not None, "attach first"
+        return sum(r.bytes_dropped for r in self.powered.power_cut(names, torn_seed).values())
+
+    def detach(self) -> None:
+        if self.powered is not None:
+            self.powered.unmount_all()
+
 
 @contextlib.contextmanager
 def cluster_on_powerloss_fs(directory: Path, **create: Any) -> Iterator[PoweredCluster]:
@@ -69,22 +107,13 @@ def cluster_on_powerloss_fs(directory: Path, **create: Any) -> Iterator[PoweredC
     cluster.create(**create)
     powered = PoweredCluster(cluster)
     try:
-        for name in cluster.node_names():
-            data_dir = Path(cluster.node_config(name).data_dir)
-            mount = PowerLossMount(directory / "backing" / name, data_dir)
-            mount.log = directory / "logs" / f"{name}.fuse.log"
-            powered.mounts[name] = mount
-            try:
-                mount.mount()
-            except FuseUnavailable as err:
-                fuse_unavailable(str(err))
+        powered.mount_all()
         cluster.start_all()
         cluster.wait_for_leaders(30)
         yield powered
     finally:
         cluster.down()
-        for mount in powered.mounts.values():
-            mount.unmount()
+        powered.unmount_all()
 
 
 def replica_status(address: str) -> pb.StatusResponse | None:
