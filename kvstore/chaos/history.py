@@ -23,7 +23,8 @@ class Op:
     `ok` is three-valued on purpose: False means the request definitely had no effect (a clean
     rejection, or a compare-and-swap whose comparison failed), None means the client cannot know
     (timeout, lost connection): such a write may still commit later, so it must never be recorded as
-    failed.
+    failed. A failed compare-and-swap with no `error` is one whose comparison failed: it saw another
+    value than `expected`; with an `error` it was refused (no leader, not sent) and saw nothing.
     """
 
     client: int  # one request in flight per client
@@ -39,6 +40,7 @@ class Op:
     shard: int = 0
     session: str = ""  # session identity for the session-guarantee checks
     staleness_bound: float = 0.0  # bounded reads: the allowed staleness, in seconds
+    error: str = ""  # a failed or unknown op: the client's error (a refused cas observed nothing)
 
     def __post_init__(self) -> None:
         # Fail when recording, not later in a checker that would silently ignore a typo.

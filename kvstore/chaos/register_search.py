@@ -51,7 +51,8 @@ def to_entry(op: Op) -> Entry | None:
     """Map an op to a model input, or None when it carries no information.
 
     A missing return time means the outcome is unknown whatever `ok` says. Unknown reads, failed
-    reads and failed writes constrain nothing. An unknown write (or cas) becomes optional: it may take
+    reads and failed writes constrain nothing (a failed cas constrains only when its comparison
+    failed, not when it was refused with an error). An unknown write (or cas) becomes optional: it may take
     effect at any point after its call (return = +inf) or never; for a cas, "never" also covers
     "took effect but its comparison failed", which leaves the register unchanged.
     """
@@ -61,7 +62,9 @@ def to_entry(op: Op) -> Entry | None:
         return None if unknown or not op.ok else Entry(op, _READ, op.value, None, op.call, ret, False)
     if op.kind == "cas":
         if op.ok is False:
-            return None if unknown else Entry(op, _CAS_FAILED, None, op.expected, op.call, ret, False)
+            # Refused with an error (e.g. not sent: every replica down), it compared nothing.
+            refused = unknown or bool(op.error)
+            return None if refused else Entry(op, _CAS_FAILED, None, op.expected, op.call, ret, False)
         return Entry(op, _CAS, op.value, op.expected, op.call, ret, unknown)
     if op.ok is False:
         return None

@@ -272,11 +272,12 @@ class ChaosRun:
                 op.revision = result.revision
                 seen[key] = (value, op.revision)
             op.ok, op.ret = True, time.monotonic_ns()
-        except (errors.UnknownOutcome, errors.SessionExpired):
+        except (errors.UnknownOutcome, errors.SessionExpired) as err:
             # SessionExpired: this attempt applied nothing, but an earlier attempt may have.
-            op.ok, op.ret = None, None
-        except errors.KvError:
+            op.ok, op.ret, op.error = None, None, _describe(err)
+        except errors.KvError as err:
             # A read that failed says nothing; a write that failed cleanly did not take effect.
+            op.error = _describe(err)
             if kind == "get":
                 op.ok, op.ret = None, None
             else:
@@ -432,6 +433,11 @@ class ChaosRun:
         )
         write_report(self.o.out, report, self.history, anomalies)
         return report
+
+
+def _describe(err: errors.KvError) -> str:
+    """What a failed op's history line says of its error (which the checkers trust as given)."""
+    return f"{type(err).__name__}{'' if err.from_server else ' (transport)'}: {err}"[:300]
 
 
 def run_chaos_cli(args: Any) -> int:

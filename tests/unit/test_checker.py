@@ -123,6 +123,14 @@ def test_cas_success_and_failure() -> None:
     assert linearizable(cas(1, None, "a", 0, 10, True), get(2, "a", 20, 30))
 
 
+def test_a_cas_refused_with_an_error_observed_nothing() -> None:
+    # While every replica is down (a power cut), the value stays "a" and a cas expecting "a" fails
+    # with "not sent": not a comparison that saw another value (found by the long power-loss run).
+    refused = dataclasses.replace(cas(2, "a", "b", 20, 30, False), error="Unavailable: not sent")
+    assert linearizable(put(1, "a", 0, 10), refused, get(3, "a", 40, 50))
+    assert not linearizable(put(1, "a", 0, 10), cas(2, "a", "b", 20, 30, False), get(3, "a", 40, 50))
+
+
 def test_unknown_cas() -> None:
     base = [put(1, "a", 0, 10), cas(2, "a", "b", 20, None, None)]
     assert linearizable(*base, get(3, "b", 40, 50))
