@@ -25,6 +25,7 @@ import shutil
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ class ChaosOptions:
     power_off: tuple[float, float] = (0.2, 1.5)  # how long the cut replicas stay down
     overlap: float = 0.5  # chance that a cut falls while the nemesis before it still holds
     torn_cuts: bool = False  # each unsynced block survives a cut or not (seeded)
+    progress: Callable[[str], None] | None = None  # told of each fault as it is injected
 
 
 @dataclass
@@ -94,6 +96,7 @@ class ChaosRun:
         self.proxies: ProxyCluster | None = None
         self.cluster: LocalCluster | None = None
         self.t0 = time.monotonic()
+        self.fault_phase = options.duration  # what it lasted (a run with power cuts ends sooner)
 
     # ----- setup ---------------------------------------------------------------------------
 
@@ -156,7 +159,9 @@ class ChaosRun:
             cluster = self._start_cluster()
             keys = self._keys(cluster)
             threads = self._start_workload(cluster, keys)
-            self._nemesis_loop(cluster, time.monotonic() + self.o.duration)
+            started = time.monotonic()
+            self._nemesis_loop(cluster, started + self.o.duration)
+            self.fault_phase = time.monotonic() - started
             self._heal_all(cluster)
             time.sleep(2.0)  # let the workload see the healed cluster
             self.stop.set()
@@ -333,6 +338,7 @@ class ChaosRun:
         fault = Fault(f"powercut-{kind}", ",".join(names), time.monotonic() - self.t0)
         self.faults.append(fault)
         fault.dropped = self.o.power.cut(names, torn_seed)
+        self._note(fault, f" (dropped {fault.dropped} unsynced bytes)")
         time.sleep(self.rng.uniform(*self.o.power_off))
         for name in names:
             if cluster.pid(name) is None:  # a node killed by a nemesis that still holds: back too
@@ -367,7 +373,12 @@ class ChaosRun:
             raise ValueError(f"unknown nemesis {kind!r} (choose from {', '.join(NEMESES)})")
         fault = Fault(kind, victim, now)
         self.faults.append(fault)
+        self._note(fault)
         return fault
+
+    def _note(self, fault: Fault, detail: str = "") -> None:
+        if self.o.progress is not None:
+            self.o.progress(f"{fault.start:7.1f} s  {fault.kind} {fault.target}{detail}")
 
     def _heal(self, cluster: LocalCluster, fault: Fault) -> None:
         assert self.proxies is not None
@@ -416,7 +427,7 @@ class ChaosRun:
             anomalies.append(checker.Anomaly("divergence", "*", json.dumps(convergence["replicas"])))
         report = ChaosReport(
             seed=self.o.seed,
-            duration=self.o.duration,
+            duration=self.fault_phase,
             ops_recorded=len(ops),
             ops_checked=lin.checked,
             indeterminate=sum(1 for op in ops if op.ok is None and op.kind != "get"),

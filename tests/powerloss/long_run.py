@@ -93,6 +93,7 @@ def main() -> int:
         max_seconds=args.max_seconds,
         cut_kinds=tuple(k for k in args.kinds.split(",") if k),
         torn_cuts=args.torn,
+        progress=lambda line: print(line, flush=True),
     )
     print(report.to_markdown())
     made = power_cuts_made(report)
