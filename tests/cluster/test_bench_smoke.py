@@ -75,7 +75,7 @@ async def test_bench_slice_produces_rates_and_well_formed_json(tmp_path: Path, m
     rows = {row["scenario"]: row for row in document["rows"]}
     expected = {
         ceil.LMDB_PUT_SYNC, ceil.LMDB_PUT_BATCH, ceil.LMDB_GET,
-        ceil.ECHO_UNARY, ceil.ECHO_MULTI_GET, ceil.ECHO_MULTI_PUT,
+        ceil.ECHO_UNARY, ceil.ECHO_MULTI_GET, ceil.ECHO_MULTI_PUT, ceil.ECHO_UNARY_ONE,
         "kv put 1x3 smart", "kv get strong 1x3 smart", "kv multi_put 100 1x3 smart",
     }  # fmt: skip
     assert set(rows) == expected
