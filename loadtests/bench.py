@@ -173,7 +173,7 @@ async def kvstore_suite(config: lib.BenchConfig, results: lib.Results, shards: i
                 # Latency, not throughput: one put at a time (etcd's peer row is measured alike).
                 put_op = kv_ops(kv, config.keyspace, buckets, shards)[0][1]
                 m = await ceil.measure(config, put_op, concurrency=1)
-                results.add(lib.Row("kvstore", PUT_ONE, "ops", 1, m, None, ceil.ETCD_PUT_ONE))
+                results.add(lib.Row("kvstore", PUT_ONE, "ops", 1, m, ceil.SYNCOBJ_SET_ONE, ceil.ETCD_PUT_ONE))
             if door == "smart":
                 # Strong reads again with every read at the leader, the client's default policy:
                 # shows what follower barriers (round robin above) cost or save.

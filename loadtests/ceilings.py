@@ -32,9 +32,11 @@ import bench_lib as lib  # noqa: E402
 from kvstore.config import grpc_message_options  # noqa: E402
 
 ECHO_UNARY = "ceiling grpc echo unary (Get)"
+ECHO_UNARY_ONE = "ceiling grpc echo unary, 1 in flight"  # what gRPC in Python costs a call
 ECHO_MULTI_GET = "ceiling grpc echo batched (MultiGet 100)"
 ECHO_MULTI_PUT = "ceiling grpc echo batched (MultiPut 100)"
 SYNCOBJ_SET = "ceiling pysyncobj set"
+SYNCOBJ_SET_ONE = "ceiling pysyncobj set, 1 in flight"  # a Raft round, no fsync, no gRPC
 SYNCOBJ_MSET = "ceiling pysyncobj update 100"
 LMDB_PUT_SYNC = "ceiling lmdb put, 1 synced txn each"
 LMDB_PUT_BATCH = "ceiling lmdb put, 1000 per synced txn"
@@ -124,6 +126,8 @@ async def echo_ceilings(config: lib.BenchConfig, results: lib.Results) -> None:
         ):
             unit = "ops" if per_call == 1 else "keys"
             results.add(lib.Row("ceiling", name, unit, per_call, await measure(config, op)))
+        # Latency: one call at a time, the floor under `kv put 1x3 smart, 1 in flight`.
+        results.add(lib.Row("ceiling", ECHO_UNARY_ONE, "ops", 1, await measure(config, get, concurrency=1)))
     finally:
         if channel is not None:
             await channel.close()
@@ -187,9 +191,9 @@ def _syncobj_load(store: Any, args: argparse.Namespace) -> dict[str, Any]:
         store.update({k: lib.VALUE for k in batches[i]}, sync=True, timeout=5.0)
 
     out: dict[str, Any] = {}
-    for name, op in (("set", put), ("update", update)):
-        lib.drive_threads(op, threads=args.callers, max_calls=args.max_calls, max_seconds=args.warmup)
-        m = lib.drive_threads(op, threads=args.callers, max_calls=args.max_calls, max_seconds=args.seconds)
+    for name, op, threads in (("set", put, args.callers), ("update", update, args.callers), ("set1", put, 1)):
+        lib.drive_threads(op, threads=threads, max_calls=args.max_calls, max_seconds=args.warmup)
+        m = lib.drive_threads(op, threads=threads, max_calls=args.max_calls, max_seconds=args.seconds)
         out[name] = asdict(m)
     return out
 
@@ -218,7 +222,7 @@ async def syncobj_ceilings(config: lib.BenchConfig, results: lib.Results) -> Non
                 f"--out={out}",
             ]
             procs.append(lib.spawn(cmd, config.work / f"logs/syncobj-{i}.log"))
-        budget = 60.0 + 2 * (config.seconds + config.warmup_seconds + 2 * lib.GRACE_SECONDS)
+        budget = 60.0 + 3 * (config.seconds + config.warmup_seconds + 2 * lib.GRACE_SECONDS)
         deadline = time.monotonic() + budget
         while not out.exists() and time.monotonic() < deadline:
             if all(p.poll() is not None for p in procs):
@@ -237,6 +241,8 @@ async def syncobj_ceilings(config: lib.BenchConfig, results: lib.Results) -> Non
         m = lib.Measurement(**data[key])
         unit = "ops" if per_call == 1 else "keys"
         results.add(lib.Row("ceiling", name, unit, per_call, m, note=note))
+    m = lib.Measurement(**data["set1"])
+    results.add(lib.Row("ceiling", SYNCOBJ_SET_ONE, "ops", 1, m, note="1 sync caller thread"))
 
 
 # ----- LMDB ----------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ No throughput is asserted: other work shares this machine.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -75,7 +76,7 @@ async def test_bench_slice_produces_rates_and_well_formed_json(tmp_path: Path, m
     rows = {row["scenario"]: row for row in document["rows"]}
     expected = {
         ceil.LMDB_PUT_SYNC, ceil.LMDB_PUT_BATCH, ceil.LMDB_GET,
-        ceil.ECHO_UNARY, ceil.ECHO_MULTI_GET, ceil.ECHO_MULTI_PUT,
+        ceil.ECHO_UNARY, ceil.ECHO_MULTI_GET, ceil.ECHO_MULTI_PUT, ceil.ECHO_UNARY_ONE,
         "kv put 1x3 smart", "kv get strong 1x3 smart", "kv multi_put 100 1x3 smart",
     }  # fmt: skip
     assert set(rows) == expected
@@ -147,3 +148,18 @@ def test_rss_summary_reports_deviation_from_first_sample() -> None:
     assert summary["worst_deviation"] == pytest.approx(0.3)
     assert replica["anon_max_deviation_from_first"] == pytest.approx(0.1)
     assert summary["worst_anon_deviation"] == pytest.approx(0.1)
+
+
+async def test_the_put_trace_cuts_every_put_into_its_segments(tmp_path: Path) -> None:
+    # loadtests/trace_put.py: the tool behind docs/performance.md's 1-in-flight latency path.
+    import trace_put
+
+    found = await trace_put.trace(puts=40, seconds=30.0, work=tmp_path)
+    # Every put's timeline had every step (an election mid-run could skip a few, not most).
+    assert len(found["total"]) >= 30, {k: len(v) for k, v in found.items()}
+    for label, _, _ in trace_put.STEPS:
+        assert len(found[label]) == len(found["total"]) and min(found[label]) >= 0, label
+    # The segments partition each put: their sum is its total.
+    put_sums = [sum(found[label][i] for label, _, _ in trace_put.STEPS) for i in range(len(found["total"]))]
+    assert put_sums == pytest.approx(found["total"], abs=1e-6)
+    assert "KVSTORE_TRACE_DIR" not in os.environ  # only the traced cluster's nodes were traced

@@ -72,12 +72,14 @@ def test_acks_and_applies_wait_for_the_log_on_disk(
 ) -> None:
     """With "fsync": every success acknowledgement leaves a synced log, and every apply finds one;
     with "none" (the control), the same checks see unsynced records, so they can fail."""
-    syncs = {"acks": 0, "acks_unsynced": 0, "applies": 0, "applies_unsynced": 0, "fdatasync": 0}
+    syncs = {"acks": 0, "acks_unsynced": 0, "applies": 0, "applies_unsynced": 0, "fdatasync": 0, "appends": 0}
     real_send = FreshnessStampingTransport.send
     real_apply = ShardStateMachine._apply_proposal
     real_sync = journal._ReservedFile.sync
 
     def send(self: Any, node: Any, message: Any) -> bool:
+        if isinstance(message, dict) and message.get("entries"):
+            syncs["appends"] += 1
         if isinstance(message, dict) and message.get("type") == "next_node_idx" and message.get("success"):
             syncs["acks"] += 1
             syncs["acks_unsynced"] += _log_of(self._syncObj)._unsynced
@@ -108,7 +110,9 @@ def test_acks_and_applies_wait_for_the_log_on_disk(
     finally:
         for m in machines:
             m.destroy_synchronous()
-    assert syncs["acks"] > 50 and syncs["applies"] >= 3 * 200 * 0.9
+    assert syncs["acks"] > 5 and syncs["applies"] >= 3 * 200 * 0.9
+    # The proposals of a tick go to each follower in one message (pysyncobj sent one per proposal).
+    assert syncs["appends"] < 200
     if durability == "fsync":
         assert syncs["acks_unsynced"] == 0 and syncs["applies_unsynced"] == 0
         # Group commit: far fewer syncs than entries times replicas (200 writes, 3 replicas).
