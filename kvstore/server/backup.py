@@ -23,7 +23,8 @@ from kvstore.server.rpc import Malformed
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 1 << 20
-MAX_CHUNK_BYTES = 4 << 20  # far below the gRPC message limit (Limits.max_message_bytes)
+# Bounded work per byte: no stream of tiny messages; far below the gRPC message limit.
+MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 64 << 10, 4 << 20
 
 
 def stream_errors(
@@ -57,8 +58,11 @@ async def backup_stream(ctx: Any, request: pb.BackupRequest) -> AsyncIterator[pb
             f"this node ({ctx.config.name}) holds shard {ctx.config.shard}, not shard {request.shard}"
         )
     chunk_bytes = request.chunk_bytes or DEFAULT_CHUNK_BYTES
-    if chunk_bytes > MAX_CHUNK_BYTES:
-        raise errors.InvalidArgument(f"chunk_bytes {chunk_bytes} exceeds the limit {MAX_CHUNK_BYTES}")
+    if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
+        raise errors.InvalidArgument(
+            f"chunk_bytes {chunk_bytes} is outside {MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES} "
+            f"(0: the default, {DEFAULT_CHUNK_BYTES})"
+        )
     shard = ctx.shard
     copy = await shard.backup_copy()
     try:
