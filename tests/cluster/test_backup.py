@@ -261,3 +261,28 @@ def test_a_cancelled_backup_stream_releases_its_copy(source: LocalCluster) -> No
             list(wrong)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "holds shard 0, not shard 1" in (refused.value.details() or "")
+
+
+def test_control_without_the_seed_snapshot_writes_after_a_restore_are_skipped(
+    backup: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control for the new-writes check above: replicas seeded with the store alone (LMDB at
+    the backup's index, an empty Raft log) skip the new leader's entries up to that index, so a
+    write is not applied anywhere. The check above would catch a restore that seeded so."""
+    from kvstore.cluster import backup as backup_module
+
+    monkeypatch.setattr(backup_module, "write_seed_snapshot", lambda *args: None)
+    restored = LocalCluster(tmp_path / "unseeded")
+    try:
+        digests = backup_module.restore_cluster(backup, restored.dir, 60.0, say=lambda _: None)
+        assert all(d.matches for d in digests)  # the data is there: the loss only shows on writes
+        shard = restored.cluster_map().shard_for(b"after:lost")
+        leader = str(wait_until(lambda: restored.leader_of(shard.id), 15))
+        with grpc.insecure_channel(restored.cluster_map().replica(leader)[1].address) as channel:
+            with pytest.raises(grpc.RpcError) as skipped:  # one attempt, no SDK retries
+                pb_grpc.KVStub(channel).Put(pb.PutRequest(key=b"after:lost", value=b"x"), timeout=10)
+        assert skipped.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # unknown outcome
+        for replica in shard.replicas:
+            assert _eventual_reads(replica.address, {b"after:lost": b"x"}) == {}
+    finally:
+        restored.down()
