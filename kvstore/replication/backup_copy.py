@@ -129,6 +129,12 @@ class ShardCopy:
             if self._waiter is not None and not self._waiter.done():
                 self._waiter.set_result(None)  # a reader waiting for data sees the close
 
+    def close_from_any_thread(self) -> None:
+        """`close` once the event loop is gone (no reader registered, nothing reading)."""
+        if not self._closed:
+            self._closed = True
+            os.close(self._read_fd)
+
     def join(self, timeout: float) -> bool:
         self._thread.join(timeout)
         return not self._thread.is_alive()
@@ -205,14 +211,18 @@ class BackupCopies:
 
     def cancel_all(self, timeout: float = 10.0) -> None:
         """Stop every running copy and wait for their transactions to end (any thread but the
-        event loop's): the store's environment is about to be closed (a snapshot install)."""
+        event loop's): the store's environment is about to be closed (a snapshot install, the
+        replica shutting down)."""
         with self._running_lock:
             copies = list(self._running)
         if not copies:
             return
-        log.warning("cancelling %d backup copy(ies): a snapshot is being installed", len(copies))
+        log.warning("cancelling %d backup copy(ies): the store is about to be closed", len(copies))
         for copy in copies:
-            self._loop.call_soon_threadsafe(self.release, copy)
+            try:
+                self._loop.call_soon_threadsafe(self.release, copy)
+            except RuntimeError:  # the loop is closed: nothing reads the pipe any more
+                copy.close_from_any_thread()
         for copy in copies:
             if not copy.join(timeout):
                 log.error("a backup copy did not stop within %gs", timeout)

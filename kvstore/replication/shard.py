@@ -183,6 +183,7 @@ class Shard:
         """Stop the tick thread (blocking), let a running snapshot finish, close storage if ours."""
         self._machine.destroy_synchronous()
         self._machine.snapshots.wait_idle(5.0)
+        self._backups.cancel_all(5.0)  # a copy's transaction must end before the store closes
         if self._owns_storage:
             self._storage.close()
 
