@@ -114,9 +114,11 @@ def _backup_shard(shard: Any, leader: str | None, out: Path, say: Say) -> dict[s
     for replica in replicas:
         try:
             return _copy_from(shard.id, replica.name, replica.address, out, say)
-        except (grpc.RpcError, BackupFailed) as exc:
+        except (grpc.RpcError, BackupFailed, NotAStoreCopy) as exc:
             why = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else str(exc)
             failures.append(f"{replica.name}: {why}")
+        finally:
+            (out / f"shard-{shard.id}.mdb.tmp").unlink(missing_ok=True)
     raise BackupFailed(f"no replica of shard {shard.id} gave a copy: {'; '.join(failures)}")
 
 

@@ -98,7 +98,10 @@ class ShardCopy:
                 break
             chunk += data
         if self._closed:
-            raise errors.Unavailable("the backup copy was cancelled (a snapshot install needed the store)")
+            raise errors.Unavailable(
+                "the backup copy was stopped: this replica's store is being replaced (a snapshot "
+                "install) or closed; back up again"
+            )
         self._sha.update(chunk)
         self.size += len(chunk)
         return bytes(chunk)
@@ -114,7 +117,8 @@ class ShardCopy:
                 self._loop.remove_reader(self._read_fd)
 
     def finish(self, timeout: float = 30.0) -> str:
-        """After the last chunk: the copy's SHA-256 (hex), or raise if copying failed."""
+        """After the last chunk: the copy's SHA-256 (hex), or raise if copying failed. The
+        thread ended the transaction before closing the pipe, so it is done or nearly."""
         self._thread.join(timeout)
         if self._thread.is_alive() or self._error is not None:
             raise errors.Unavailable(f"the backup copy failed: {self._error or 'copying did not end'}")

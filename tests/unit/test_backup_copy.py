@@ -80,7 +80,7 @@ async def test_cancel_all_stops_a_running_copy_and_ends_its_transaction(tmp_path
         assert not storage.grow()  # pinned: the map may not move under the copy
         # A snapshot install (tick thread) cancels it; the reader learns it at its next read.
         await asyncio.get_running_loop().run_in_executor(None, copies.cancel_all, 10.0)
-        with pytest.raises(errors.Unavailable, match="cancelled"):
+        with pytest.raises(errors.Unavailable, match="stopped"):
             while await copy.read_chunk(64 << 10):
                 pass
         assert copy.join(5.0)
