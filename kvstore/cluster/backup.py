@@ -75,7 +75,7 @@ class ShardDigest:
 def backup_cluster(cluster_dir: str | Path, out_dir: str | Path, say: Say = print) -> dict[str, Any]:
     """Back up every shard of the cluster at `cluster_dir` into `out_dir` (new or empty); returns
     the manifest. Shards are copied in parallel, each from the first replica that serves it
-    (its leader first)."""
+    (followers first, the leader last)."""
     cluster = LocalCluster(cluster_dir)
     cluster_map = cluster.cluster_map()
     out = Path(out_dir)
@@ -109,7 +109,11 @@ def backup_cluster(cluster_dir: str | Path, out_dir: str | Path, say: Say = prin
 
 
 def _backup_shard(shard: Any, leader: str | None, out: Path, say: Say) -> dict[str, Any]:
-    replicas = sorted(shard.replicas, key=lambda r: r.name != leader)  # the leader first
+    # A follower first: the copy's reading, hashing and sending then leave the leader, which
+    # every write goes through, alone (measured: a writer's puts/s fell by a third while a
+    # follower served the copy, by five sixths while the leader did). The read barrier makes a
+    # follower's copy hold every acknowledged write all the same.
+    replicas = sorted(shard.replicas, key=lambda r: r.name == leader)
     failures = []
     for replica in replicas:
         try:
