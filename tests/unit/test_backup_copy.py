@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -102,4 +104,45 @@ async def test_a_pin_the_tick_thread_never_makes_is_given_up(tmp_path: Path) -> 
         tasks.run_pending()  # the tick thread comes back: the abandoned pin does nothing
         assert storage.grow()
     finally:
+        storage.close()
+
+
+async def test_a_caller_that_stops_taking_messages_loses_its_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Admin.Backup's stream (server/backup.py): a caller that takes no message for the stall
+    bound no longer pins the store nor holds the replica's copy slot; its stream ends unavailable."""
+    from kvstore.proto import kvstore_pb2 as pb
+    from kvstore.server import backup as server_backup
+
+    monkeypatch.setattr(server_backup, "STALL_SECONDS", 0.3)
+    storage = _store(tmp_path / "store")
+    tasks = TickTasks()
+    ticks = TickThread(tasks)
+    copies = BackupCopies(storage, tasks, asyncio.get_running_loop())
+
+    class Shard:  # what the servicer sees of a replica, backed by a real copy
+        async def backup_copy(self) -> Any:
+            return await copies.start(_no_barrier, 5.0)
+
+        def release_backup_copy(self, copy: Any) -> None:
+            copies.release(copy)
+
+    ctx = types.SimpleNamespace(
+        config=types.SimpleNamespace(shard=0, name="s0r0"),
+        shard=Shard(),
+        header=lambda revision: pb.ResponseHeader(shard=0, revision=revision),
+    )
+    try:
+        stream = server_backup.backup_stream(ctx, pb.BackupRequest(shard=0))
+        assert (await anext(stream)).header.revision == 7000
+        assert not storage.grow()  # pinned while the caller holds it
+        await asyncio.sleep(1.0)  # takes nothing
+        assert storage.grow()  # released by the stall bound
+        again = await copies.start(_no_barrier, 5.0)  # the slot is free
+        copies.release(again)
+        with pytest.raises(errors.Unavailable, match="stopped"):
+            await anext(stream)
+    finally:
+        ticks.stop.set()
         storage.close()
