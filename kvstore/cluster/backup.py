@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +50,8 @@ from kvstore.storage.disk import fsync_directory
 FORMAT, VERSION = "kvstore-backup", 1
 MANIFEST = "manifest.json"
 CHUNK_BYTES = 1 << 20
+STALL_SECONDS = 20.0  # a replica that sends nothing for this long is given up (the next one is tried)
+MAX_SECONDS = 6 * 3600.0  # the longest one shard's copy may take
 _CHANNEL_OPTIONS = grpc_message_options(8 << 20)  # chunks are at most 4 MiB (server/backup.py)
 
 Say = Callable[[str], None]
@@ -136,17 +139,24 @@ def _copy_from(shard_id: int, name: str, address: str, out: Path, say: Say) -> d
     done: pb.BackupChunk | None = None
     with grpc.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel, open(tmp, "wb") as f:
         stream = pb_grpc.AdminStub(channel).Backup(
-            pb.BackupRequest(shard=shard_id, chunk_bytes=CHUNK_BYTES), timeout=3600.0
+            pb.BackupRequest(shard=shard_id, chunk_bytes=CHUNK_BYTES), timeout=MAX_SECONDS
         )
-        for message in stream:
-            if message.HasField("header"):
-                header = message.header
-            elif message.done:
-                done = message
-            else:
-                sha.update(message.data)
-                f.write(message.data)
-                size += len(message.data)
+        with _StallGuard(stream, STALL_SECONDS) as guard:  # a paused node must not hang the backup
+            try:
+                for message in stream:
+                    guard.progress()
+                    if message.HasField("header"):
+                        header = message.header
+                    elif message.done:
+                        done = message
+                    else:
+                        sha.update(message.data)
+                        f.write(message.data)
+                        size += len(message.data)
+            except grpc.RpcError:
+                if guard.fired:
+                    raise BackupFailed(f"sent nothing for {STALL_SECONDS:g}s: given up") from None
+                raise
         f.flush()
         os.fsync(f.fileno())
     if header is None or done is None:
@@ -181,6 +191,35 @@ def _copy_from(shard_id: int, name: str, address: str, out: Path, say: Say) -> d
         "epoch": header.epoch,
         "seconds": round(seconds, 3),
     }
+
+
+class _StallGuard:
+    """Cancels a call that brings no message for `seconds` (its iterator then raises CANCELLED)."""
+
+    def __init__(self, call: Any, seconds: float) -> None:
+        self._call, self._seconds = call, seconds
+        self._last = time.monotonic()
+        self.fired = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="backup-stall-guard", daemon=True)
+
+    def __enter__(self) -> _StallGuard:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def progress(self) -> None:
+        self._last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(1.0, self._seconds / 4)):
+            if time.monotonic() - self._last > self._seconds:
+                self.fired = True
+                self._call.cancel()
+                return
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

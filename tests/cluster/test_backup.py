@@ -286,3 +286,23 @@ def test_control_without_the_seed_snapshot_writes_after_a_restore_are_skipped(
             assert _eventual_reads(replica.address, {b"after:lost": b"x"}) == {}
     finally:
         restored.down()
+
+
+def test_a_paused_replica_is_passed_over(
+    source: LocalCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica that answers nothing (SIGSTOPped) is given up after the stall bound and the
+    shard is copied from another one: a backup never hangs on one node."""
+    from kvstore.cluster import backup as backup_module
+
+    monkeypatch.setattr(backup_module, "STALL_SECONDS", 2.0)
+    leader = str(wait_until(lambda: source.leader_of(0), 15))
+    paused = next(r.name for r in source.cluster_map().shard(0).replicas if r.name != leader)  # tried first
+    source.kill(paused, "STOP")
+    try:
+        manifest = backup_cluster(source.dir, tmp_path / "backup", say=lambda _: None)
+    finally:
+        source.kill(paused, "CONT")
+    assert manifest["shards"][0]["served_by"] != paused
+    assert kvstore_cli("backup", "verify", str(tmp_path / "backup")).returncode == 0
+    wait_until(lambda: all(r["health"] == "serving" for s in source.status() for r in s["replicas"]), 30)
