@@ -142,6 +142,15 @@ def test_a_backup_under_load_restores_beside_the_running_source(source: LocalClu
                 return len({replica_digest(r.address) for r in s.replicas}) == 1
 
             wait_until(converged, 20)
+
+        # Restarted (the seed snapshot loaded again, the log replayed after it), it still holds it all.
+        restored.down()
+        restored.start_all()
+        restored.wait_until_serving(timeout=60)
+        with Client.from_cluster(restored.dir, timeout=30.0) as kv:
+            assert kv.multi_get(sorted(new)) == new
+            assert kv.get(b"pre:00001") == VALUE + b"1"
+            assert kv.put(b"after:restart", b"ok") > max(revisions.values())
     finally:
         restored.down()
 
