@@ -73,7 +73,8 @@ def describe_copy(path: str | Path) -> CopyContents:
             data = env.open_db(_DATA_DB, txn=txn, create=False)
             meta = env.open_db(_META_DB, txn=txn, create=False)
             raw = txn.get(_APPLIED, db=meta)
-            applied = _U64.unpack(raw)[0] if raw else 0
+            # The index leads the value (8 bytes; 16 when the entry's term follows it).
+            applied = _U64.unpack_from(raw)[0] if raw and len(raw) >= _U64.size else 0
             digest = data_digest(txn.cursor(db=data))
             count = int(txn.stat(data)["entries"])
     except lmdb.Error as exc:

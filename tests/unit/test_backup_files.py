@@ -96,3 +96,13 @@ def test_a_seed_snapshot_starts_the_log_at_the_backup_index(tmp_path: Path) -> N
 
     with pytest.raises(ValueError, match="at least 2"):
         write_seed_snapshot(tmp_path / "x.dump", copy, 1, members)
+
+
+def test_the_applied_index_is_read_with_or_without_a_term_after_it(tmp_path: Path) -> None:
+    """The store's applied value is the index (8 bytes), possibly followed by its entry's term."""
+    for name, value in (("index-only", (42).to_bytes(8, "big")), ("with-term", (42).to_bytes(8, "big") * 2)):
+        storage = _store_with_data(tmp_path / name, keys=3)
+        with storage._env.begin(write=True) as txn:  # noqa: SLF001 (writing the layout under test)
+            txn.put(b"applied", value, db=storage._meta)  # noqa: SLF001
+        copy = _copy(storage, tmp_path / f"{name}.mdb")
+        assert describe_copy(copy).applied_index == 42
