@@ -204,14 +204,16 @@ class BackupCopies:
         self._tick_tasks.submit(on_tick)
         try:
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(pinned)), timeout)
-        except TimeoutError:
+        except BaseException as exc:  # timed out, or the caller went away (cancelled)
             with lock:
                 abandoned = True
-                if pinned.done() and pinned.exception() is None:
+                if pinned.done() and not pinned.cancelled() and pinned.exception() is None:
                     pinned.result().close()  # pinned just now: let it go
-            raise errors.Unavailable(
-                f"the replica's tick thread did not pin a copy within {timeout:g}s"
-            ) from None
+            if isinstance(exc, TimeoutError):
+                raise errors.Unavailable(
+                    f"the replica's tick thread did not pin a copy within {timeout:g}s"
+                ) from None
+            raise
 
     def cancel_all(self, timeout: float = 10.0) -> None:
         """Stop every running copy and wait for their transactions to end (any thread but the

@@ -103,6 +103,19 @@ async def test_a_pin_the_tick_thread_never_makes_is_given_up(tmp_path: Path) -> 
             await copies.start(_no_barrier, 0.2)
         tasks.run_pending()  # the tick thread comes back: the abandoned pin does nothing
         assert storage.grow()
+        # A caller that goes away while its pin waits for the tick thread: the same.
+        waiting = asyncio.ensure_future(copies.start(_no_barrier, 30.0))
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        tasks.run_pending()
+        assert storage.grow()
+        ticks = TickThread(tasks)  # and the slot is free for the next caller
+        try:
+            copies.release(await copies.start(_no_barrier, 5.0))
+        finally:
+            ticks.stop.set()
     finally:
         storage.close()
 
