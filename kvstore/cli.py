@@ -6,6 +6,8 @@ kvstore router --cluster DIR --listen ADDR                 a stateless router
 kvstore health --address HOST:PORT                         exit 0 only if it reports SERVING
 kvstore [--cluster DIR | --router ADDR | --endpoints A,B] put|get|multi-get|delete|scan|cas ...
 kvstore --cluster DIR ring --key KEY                       which shard owns a key, and why
+kvstore backup --cluster DIR --out B | backup verify B     an online backup, and its check
+kvstore restore --from B --dir NEW                         a new cluster holding a backup's data
 kvstore demo | bench | chaos                               the scenario, the benchmark, the fault suite
 
 The data commands (kvstore/cli_kv.py) print data on stdout and notes on stderr; `kvstore get -h`
@@ -20,7 +22,7 @@ import os
 import sys
 from typing import Any
 
-from kvstore import cli_kv, errors
+from kvstore import cli_backup, cli_kv, errors
 from kvstore.cli_bytes import UsageError
 
 _INSECURE_HELP = (
@@ -130,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target_options(target_after, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_cluster_commands(sub)
+    cli_backup.add_backup_commands(sub)
     cli_kv.add_data_commands(sub, target_after)
     node = sub.add_parser("node", help="run one replica")
     node.add_argument("--config", required=True)
@@ -227,6 +230,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "cluster":
         return _cluster(args)
+    if args.command in ("backup", "restore"):
+        return cli_backup.run(args)
     if args.command == "router":
         return _router(args)
     if args.command == "health":

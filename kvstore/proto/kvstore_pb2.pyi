@@ -367,3 +367,25 @@ class ClusterMapResponse(_message.Message):
     vnodes_per_shard: int
     shards: _containers.RepeatedCompositeFieldContainer[Shard]
     def __init__(self, epoch: _Optional[int] = ..., vnodes_per_shard: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ...) -> None: ...
+
+class BackupRequest(_message.Message):
+    __slots__ = ("shard", "chunk_bytes")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    chunk_bytes: int
+    def __init__(self, shard: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class BackupChunk(_message.Message):
+    __slots__ = ("header", "data", "done", "size", "sha256")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    header: ResponseHeader
+    data: bytes
+    done: bool
+    size: int
+    sha256: str
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., done: bool = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...

@@ -316,6 +316,11 @@ class AdminStub(object):
                 request_serializer=kvstore__pb2.ClusterMapRequest.SerializeToString,
                 response_deserializer=kvstore__pb2.ClusterMapResponse.FromString,
                 )
+        self.Backup = channel.unary_stream(
+                '/kvstore.v2.Admin/Backup',
+                request_serializer=kvstore__pb2.BackupRequest.SerializeToString,
+                response_deserializer=kvstore__pb2.BackupChunk.FromString,
+                )
 
 
 class AdminServicer(object):
@@ -333,6 +338,12 @@ class AdminServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Backup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -345,6 +356,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ClusterMap,
                     request_deserializer=kvstore__pb2.ClusterMapRequest.FromString,
                     response_serializer=kvstore__pb2.ClusterMapResponse.SerializeToString,
+            ),
+            'Backup': grpc.unary_stream_rpc_method_handler(
+                    servicer.Backup,
+                    request_deserializer=kvstore__pb2.BackupRequest.FromString,
+                    response_serializer=kvstore__pb2.BackupChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -387,5 +403,22 @@ class Admin(object):
         return grpc.experimental.unary_unary(request, target, '/kvstore.v2.Admin/ClusterMap',
             kvstore__pb2.ClusterMapRequest.SerializeToString,
             kvstore__pb2.ClusterMapResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def Backup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(request, target, '/kvstore.v2.Admin/Backup',
+            kvstore__pb2.BackupRequest.SerializeToString,
+            kvstore__pb2.BackupChunk.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

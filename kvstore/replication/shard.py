@@ -31,6 +31,7 @@ from kvstore import errors
 from kvstore.config import NodeConfig, ServerSettings
 from kvstore.consistency import ConsistencyLevel
 from kvstore.replication import commands
+from kvstore.replication.backup_copy import BackupCopies, ShardCopy, TickTasks
 from kvstore.replication.faults import FaultInjector
 from kvstore.replication.liveness import ReplicaLiveness
 from kvstore.replication.state_machine import (
@@ -173,11 +174,16 @@ class Shard:
         self._view = ReadView(storage)
         self._machine = ShardStateMachine(storage, replica, self._on_applied_threadsafe)
         self._liveness = ReplicaLiveness(self._machine, server.health_stall_seconds)
+        self._tick_tasks = TickTasks()
+        self._machine.addOnTickCallback(self._tick_tasks.run_pending)
+        self._backups = BackupCopies(storage, self._tick_tasks, self._loop)
+        self._machine.snapshots.before_install = self._backups.cancel_all
 
     def close(self) -> None:
         """Stop the tick thread (blocking), let a running snapshot finish, close storage if ours."""
         self._machine.destroy_synchronous()
         self._machine.snapshots.wait_idle(5.0)
+        self._backups.cancel_all(5.0)  # a copy's transaction must end before the store closes
         if self._owns_storage:
             self._storage.close()
 
@@ -397,6 +403,18 @@ class Shard:
         if waiting is not None:
             self._barrier_in_flight = self._barrier_open = self._start_barrier()
             self._barrier_in_flight.add_done_callback(lambda f: _copy_outcome(f, waiting))
+
+    # ----- online backup ---------------------------------------------------------------------
+
+    async def backup_copy(self) -> ShardCopy:
+        """Start copying this replica's store (kvstore backup): the copy holds every write
+        acknowledged before this call (a read barrier first, as a strong read), at one applied
+        index (`ShardCopy.applied_index`). Read it with `read_chunk`, then `finish`; always
+        `release_backup_copy` it. Raises Overloaded (a copy already runs here) or Unavailable."""
+        return await self._backups.start(self.barrier, self._server.read_barrier_timeout)
+
+    def release_backup_copy(self, copy: ShardCopy) -> None:
+        self._backups.release(copy)
 
     # ----- status ----------------------------------------------------------------------------
 

@@ -56,6 +56,9 @@ class SnapshotManager:
         self.snapshots_written = 0
         self.snapshots_installed = 0
         self._last_no_room_log = -1e9
+        # Called (tick thread) before an install closes the store: stops online backup copies,
+        # whose pinned transactions would not survive it (replication/backup_copy.py).
+        self.before_install: Callable[[], None] = lambda: None
 
     # pysyncobj hooks ------------------------------------------------------------------------
 
@@ -129,8 +132,10 @@ class SnapshotManager:
             raft_meta = decode_meta(magic, f.read(meta_len))
             lmdb_len = struct.unpack(">Q", f.read(8))[0]
             if applied > self._storage.applied_index():
-                # LMDB may not be closed under a transaction: let our own snapshot copy finish.
+                # LMDB may not be closed under a transaction: let our own snapshot copy finish,
+                # and stop any backup copy.
                 self.wait_idle(300.0)
+                self.before_install()
                 log.info("installing snapshot at applied index %d from %s", applied, path)
                 self._storage.install_snapshot(f, lmdb_len)
                 self.snapshots_installed += 1
@@ -210,3 +215,38 @@ class _PickledMetaUnpickler(safe_pickle.RestrictedUnpickler):
         if (module, name) == ("pysyncobj.node", "TCPNode"):
             return TCPNode
         return super().find_class(module, name)
+
+
+# A restore (kvstore restore) seeds every replica of a NEW Raft group with a backup's store. Its
+# LMDB applied index N must not face an empty log: pysyncobj would hand the new leader's entries
+# 2..N to apply_entry, which skips indexes LMDB already holds, and the replicas would diverge.
+# So each replica also gets a snapshot file (the dump pysyncobj loads at its first tick) whose
+# log ends at N: the new group's log continues after N. Its entries are no-ops of term 0, the
+# term of pysyncobj's own first entry in a new log, so every term the new group elects is above
+# them (a higher term here would let a replica missing the new entries win an election).
+_NO_OP_COMMAND = b"\x01"  # pysyncobj's _COMMAND_TYPE.NO_OP: nothing for apply_entry
+
+
+def write_seed_snapshot(path: Path, store_copy: Path, applied: int, members: list[str]) -> None:
+    """Write a snapshot file at `path` holding the compacted LMDB file `store_copy` (at applied
+    index `applied` >= 2) for a new group of `members` (Raft addresses); synced, then renamed."""
+    if applied < 2:
+        raise ValueError(f"a seed snapshot needs an applied index of at least 2, not {applied}")
+    meta = encode_meta(
+        ((_NO_OP_COMMAND, applied, 0), (_NO_OP_COMMAND, applied - 1, 0), {TCPNode(a) for a in members})
+    )
+    tmp = Path(str(path) + ".seeding")
+    size = store_copy.stat().st_size
+    with open(tmp, "wb") as out, open(store_copy, "rb") as source:
+        out.write(_HEADER.pack(MAGIC, applied, len(meta)))
+        out.write(meta)
+        out.write(struct.pack(">Q", size))
+        copied = 0
+        while chunk := source.read(1 << 20):
+            out.write(chunk)
+            copied += len(chunk)
+        if copied != size:
+            raise ValueError(f"{store_copy} changed while it was copied ({copied} of {size} bytes)")
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)

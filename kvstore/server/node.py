@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -29,6 +30,7 @@ from kvstore.replication.shard import Shard, open_shard
 from kvstore.replication.views import ReadView, Record, WriteResult
 from kvstore.routing.cluster_map import ClusterMap
 from kvstore.server import validation as check
+from kvstore.server.backup import backup_stream, stream_errors
 from kvstore.server.batch import ResponseBudget, run_batch
 from kvstore.server.health import NodeHealth, add_health, start_health_port
 from kvstore.server.rpc import ConcurrencyGate, add_service, rpc_errors
@@ -238,6 +240,13 @@ class AdminServicer(pb_grpc.AdminServicer):
         self, request: pb.ClusterMapRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClusterMapResponse:
         return self.ctx.cluster_map.to_proto()
+
+    @stream_errors
+    async def Backup(
+        self, request: pb.BackupRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.BackupChunk]:
+        async for chunk in backup_stream(self.ctx, request):  # kvstore/server/backup.py
+            yield chunk
 
 
 def grpc_options(config: NodeConfig) -> list[tuple[str, int]]:

@@ -114,6 +114,13 @@ def add_service(
         request_cls = getattr(pb, method.input_type.name)
         response_cls = getattr(pb, method.output_type.name)
         behaviour = getattr(servicer, method.name)
+        if method.server_streaming:  # e.g. Admin.Backup; never gated (a service of its own bounds)
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                behaviour,
+                request_deserializer=_tolerant(request_cls),
+                response_serializer=response_cls.SerializeToString,
+            )
+            continue
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
             gate.wrap(behaviour) if gate is not None else behaviour,
             request_deserializer=_tolerant(request_cls),

@@ -30,6 +30,7 @@ from typing import BinaryIO, NamedTuple
 
 import lmdb
 
+from kvstore.storage.copies import data_digest
 from kvstore.storage.dedup import DedupTables, Outcome, Session
 from kvstore.storage.disk import DiskSpace, fsync_directory
 
@@ -219,14 +220,10 @@ class Storage:
             return txn.stat(self._data)["entries"]
 
     def checksum(self) -> str:
-        """A digest of every key, value and revision: equal on converged replicas."""
-        import hashlib
-
-        digest = hashlib.blake2b(digest_size=16)
+        """A digest of every key, value and revision: equal on converged replicas (and on a backup
+        of this store and its restore: `kvstore.storage.copies`)."""
         with self._env_lock, self._env.begin(db=self._data) as txn:
-            for key, raw in txn.cursor():
-                digest.update(_U64.pack(len(key)) + key + _U64.pack(len(raw)) + raw)
-        return digest.hexdigest()
+            return data_digest(txn.cursor())
 
     # ----- writes (apply thread only) -----
 
@@ -376,8 +373,9 @@ class Storage:
     def begin_snapshot(self) -> lmdb.Transaction:
         """A read transaction pinning the current state, for `write_snapshot` in another thread."""
         self.commit()
-        self._snapshots_running += 1
-        return self._env.begin()
+        with self._env_lock:  # the count also changes off this thread (`end_snapshot`)
+            self._snapshots_running += 1
+            return self._env.begin()
 
     def applied_index_in(self, txn: lmdb.Transaction) -> int:
         raw = txn.get(_APPLIED, db=self._meta)
@@ -386,7 +384,8 @@ class Storage:
     def end_snapshot(self, txn: lmdb.Transaction) -> None:
         """Release a `begin_snapshot` transaction; map growth waits until every one is released."""
         txn.abort()
-        self._snapshots_running -= 1
+        with self._env_lock:  # called from copying threads (a snapshot, an online backup)
+            self._snapshots_running -= 1
 
     def write_snapshot(self, txn: lmdb.Transaction, out: BinaryIO) -> None:
         """Copy the state `txn` sees into `out` (a compacted LMDB file), then end `txn`."""

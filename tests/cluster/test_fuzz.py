@@ -40,8 +40,11 @@ SERVICE_OF = {
     **dict.fromkeys(
         ["Put", "Get", "Delete", "MultiPut", "MultiGet", "Scan", "CompareAndSet", "Batch"], "kvstore.v2.KV"
     ),
-    **dict.fromkeys(["Status", "ClusterMap"], "kvstore.v2.Admin"),
+    **dict.fromkeys(["Status", "ClusterMap", "Backup"], "kvstore.v2.Admin"),
 }
+# Backup chunk sizes at and around the limits (server/backup.py: 0 = default, else 64 KiB..4 MiB).
+CHUNK_SIZES = [0, 1, (64 << 10) - 1, 64 << 10, 4 << 20, (4 << 20) + 1, 2**32 - 1]
+STREAMING = {"Backup"}  # server-streaming: every message is read (a backup copy is bounded by the store)
 NODE_METHODS = sorted(SERVICE_OF)
 ROUTER_METHODS = sorted(m for m, service in SERVICE_OF.items() if service == "kvstore.v2.KV")  # KV only
 # A refusal must be one of these, and say why: anything else (UNKNOWN, INTERNAL) is a bug.
@@ -68,9 +71,12 @@ class Node:
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
     def call(self, method: str, payload: bytes, timeout: float = 15.0) -> tuple[grpc.StatusCode, str, bytes]:
-        rpc = self.channel.unary_unary(f"/{SERVICE_OF[method]}/{method}")
+        path = f"/{SERVICE_OF[method]}/{method}"
         try:
-            return grpc.StatusCode.OK, "", rpc(payload, timeout=timeout)
+            if method in STREAMING:
+                messages = self.channel.unary_stream(path)(payload, timeout=timeout)
+                return grpc.StatusCode.OK, "", b"".join(messages)
+            return grpc.StatusCode.OK, "", self.channel.unary_unary(path)(payload, timeout=timeout)
         except grpc.RpcError as err:
             return err.code(), err.details() or "", b""
 
@@ -188,6 +194,12 @@ def requests(draw: st.DrawFn, limits: Limits, methods: list[str]) -> tuple[str, 
         return method, request.SerializeToString(), [key]
     if method in ("Status", "ClusterMap"):  # Admin: empty requests, so only junk bytes vary
         return method, draw(st.binary(max_size=64)), []
+    if method == "Backup":  # a whole copy of the store per call: the shard and chunk size vary
+        request = pb.BackupRequest(
+            shard=draw(st.sampled_from([0, 1, 2**32 - 1])),
+            chunk_bytes=draw(st.sampled_from(CHUNK_SIZES)),
+        )
+        return method, request.SerializeToString(), []
     # Batch: empty, one op, the limit and past it. Big batches are gets of one key (the
     # amplification case) and puts of distinct keys (a put per key would be a Raft entry each).
     count = draw(st.sampled_from([0, 1, 3, 10_000, 10_001]))

@@ -6,6 +6,7 @@ a strong read is served only by a barrier proposed after the read arrived."""
 from __future__ import annotations
 
 import asyncio
+import types
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ class ScriptedMachine:
         self.leader = True
         self.disk_refusal: str | None = None
         self.stale_for = float("inf")
+        # What the shard wires backup copies to (replication/backup_copy.py).
+        self.snapshots = types.SimpleNamespace(before_install=None, wait_idle=lambda timeout: None)
 
     def propose(self, proposals: list[commands.Proposal], callback: Any) -> None:
         self.entries.append((proposals, callback))
