@@ -26,9 +26,12 @@ import itertools
 import logging
 import stat
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
+from pysyncobj import pickle as pysyncobj_pickle
+from pysyncobj.monotonic import monotonic
 from pysyncobj.tcp_connection import TcpConnection
 from pysyncobj.transport import TCPTransport
 
@@ -160,6 +163,20 @@ class GuardedTcpConnection(TcpConnection):
         conn.waited = 0.0
         conn.accepted = next(_ACCEPTED)
         return conn
+
+    def send(self, message: Any) -> None:
+        """pysyncobj's send, with the body stored rather than compressed (zlib level 0, a stream
+        every pysyncobj peer inflates as before). Compressing cost both ends CPU on every message
+        (about 2 us per key of a 100-key multi_put, measured on 1x3), for nothing on a data
+        centre's links; and compressed before encryption, a frame's length would tell an observer
+        how much of the client data it carries repeats (a CRIME-style leak)."""
+        if self.sendRandKey:
+            message = (self.sendRandKey, message)
+        data = zlib.compress(pysyncobj_pickle.dumps(message), 0)
+        if self.encryptor:
+            data = self.encryptor.encrypt_at_time(data, int(monotonic()))
+        self._TcpConnection__writeBuffer += FRAME_HEADER.pack(len(data)) + data
+        self._TcpConnection__trySendBuffer()
 
     def identified(self) -> None:
         """The peer proved it is a member: member-sized messages from now on."""

@@ -107,3 +107,26 @@ def test_frame_filter_judges_unframed_bytes_chunk_by_chunk() -> None:
     assert gate.filter(b"more") == (b"", 4)
     unframed = FrameFilter(framed=False, pass_first=True, drop=lambda: True)
     assert unframed.filter(b"abc") == (b"", 3)
+
+
+def test_members_send_frames_stored_not_compressed() -> None:
+    # kvstore's connections (GuardedTcpConnection) store the body (zlib level 0): no CPU spent on
+    # compression, and a frame's length says nothing about how much of its data repeats. pysyncobj
+    # peers still read it: it is a zlib stream.
+    from pysyncobj import pickle as pysyncobj_pickle
+
+    from kvstore.replication.peer_transport import GuardedTcpConnection
+
+    message = {"type": "append_entries", "entries": [(b"v" * 4000, 7, 2)]}  # compresses ~50x
+    ours, theirs = socket.socketpair()
+    conn = GuardedTcpConnection.guard(TcpConnection(createPoller("select"), socket=ours), 1 << 20, 1 << 20)
+    try:
+        conn.send(message)
+        frame = theirs.recv(1 << 16)
+    finally:
+        conn.disconnect()
+        theirs.close()
+    body = frame[4:]
+    assert int.from_bytes(frame[:4], "little") == len(body)
+    assert zlib.decompress(body) == pysyncobj_pickle.dumps(message)
+    assert len(body) > 4000  # stored: pysyncobj's level 3 made it ~100 bytes
