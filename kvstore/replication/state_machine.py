@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from kvstore.config import RaftSettings, StorageSettings
 from kvstore.ports import ListenError, check_can_listen
 from kvstore.replication import commands, journal
 from kvstore.replication.freshness import FreshnessStampingTransport, FreshnessTracking
-from kvstore.replication.peer_transport import peer_password
+from kvstore.replication.peer_transport import PeerIdentity, peer_password
 from kvstore.replication.raft_fixes import PatchedSyncObj
 from kvstore.replication.snapshots import SnapshotManager
 from kvstore.replication.storage_health import StorageHealth, is_transient
@@ -54,6 +55,8 @@ log = logging.getLogger(__name__)
 setattr(pysyncobj_pickle, "__protocol", 5)  # noqa: B010
 
 _ROLES = {0: "follower", 1: "candidate", 2: "leader"}  # pysyncobj's _RAFT_STATE values
+
+EXIT_DIVERGED = 65  # EX_DATAERR (sysexits.h): the store and the Raft log disagree
 
 # (proposer's callback, result or None, pysyncobj error code: see `proposal_fate`)
 Completion = tuple[Callable[[Any, int], None], Any, int]
@@ -95,6 +98,15 @@ class ReplicaSettings:
     # Backoff and give-up bounds, client-session retention (every replica of a shard must use the
     # same dedup settings, or they could disagree on a retry).
     storage: StorageSettings = field(default_factory=StorageSettings)
+    # Sent and checked in every Raft handshake (peer_transport); None only in tests of bare groups.
+    identity: PeerIdentity | None = None
+
+
+def _stop_diverged(message: str) -> None:
+    """A store that diverged from its log must not serve, vote or apply another entry."""
+    log.critical(message)
+    logging.shutdown()
+    os._exit(EXIT_DIVERGED)
 
 
 class _ReapplyCarefully(Exception):
@@ -108,11 +120,16 @@ class ShardStateMachine(FreshnessTracking, PatchedSyncObj):
         settings: ReplicaSettings,
         on_applied: Callable[[list[Completion], int], None],
         on_fatal: Callable[[str], None] | None = None,
+        on_diverged: Callable[[str], None] = _stop_diverged,
     ) -> None:
         self._storage = storage
         self._settings = settings
         self._on_applied = on_applied
-        self._stored_applied = storage.applied_index()  # index of the last entry LMDB holds
+        self._on_diverged = on_diverged
+        # Index and term of the last entry LMDB holds (term 0: unknown, a store of the previous
+        # release or nothing applied yet). `_stored_term` is only for the divergence check.
+        self._stored_applied, self._stored_term = storage.applied_position()
+        self._position_checked = False  # the journal loaded at start checked against it (_onTick)
         self._completions: list[Completion] = []
         self._completion_indexes: list[int] = []  # log index of each completion, in step
         self._applying = 0  # index of the entry pysyncobj is applying (its callbacks follow)
@@ -176,6 +193,7 @@ class ShardStateMachine(FreshnessTracking, PatchedSyncObj):
             dnsFailCacheTime=raft.dns_fail_cache_time,
             password=peer_password(raft, settings.bind, settings.peers),  # None only with --insecure
         )
+        self.peer_identity = settings.identity  # read by the transport pysyncobj creates next
         # The tick thread starts inside this call and may replay the journal at once: everything
         # apply_entry needs is set up above.
         super().__init__(settings.advertise, settings.peers, conf, transportClass=FreshnessStampingTransport)
@@ -201,6 +219,9 @@ class ShardStateMachine(FreshnessTracking, PatchedSyncObj):
         # appends from every message of the last poll, whose acknowledgements wait here for it.
         self._sync_log()
         self._send_deferred_acks()
+        if not self._position_checked:
+            self._position_checked = True
+            self._check_journal_at_start()
         super()._onTick(timeToWait)
 
     def _SyncObj__sendNextNodeIdx(  # noqa: N802 (replaces pysyncobj's follower acknowledgement)
@@ -250,8 +271,14 @@ class ShardStateMachine(FreshnessTracking, PatchedSyncObj):
         client sessions alike (0 in entries from older versions: the clock stays where it was)."""
         index = self._applying = self.raftLastApplied + 1  # pysyncobj advances it after we return
         self._entry_stamp = stamp
-        if index <= self._stored_applied or self._apply_failed:
-            return None  # replayed after a restart (LMDB already holds it), or being rolled back
+        if self._apply_failed:
+            return None  # being rolled back
+        if index <= self._stored_applied:
+            # Replayed after a restart, or re-received after a power cut took the log's tail:
+            # LMDB already holds it, if it is the same entry (checked at LMDB's own position).
+            if index == self._stored_applied:
+                self._check_position(index, self._entry_term(index), "the Raft log's")
+            return None
         if not isinstance(proposals, list | tuple):
             proposals = []  # not an entry we make: nothing to apply, but the log moves on
         if proposals and all(commands.is_barrier(p) for p in proposals):
@@ -260,16 +287,52 @@ class ShardStateMachine(FreshnessTracking, PatchedSyncObj):
             return self._answered(index, [(index, None)] * len(proposals))
         try:
             results = [self._apply_proposal(index, p) for p in proposals]
-            self._storage.set_applied(index)
+            term = self._entry_term(index)
+            self._storage.set_applied(index, term)
         except Exception as exc:  # transient: never raise (pysyncobj would retry at once, forever)
             # Stop applying; the batch is rolled back at the end of pysyncobj's apply loop and
             # re-applied from LMDB's index (after a backoff, unless only a savepoint was missing).
             self._storage_failed(exc, f"applying entry {index}")
             return None
-        self._stored_applied = index
+        self._stored_applied, self._stored_term = index, term
         self._dirty = True
         self._count_log_bytes(proposals)
         return self._answered(index, results)
+
+    # ----- restart refuses to diverge (issue 15, item 2) ------------------------------------------
+
+    def _entry_term(self, index: int) -> int:
+        """The term of the log entry at `index` (0 if the log does not hold it)."""
+        raft_log = self._SyncObj__raftLog  # noqa: SLF001 (pysyncobj private: entries (command, idx, term))
+        if not len(raft_log):
+            return 0
+        at = index - raft_log[0][1]
+        if 0 <= at < len(raft_log) and raft_log[at][1] == index:
+            return int(raft_log[at][2])
+        return 0
+
+    def _check_journal_at_start(self) -> None:
+        """The journal just loaded may already hold the entry at LMDB's applied index."""
+        if self._stored_applied and self._stored_term:
+            self._check_position(
+                self._stored_applied, self._entry_term(self._stored_applied), "the Raft journal's"
+            )
+
+    def _check_position(self, index: int, term: int, whose: str) -> None:
+        """LMDB applied the entry at `index` in `_stored_term`; the log now says `term`. A committed
+        entry never changes term in a sound log: if they differ, this replica's store and log come
+        from different histories (a power cut took acknowledged entries of a log that was not
+        durable, or files were restored from elsewhere), and applying on would serve wrong data."""
+        if not term or not self._stored_term or term == self._stored_term:
+            return  # not known on one side (an older store, a compacted log): nothing to compare
+        self._on_diverged(
+            f"data dir {self._settings.data_dir}: LMDB applied index {index} term {self._stored_term}, "
+            f"but {whose} entry {index} has term {term}: this replica's store diverged from its log; "
+            f"stopping (exit {EXIT_DIVERGED}). Restore it from its peers: delete this data dir, run "
+            f"`kvstore node --config PEER.toml --forget-peer {self._settings.advertise}` on each "
+            f"peer, then start this node: it rejoins as a new incarnation and receives a snapshot "
+            f'(docs/architecture.md, "Identity")'
+        )
 
     def _answered(self, index: int, results: list[commands.Result]) -> list[commands.Result]:
         for callback in self._awaiting_reapply.pop(index, ()):
@@ -451,7 +514,7 @@ class ShardStateMachine(FreshnessTracking, PatchedSyncObj):
         try:
             self._storage.abort()
             grew = self._map_full and self._storage.grow()
-            self._stored_applied = self._storage.applied_index()
+            self._stored_applied, self._stored_term = self._storage.applied_position()
         except Exception as abort_exc:  # even the rollback failed: keep backing off
             grew, exc = False, abort_exc
         # Entries after LMDB's index were rolled back with the transaction: re-apply them.
@@ -473,7 +536,7 @@ class ShardStateMachine(FreshnessTracking, PatchedSyncObj):
         self._retry_at = time.monotonic() + delay
 
     def _on_snapshot_installed(self, applied: int) -> None:
-        self._stored_applied = applied
+        self._stored_applied, self._stored_term = self._storage.applied_position()
         self._dirty = False
         # Entries the snapshot covers are never applied here: their proposers time out.
         for index in [i for i in self._awaiting_reapply if i <= applied]:
