@@ -217,7 +217,9 @@ class LocalCluster:
             self._config_path(config.name).write_text(config.to_toml())
         # What the cluster was made from, for whoever looks later (the map is what nodes read).
         self.topology_path.write_text(topology.to_toml())
-        cluster_map = ClusterMap(epoch=1, shards=tuple(shard_infos), vnodes_per_shard=topology.vnodes)
+        cluster_map = ClusterMap(
+            epoch=1, shards=tuple(shard_infos), vnodes_per_shard=topology.vnodes, cluster_id=cluster.id
+        )
         cluster_map.save(self.map_path)
         return cluster_map
 

@@ -101,10 +101,37 @@ class ConcurrencyGate:
         return gated
 
 
+def same_cluster(
+    cluster_id: str, method: Callable[[Any, Any], Awaitable[T]]
+) -> Callable[[Any, Any], Awaitable[T]]:
+    """Refuse a call that names another cluster (`kvstore-cluster-id` metadata) with ClusterMismatch
+    (FAILED_PRECONDITION), before any work: a client never talks to a copy that took its cluster's
+    addresses. A call without the metadata (a client that does not know the id yet, grpcurl) passes."""
+
+    async def checked(request: Any, context: grpc.aio.ServicerContext) -> T:
+        for key, value in context.invocation_metadata() or ():
+            if key == errors.CLUSTER_ID_KEY and value != cluster_id:
+                code, details, metadata = errors.to_grpc_status(
+                    errors.ClusterMismatch(
+                        f"this server belongs to cluster {cluster_id or '(none)'}, the request is for "
+                        f"cluster {value}: nothing was done (another cluster's node at this address?)"
+                    )
+                )
+                await context.abort(code, details, trailing_metadata=tuple(metadata))
+        return await method(request, context)
+
+    return checked
+
+
 def add_service(
-    server: grpc.aio.Server, servicer: Any, service_name: str, gate: ConcurrencyGate | None = None
+    server: grpc.aio.Server,
+    servicer: Any,
+    service_name: str,
+    gate: ConcurrencyGate | None = None,
+    cluster_id: str | None = None,
 ) -> None:
-    """Register `servicer` for a service of proto/kvstore.proto, its RPCs counted by `gate`.
+    """Register `servicer` for a service of proto/kvstore.proto, its RPCs counted by `gate`, and
+    (`cluster_id`) refused when they name another cluster (`same_cluster`).
 
     Like the generated add_*Servicer_to_server, except that undecodable bytes reach the method as
     `Malformed` and are answered INVALID_ARGUMENT (gRPC's default would be a bare UNKNOWN)."""
@@ -114,6 +141,8 @@ def add_service(
         request_cls = getattr(pb, method.input_type.name)
         response_cls = getattr(pb, method.output_type.name)
         behaviour = getattr(servicer, method.name)
+        if cluster_id is not None:
+            behaviour = same_cluster(cluster_id, behaviour)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
             gate.wrap(behaviour) if gate is not None else behaviour,
             request_deserializer=_tolerant(request_cls),

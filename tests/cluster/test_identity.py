@@ -9,6 +9,8 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import pytest
+
 from kvstore import Client
 from kvstore.cluster.local import LocalCluster
 from kvstore.replication.state_machine import EXIT_DIVERGED
@@ -173,5 +175,50 @@ def test_data_dirs_of_the_previous_release_are_upgraded_and_keep_every_key(tmp_p
             assert identity["format"] == FORMAT
             assert identity["cluster"] == cluster.node_config(name).cluster.id
         wait_until(lambda: all(_key_count(cluster, n) == 36 for n in cluster.node_names()), 20)
+    finally:
+        cluster.down()
+
+
+def test_grpc_calls_naming_another_cluster_are_refused_and_clients_never_switch(tmp_path: Path) -> None:
+    import grpc
+
+    from kvstore import errors
+    from kvstore.proto import kvstore_pb2 as pb
+    from kvstore.proto import kvstore_pb2_grpc as pb_grpc
+
+    cluster = start_cluster(tmp_path / "c", replicas=1)
+    try:
+        cluster.wait_until_serving()
+        cluster_id = cluster.node_config(cluster.node_names()[0]).cluster.id
+        assert cluster.cluster_map().cluster_id == cluster_id  # what clients of this directory send
+        with client(cluster) as kv:
+            kv.put(b"k", b"v")  # with the metadata: accepted
+        address = cluster.cluster_map().shards[0].replicas[0].address
+        with grpc.insecure_channel(address) as channel:
+            admin, store = pb_grpc.AdminStub(channel), pb_grpc.KVStub(channel)
+            assert admin.Status(pb.StatusRequest(), timeout=5).cluster_id == cluster_id
+            assert admin.ClusterMap(pb.ClusterMapRequest(), timeout=5).cluster_id == cluster_id
+            assert store.Get(pb.GetRequest(key=b"k"), timeout=5).kv.value == b"v"  # no metadata: served
+            for other in ["0" * 16, "", "x" * 300, "not-an-id"]:
+                for call, request in [
+                    (store.Get, pb.GetRequest(key=b"k")),
+                    (admin.Status, pb.StatusRequest()),
+                ]:
+                    with pytest.raises(grpc.RpcError) as refused:
+                        call(request, timeout=5, metadata=((errors.CLUSTER_ID_KEY, other),))
+                    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                    assert isinstance(errors.from_rpc_error(refused.value), errors.ClusterMismatch)
+                    assert f"belongs to cluster {cluster_id}" in refused.value.details()
+        # A client that knows another cluster (a copy of this one's map, another id) gets the typed
+        # error at once, never this cluster's data.
+        other_dir = tmp_path / "other"
+        other_dir.mkdir()
+        import dataclasses
+
+        dataclasses.replace(cluster.cluster_map(), cluster_id="feedfacefeedface").save(
+            other_dir / "cluster.json"
+        )
+        with Client.from_cluster(other_dir) as stranger, pytest.raises(errors.ClusterMismatch):
+            stranger.get(b"k")
     finally:
         cluster.down()
