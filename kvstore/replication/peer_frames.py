@@ -45,8 +45,16 @@ class Hello(NamedTuple):
 
 
 def hello(cluster: str, incarnation: str, name: str) -> dict[str, Any]:
-    """A replica's hello: its cluster id, its data dir's incarnation, its name (for messages)."""
-    return {"kvstore_hello": HELLO_VERSION, "cluster": cluster, "incarnation": incarnation, "name": name}
+    """A replica's hello: its cluster id, its data dir's incarnation, its name (for messages).
+    A dict with a `type` pysyncobj does not know: a node of the previous release (no hellos)
+    that receives one ignores it, as it ignores any message type it does not handle."""
+    return {
+        "type": "kvstore_hello",
+        "kvstore_hello": HELLO_VERSION,
+        "cluster": cluster,
+        "incarnation": incarnation,
+        "name": name,
+    }
 
 
 def read_hello(message: object) -> Hello | None:
