@@ -98,7 +98,7 @@ class Options:
 
 
 def _sections() -> set[str]:
-    """NodeConfig's settings sections (limits, raft, storage, server): the only things --set may change."""
+    """NodeConfig's settings sections (cluster, limits, raft, storage, server): all --set may change."""
     return {
         f.name
         for f in dataclasses.fields(NodeConfig)

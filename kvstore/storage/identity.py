@@ -62,6 +62,7 @@ def open_identity(data_dir: str | Path, cluster: str) -> DataDirIdentity:
         )
     if not path.exists():
         data_dir.mkdir(parents=True, exist_ok=True)
+        fsync_directory(data_dir.parent)  # the directory itself survives a power cut with its identity
         identity = DataDirIdentity(FORMAT, cluster, secrets.token_hex(8))
         write_json_durably(
             path, {"format": identity.format, "cluster": cluster, "incarnation": identity.incarnation}
