@@ -105,3 +105,24 @@ def test_a_store_of_the_previous_release_has_no_term_and_is_not_judged(tmp_path:
         assert replica.storage.applied_position()[1] >= 1  # the next apply stores its term
     finally:
         replica.close()
+
+
+def test_storage_keeps_the_position_with_the_batch_and_snapshots_carry_it(tmp_path: Path) -> None:
+    import io
+
+    s = Storage(tmp_path / "a", fsync=False)
+    s.put(b"k", b"v", 7)
+    s.set_applied(7, 3)
+    assert s.applied_position() == (0, 0)  # readers see committed state only
+    s.commit()
+    assert s.applied_position() == (7, 3) and s.applied_index() == 7
+    assert s.read(b"k")[1] == 7  # reads report the index alone, as before
+    txn = s.begin_snapshot()
+    with open(tmp_path / "snap.mdb", "wb") as f:
+        s.write_snapshot(txn, f)
+    data = (tmp_path / "snap.mdb").read_bytes()
+    target = Storage(tmp_path / "b", fsync=False)
+    target.install_snapshot(io.BytesIO(data), len(data))
+    assert target.applied_position() == (7, 3)  # a follower installing it knows the term too
+    target.close()
+    s.close()
