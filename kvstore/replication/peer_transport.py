@@ -294,7 +294,7 @@ class SecurePeerTransport(TCPTransport):
             GuardedTcpConnection.guard(conn, self._frame_cap, self._message_cap)
 
     # Incoming: handshake-sized caps until the peer proves it is a member: its key (when encrypted),
-    # then its address.
+    # then its address, then (kvstore's replicas) its hello.
     def _onNewIncomingConnection(self, conn: TcpConnection) -> None:  # noqa: N802
         handshake_frames = (2 if self._syncObj.encryptor else 1) + (1 if self._identity else 0)
         GuardedTcpConnection.guard(conn, self._frame_cap, self._message_cap, handshake_frames)
