@@ -67,6 +67,20 @@ def read_hello(message: object) -> Hello | None:
     return Hello(*fields)  # type: ignore[arg-type]
 
 
+def refusal(reason: str) -> dict[str, Any]:
+    """What a replica sends a peer it refuses, just before it closes the connection, so that the
+    refused node's own log says why (a type pysyncobj ignores, like the hello's)."""
+    return {"type": "kvstore_refused", "reason": reason[:2000]}
+
+
+def read_refusal(message: object) -> str | None:
+    """The reason in a refusal, or None if `message` is not one."""
+    if isinstance(message, dict) and message.get("type") == "kvstore_refused":
+        reason = message.get("reason")
+        return reason if isinstance(reason, str) else ""
+    return None
+
+
 def inflate(data: bytes, cap: int) -> bytes:
     """zlib-decompress a frame's body, refusing (ValueError) one larger than cap decompressed or
     truncated: a small frame must not expand into a huge message (a zip bomb)."""

@@ -43,7 +43,15 @@ from pysyncobj.transport import TCPTransport
 from kvstore.config import RaftSettings
 from kvstore.replication import peer_cipher as cipher
 from kvstore.replication import safe_pickle
-from kvstore.replication.peer_frames import FRAME_HEADER, HANDSHAKE_MAX_BYTES, hello, inflate, read_hello
+from kvstore.replication.peer_frames import (
+    FRAME_HEADER,
+    HANDSHAKE_MAX_BYTES,
+    hello,
+    inflate,
+    read_hello,
+    read_refusal,
+    refusal,
+)
 from kvstore.storage.identity import PeerIncarnations
 
 log = logging.getLogger(__name__)
@@ -316,9 +324,10 @@ class SecurePeerTransport(TCPTransport):
             return
         announced = getattr(conn, "announced", None)
         if announced is not None:  # the address came: this must be the dialer's hello
-            refusal = self._judge_hello(announced, message)
-            if refusal:
-                self._refuse(conn, refusal, quiet=True)
+            refused = self._judge_hello(announced, message)
+            if refused:
+                conn.send(refusal(refused))  # so the refused node's log says why
+                self._refuse(conn, refused, quiet=True)
                 return
             conn.identified()
             conn.peer_verified = True
@@ -363,8 +372,14 @@ class SecurePeerTransport(TCPTransport):
             conn.setOnMessageReceivedCallback(functools.partial(self._on_outgoing_hello, conn, node))
 
     def _on_outgoing_hello(self, conn: Any, node: Any, message: Any) -> None:
-        refusal = self._judge_hello(node.address, message)
-        if refusal:
+        reason = read_refusal(message)
+        if reason is not None:  # the peer refused our hello
+            self._log_refused_by(node.address, reason)
+            conn.disconnect()
+            return
+        refused = self._judge_hello(node.address, message)
+        if refused:
+            conn.send(refusal(refused))
             conn.disconnect()  # pysyncobj redials after connection_retry; each time it is judged again
             return
         conn.peer_verified = True
@@ -381,12 +396,12 @@ class SecurePeerTransport(TCPTransport):
         assert identity is not None
         said = read_hello(message)
         if said is None:
-            refusal = (
+            why = (
                 f"Raft peer {member} sent no kvstore hello (cluster id, incarnation): a kvstore "
                 f"older than this node's, or not a member; refused"
             )
         elif said.cluster != identity.cluster:
-            refusal = (
+            why = (
                 f"Raft peer {said.name or member} ({member}) belongs to cluster {said.cluster}, this "
                 f"node to cluster {identity.cluster}: refused (a restored copy of a cluster, or a "
                 f"node given another cluster's address?)"
@@ -395,7 +410,7 @@ class SecurePeerTransport(TCPTransport):
             known = identity.known.check(member, said.incarnation)
             if known is None:
                 return None
-            refusal = (
+            why = (
                 f"Raft peer {said.name or member} ({member}) came back as incarnation "
                 f"{said.incarnation}, but this replica knew it as {known}: its data dir was wiped or "
                 f"replaced, and with an empty log it must not vote as that member; refused. If it "
@@ -406,8 +421,22 @@ class SecurePeerTransport(TCPTransport):
         now = time.monotonic()
         if now - self._identity_logged.get(member, -1e9) >= _IDENTITY_LOG_INTERVAL:
             self._identity_logged[member] = now
-            log.error("%s", refusal)
-        return refusal
+            log.error("%s", why)
+        return why
+
+    def _onMessageReceived(self, node: Any, message: Any) -> None:  # noqa: N802
+        reason = read_refusal(message)
+        if reason is not None:  # a peer that accepted us judged our hello after its own was sent
+            self._log_refused_by(node.address, reason)
+            return
+        super()._onMessageReceived(node, message)
+
+    def _log_refused_by(self, member: str, reason: str) -> None:
+        key = f"by {member}"
+        now = time.monotonic()
+        if now - self._identity_logged.get(key, -1e9) >= _IDENTITY_LOG_INTERVAL:
+            self._identity_logged[key] = now
+            log.error("refused by Raft peer %s: %s", member, reason)
 
     def _onDisconnected(self, conn: Any) -> None:  # noqa: N802
         conn.peer_verified = False

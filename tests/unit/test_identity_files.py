@@ -83,3 +83,12 @@ def test_the_hello_round_trips_through_a_frame_and_anything_else_is_not_one() ->
     assert said is not None and (said.cluster, said.incarnation, said.name) == ("c1", "inc", "s0r1")
     for other in ["127.0.0.1:1", {"type": "append_entries"}, {**message, "cluster": 7}, None, b"x"]:
         assert read_hello(other) is None
+
+
+def test_a_refusal_note_round_trips_and_is_told_apart_from_a_hello() -> None:
+    from kvstore.replication.peer_frames import read_refusal, refusal
+
+    note = decode_first_frame(encode_frame(refusal("because")))
+    assert read_refusal(note) == "because" and read_hello(note) is None
+    assert read_refusal(hello("c", "i", "n")) is None
+    assert len(refusal("x" * 10_000)["reason"]) == 2000  # stays a handshake-sized frame
