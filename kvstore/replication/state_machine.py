@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from kvstore import errors
 from kvstore.config import RaftSettings, StorageSettings
 from kvstore.ports import ListenError, check_can_listen
 from kvstore.replication import commands, journal
+from kvstore.replication.applied_position import AppliedPositionCheck, stop_diverged
 from kvstore.replication.freshness import FreshnessStampingTransport, FreshnessTracking
 from kvstore.replication.peer_transport import PeerIdentity, peer_password
 from kvstore.replication.raft_fixes import PatchedSyncObj
@@ -55,8 +55,6 @@ log = logging.getLogger(__name__)
 setattr(pysyncobj_pickle, "__protocol", 5)  # noqa: B010
 
 _ROLES = {0: "follower", 1: "candidate", 2: "leader"}  # pysyncobj's _RAFT_STATE values
-
-EXIT_DIVERGED = 65  # EX_DATAERR (sysexits.h): the store and the Raft log disagree
 
 # (proposer's callback, result or None, pysyncobj error code: see `proposal_fate`)
 Completion = tuple[Callable[[Any, int], None], Any, int]
@@ -102,25 +100,18 @@ class ReplicaSettings:
     identity: PeerIdentity | None = None
 
 
-def _stop_diverged(message: str) -> None:
-    """A store that diverged from its log must not serve, vote or apply another entry."""
-    log.critical(message)
-    logging.shutdown()
-    os._exit(EXIT_DIVERGED)
-
-
 class _ReapplyCarefully(Exception):
     """An op failed deterministically after writing: redo the batch with a savepoint per op."""
 
 
-class ShardStateMachine(FreshnessTracking, PatchedSyncObj):
+class ShardStateMachine(AppliedPositionCheck, FreshnessTracking, PatchedSyncObj):
     def __init__(
         self,
         storage: Storage,
         settings: ReplicaSettings,
         on_applied: Callable[[list[Completion], int], None],
         on_fatal: Callable[[str], None] | None = None,
-        on_diverged: Callable[[str], None] = _stop_diverged,
+        on_diverged: Callable[[str], None] = stop_diverged,
     ) -> None:
         self._storage = storage
         self._settings = settings
@@ -298,41 +289,6 @@ class ShardStateMachine(FreshnessTracking, PatchedSyncObj):
         self._dirty = True
         self._count_log_bytes(proposals)
         return self._answered(index, results)
-
-    # ----- restart refuses to diverge (issue 15, item 2) ------------------------------------------
-
-    def _entry_term(self, index: int) -> int:
-        """The term of the log entry at `index` (0 if the log does not hold it)."""
-        raft_log = self._SyncObj__raftLog  # noqa: SLF001 (pysyncobj private: entries (command, idx, term))
-        if not len(raft_log):
-            return 0
-        at = index - raft_log[0][1]
-        if 0 <= at < len(raft_log) and raft_log[at][1] == index:
-            return int(raft_log[at][2])
-        return 0
-
-    def _check_journal_at_start(self) -> None:
-        """The journal just loaded may already hold the entry at LMDB's applied index."""
-        if self._stored_applied and self._stored_term:
-            self._check_position(
-                self._stored_applied, self._entry_term(self._stored_applied), "the Raft journal's"
-            )
-
-    def _check_position(self, index: int, term: int, whose: str) -> None:
-        """LMDB applied the entry at `index` in `_stored_term`; the log now says `term`. A committed
-        entry never changes term in a sound log: if they differ, this replica's store and log come
-        from different histories (a power cut took acknowledged entries of a log that was not
-        durable, or files were restored from elsewhere), and applying on would serve wrong data."""
-        if not term or not self._stored_term or term == self._stored_term:
-            return  # not known on one side (an older store, a compacted log): nothing to compare
-        self._on_diverged(
-            f"data dir {self._settings.data_dir}: LMDB applied index {index} term {self._stored_term}, "
-            f"but {whose} entry {index} has term {term}: this replica's store diverged from its log; "
-            f"stopping (exit {EXIT_DIVERGED}). Restore it from its peers: delete this data dir, run "
-            f"`kvstore node --config PEER.toml --forget-peer {self._settings.advertise}` on each "
-            f"peer, then start this node: it rejoins as a new incarnation and receives a snapshot "
-            f'(docs/architecture.md, "Identity")'
-        )
 
     def _answered(self, index: int, results: list[commands.Result]) -> list[commands.Result]:
         for callback in self._awaiting_reapply.pop(index, ()):

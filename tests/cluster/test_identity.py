@@ -13,7 +13,7 @@ import pytest
 
 from kvstore import Client
 from kvstore.cluster.local import LocalCluster
-from kvstore.replication.state_machine import EXIT_DIVERGED
+from kvstore.replication.applied_position import EXIT_DIVERGED
 from kvstore.storage.engine import Storage
 from kvstore.storage.identity import FORMAT, IDENTITY_FILE, PEERS_FILE
 from tests.conftest import TEST_RAFT, client, start_cluster, wait_until
