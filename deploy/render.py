@@ -98,7 +98,7 @@ class Options:
 
 
 def _sections() -> set[str]:
-    """NodeConfig's settings sections (limits, raft, storage, server): the only things --set may change."""
+    """NodeConfig's settings sections (cluster, limits, raft, storage, server): all --set may change."""
     return {
         f.name
         for f in dataclasses.fields(NodeConfig)
@@ -165,6 +165,11 @@ def build(
     Each config names its shard's secret file under `secrets_dir` (the secret itself is never rendered)."""
     shards = []
     configs = []
+    # The cluster id (kvstore/config.py, [cluster] id): derived from the layout so a re-render
+    # gives the same files; two deployments with the same names (a restored copy beside the
+    # original, in the same namespace) must differ: pass --set 'cluster.id="..."'.
+    addresses = "\n".join(p.raft_address for members in layout for p in members)
+    cluster_id = hashlib.sha256(f"kvstore {cluster_map_path}\n{addresses}".encode()).hexdigest()[:16]
     for members in layout:
         shard = members[0].shard
         shards.append(
@@ -187,9 +192,13 @@ def build(
             sections: dict[str, Any] = dict(settings or {})
             secret = {"secret_file": f"{secrets_dir}/{secret_file_name(shard)}"}
             sections["raft"] = {**secret, **sections.get("raft", {})}
+            sections["cluster"] = {"id": cluster_id, **sections.get("cluster", {})}
             # from_dict rejects unknown setting names, as `kvstore node` would when loading the file.
             configs.append(NodeConfig.from_dict({**identity, **sections}))
-    return ClusterMap(epoch=1, shards=tuple(shards), vnodes_per_shard=vnodes), configs
+    cluster_map = ClusterMap(
+        epoch=1, shards=tuple(shards), vnodes_per_shard=vnodes, cluster_id=configs[0].cluster.id
+    )
+    return cluster_map, configs
 
 
 def config_files(cluster_map: ClusterMap, configs: Iterable[NodeConfig]) -> dict[str, str]:

@@ -138,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--config", required=True)
     node.add_argument("--listen", default=None, help="override the gRPC listen address")
     node.add_argument("--insecure", action="store_true", help=_INSECURE_HELP)
+    node.add_argument(
+        "--forget-peer",
+        metavar="RAFT_ADDRESS",
+        default=None,
+        help="do not start: drop the incarnation this node remembers for the peer at RAFT_ADDRESS "
+        "(its advertised Raft address), so that peer, rebuilt with an empty data dir, is accepted "
+        "as new at its next connection (also while this node runs); see docs/architecture.md, Identity",
+    )
     router = sub.add_parser("router", parents=[target_after], help="run a stateless router with the KV API")
     health = sub.add_parser(
         "health", help="ask a node or router's grpc.health.v1 service; exit 0 only if SERVING"
@@ -223,6 +231,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from kvstore.server.node import run
 
         config = NodeConfig.load(args.config, {"listen": args.listen})
+        if args.forget_peer is not None:
+            return _forget_peer(config, args.forget_peer)
         if args.insecure:
             config.raft.insecure = True
             config.raft.secret_file = ""
@@ -247,6 +257,20 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_chaos_cli(args)
     return cli_kv.run(args)
+
+
+def _forget_peer(config: Any, address: str) -> int:
+    from kvstore.storage.identity import PeerIncarnations
+
+    if address not in config.peers:
+        raise ValueError(f"{address} is not a peer of {config.name} (peers: {', '.join(config.peers)})")
+    if PeerIncarnations(config.data_dir).forget(address):
+        print(
+            f"{config.name}: forgot the incarnation of {address}; it is accepted as new when it next connects"
+        )
+    else:
+        print(f"{config.name}: no incarnation recorded for {address} (nothing to forget)")
+    return 0
 
 
 def _run_repo_script(relative: str, args: argparse.Namespace) -> int:

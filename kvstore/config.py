@@ -265,6 +265,17 @@ class ServerSettings(Section):
 
 
 @dataclass
+class ClusterSettings(Section):
+    section = "cluster"
+
+    # The cluster's id, the same in every node's config (`cluster up` generates one; a restore
+    # gets a new one). Stored in the data dir on first start (kvstore/storage/identity.py): a node
+    # whose data dir holds another id refuses to start. Sent in every Raft handshake and checked
+    # on gRPC requests that carry it, so a copy of a cluster can never talk to the original.
+    id: str = ""
+
+
+@dataclass
 class NodeConfig(Section):
     name: str
     shard: int = field(metadata={"range": (0, 1_000_000)})
@@ -278,6 +289,7 @@ class NodeConfig(Section):
     # host:port of a plaintext port serving only grpc.health.v1, for probes that cannot present a
     # client certificate (kubelet's gRPC probe); empty: health is served on `listen` only.
     health_listen: str = ""
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     limits: Limits = field(default_factory=Limits)
     raft: RaftSettings = field(default_factory=RaftSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -353,6 +365,7 @@ def build_section(cls: type, data: Any) -> Any:
 
 
 _SECTIONS: dict[str, type] = {
+    "cluster": ClusterSettings,
     "limits": Limits,
     "raft": RaftSettings,
     "storage": StorageSettings,

@@ -251,3 +251,20 @@ _GRPC_CONCURRENCY_LIMIT = "Concurrent RPC limit exceeded"
 _BY_KIND.update({cls.kind: cls for cls in (ResourceExhausted, Overloaded, Deferred)})
 # Without kvstore metadata, RESOURCE_EXHAUSTED comes from gRPC itself: a message over its size limit.
 _BY_CODE[grpc.StatusCode.RESOURCE_EXHAUSTED] = ResourceExhausted
+
+
+# ----- cluster identity (issue 15, item 2b) --------------------------------------------------------
+
+CLUSTER_ID_KEY = "kvstore-cluster-id"  # request metadata: the cluster the client means to talk to
+
+
+class ClusterMismatch(KvError):
+    """The server belongs to another cluster than the one the client talks to (another cluster's
+    node, e.g. a restored copy, took the address). Nothing was done; the client must not retry
+    there: point it at its own cluster's addresses."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    kind = "cluster_mismatch"
+
+
+_BY_KIND[ClusterMismatch.kind] = ClusterMismatch

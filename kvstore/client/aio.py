@@ -168,7 +168,9 @@ class AsyncClient:
     async def _call(self, step: Call, timeout: float | None = None) -> Any:
         stub = self._stub(step.address, step.service)
         try:
-            return await getattr(stub, step.method)(step.request, timeout=timeout or step.timeout)
+            return await getattr(stub, step.method)(
+                step.request, timeout=timeout or step.timeout, metadata=step.metadata or None
+            )
         except grpc.RpcError as exc:
             raise errors.from_rpc_error(exc) from None
         except asyncio.CancelledError:

@@ -112,6 +112,13 @@ class Dispatcher:
 
     # ----- session tokens --------------------------------------------------------------------
 
+    @property
+    def cluster_metadata(self) -> tuple[tuple[str, str], ...]:
+        """What every call carries once the cluster's id is known (from the map): a node of another
+        cluster refuses it (errors.ClusterMismatch) instead of answering for data it does not hold."""
+        cluster_id = self.cluster_map.cluster_id if self.cluster_map is not None else ""
+        return ((errors.CLUSTER_ID_KEY, cluster_id),) if cluster_id else ()
+
     def session_token(self) -> str:
         with self._session_lock:
             return encode_session(dict(self.session))
@@ -165,6 +172,7 @@ class Dispatcher:
                     "ClusterMap",
                     pb.ClusterMapRequest(),
                     min(deadline.rpc_timeout, remaining),
+                    self.cluster_metadata,
                 )
             except errors.ClientClosed:
                 raise  # final: no other node would be asked either
@@ -172,6 +180,9 @@ class Dispatcher:
                 last_error = err
                 continue
             fetched = ClusterMap.from_proto(msg)
+            known = self.cluster_map.cluster_id if self.cluster_map is not None else ""
+            if known and fetched.cluster_id != known:
+                continue  # another cluster's node (it answered without checking): never switch
             if self.cluster_map is None or fetched.epoch >= self.cluster_map.epoch:
                 self.cluster_map = fetched
             if self.cluster_map.epoch >= min_epoch:
@@ -265,7 +276,9 @@ class Dispatcher:
             request.epoch = self.cluster_map.epoch
             request.retry = request.retry or attempts.may_have_applied  # a router passes its caller's on
             try:
-                response = yield Call(address, "KV", method, request, attempts.call_timeout())
+                response = yield Call(
+                    address, "KV", method, request, attempts.call_timeout(), self.cluster_metadata
+                )
             except errors.KvError as err:
                 if not self.retry.retryable(err):
                     raise
@@ -324,7 +337,9 @@ class Dispatcher:
                 request.epoch = self.cluster_map.epoch
                 started = time.monotonic()
                 try:
-                    response = yield Call(address, "KV", method, request, attempts.call_timeout())
+                    response = yield Call(
+                        address, "KV", method, request, attempts.call_timeout(), self.cluster_metadata
+                    )
                 except errors.KvError as err:
                     if not self.retry.retryable(err):
                         raise
@@ -362,7 +377,12 @@ class Dispatcher:
                 return
             try:
                 status = yield Call(
-                    replica.address, "Admin", "Status", pb.StatusRequest(), attempts.call_timeout()
+                    replica.address,
+                    "Admin",
+                    "Status",
+                    pb.StatusRequest(),
+                    attempts.call_timeout(),
+                    self.cluster_metadata,
                 )
             except errors.KvError:
                 continue
@@ -395,7 +415,9 @@ class Dispatcher:
             if is_write:
                 request.retry = request.retry or attempts.may_have_applied
             try:
-                response = yield Call(self.router, "KV", method, request, attempts.call_timeout())
+                response = yield Call(
+                    self.router, "KV", method, request, attempts.call_timeout(), self.cluster_metadata
+                )
             except errors.KvError as err:
                 if not self.retry.retryable(err, through_router=True):
                     raise

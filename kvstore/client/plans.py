@@ -29,6 +29,8 @@ class Call:
     method: str  # e.g. "Put"
     request: Message
     timeout: float
+    # ("kvstore-cluster-id", id) once the client knows its cluster's id (errors.CLUSTER_ID_KEY)
+    metadata: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass

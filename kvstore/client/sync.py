@@ -89,7 +89,9 @@ class Client:
         if isinstance(step, Call):
             stub = self._stub(step.address, step.service)
             try:
-                return getattr(stub, step.method)(step.request, timeout=step.timeout)
+                return getattr(stub, step.method)(
+                    step.request, timeout=step.timeout, metadata=step.metadata or None
+                )
             except grpc.RpcError as exc:
                 raise errors.from_rpc_error(exc) from None
         if isinstance(step, Sleep):

@@ -39,10 +39,11 @@ from kvstore.cluster.status import (
     status_document,
 )
 from kvstore.cluster.topology import PORTS_PER_REPLICA, Topology, resolve_topology
-from kvstore.config import NodeConfig, RaftSettings, ServerSettings, StorageSettings
+from kvstore.config import ClusterSettings, NodeConfig, RaftSettings, ServerSettings, StorageSettings
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.routing.cluster_map import ClusterMap, ReplicaInfo, ShardInfo
+from kvstore.storage.identity import new_cluster_id
 
 PROXY_DAEMON = "fault-proxies"  # name of the proxy daemon's log and PID files
 SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "STOP": signal.SIGSTOP, "CONT": signal.SIGCONT}
@@ -178,6 +179,8 @@ class LocalCluster:
             proxied_raft = advertise_for(binds)
         elif faults:
             proxied_raft = self._plan_fault_proxies(count, replicas, ports)
+        # A new cluster, a new id (a restore too): its nodes and clients never talk to another's.
+        cluster = ClusterSettings(id=new_cluster_id())
         shard_infos = []
         configs = []
         for shard in range(shards):
@@ -202,6 +205,7 @@ class LocalCluster:
                         cluster_map=str(self.map_path),
                         zone=zone,
                         health_listen=f"127.0.0.1:{health_ports[name]}",
+                        cluster=cluster,
                         raft=dataclasses.replace(raft, secret_file=str(self.secret_files.get(name, ""))),
                         storage=storage or StorageSettings(),
                         server=server or ServerSettings(),
@@ -213,7 +217,9 @@ class LocalCluster:
             self._config_path(config.name).write_text(config.to_toml())
         # What the cluster was made from, for whoever looks later (the map is what nodes read).
         self.topology_path.write_text(topology.to_toml())
-        cluster_map = ClusterMap(epoch=1, shards=tuple(shard_infos), vnodes_per_shard=topology.vnodes)
+        cluster_map = ClusterMap(
+            epoch=1, shards=tuple(shard_infos), vnodes_per_shard=topology.vnodes, cluster_id=cluster.id
+        )
         cluster_map.save(self.map_path)
         return cluster_map
 

@@ -297,7 +297,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node", "shard", "role", "term", "leader", "leader_address", "commit_index", "applied_index", "leader_commit_index", "staleness_seconds", "epoch", "key_count", "address", "zone", "raft_log_size", "health", "pid")
+    __slots__ = ("node", "shard", "role", "term", "leader", "leader_address", "commit_index", "applied_index", "leader_commit_index", "staleness_seconds", "epoch", "key_count", "address", "zone", "raft_log_size", "health", "pid", "cluster_id")
     NODE_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -315,6 +315,7 @@ class StatusResponse(_message.Message):
     RAFT_LOG_SIZE_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     node: str
     shard: int
     role: str
@@ -332,7 +333,8 @@ class StatusResponse(_message.Message):
     raft_log_size: int
     health: str
     pid: int
-    def __init__(self, node: _Optional[str] = ..., shard: _Optional[int] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader: _Optional[str] = ..., leader_address: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., leader_commit_index: _Optional[int] = ..., staleness_seconds: _Optional[float] = ..., epoch: _Optional[int] = ..., key_count: _Optional[int] = ..., address: _Optional[str] = ..., zone: _Optional[str] = ..., raft_log_size: _Optional[int] = ..., health: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+    cluster_id: str
+    def __init__(self, node: _Optional[str] = ..., shard: _Optional[int] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader: _Optional[str] = ..., leader_address: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., leader_commit_index: _Optional[int] = ..., staleness_seconds: _Optional[float] = ..., epoch: _Optional[int] = ..., key_count: _Optional[int] = ..., address: _Optional[str] = ..., zone: _Optional[str] = ..., raft_log_size: _Optional[int] = ..., health: _Optional[str] = ..., pid: _Optional[int] = ..., cluster_id: _Optional[str] = ...) -> None: ...
 
 class Replica(_message.Message):
     __slots__ = ("name", "address", "raft_address", "zone")
@@ -359,14 +361,16 @@ class ClusterMapRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ClusterMapResponse(_message.Message):
-    __slots__ = ("epoch", "vnodes_per_shard", "shards")
+    __slots__ = ("epoch", "vnodes_per_shard", "shards", "cluster_id")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     VNODES_PER_SHARD_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     vnodes_per_shard: int
     shards: _containers.RepeatedCompositeFieldContainer[Shard]
-    def __init__(self, epoch: _Optional[int] = ..., vnodes_per_shard: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ...) -> None: ...
+    cluster_id: str
+    def __init__(self, epoch: _Optional[int] = ..., vnodes_per_shard: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., cluster_id: _Optional[str] = ...) -> None: ...
 
 class BackupRequest(_message.Message):
     __slots__ = ("shard", "chunk_bytes")

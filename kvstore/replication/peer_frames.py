@@ -9,6 +9,8 @@ announces its own advertised address (`_sendSelfAddress`):
 - without a secret (`--insecure`, raw pysyncobj tests), the address is the dialer's first frame;
 - with a secret, the dialer first sends a connection key, the target answers with its own, and only
   then does the dialer send `(target's key, address)`.
+kvstore then adds a hello to each side (kvstore/replication/peer_transport.py): the dialer sends
+one right after its address, the target answers with its own before anything else (`hello`).
 Handshake frames are small (a 32-byte key, an address: ~200 bytes even encrypted), so readers cap them
 at HANDSHAKE_MAX_BYTES before buffering their bodies.
 """
@@ -20,7 +22,7 @@ import pickle
 import struct
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from pysyncobj import pickle as pysyncobj_pickle
 
@@ -31,6 +33,52 @@ FRAME_HEADER = struct.Struct("=i")
 # Cap on a handshake frame, on the wire and decompressed: a larger length means "not a handshake
 # frame", and it must not be buffered while we wait for it.
 HANDSHAKE_MAX_BYTES = 4096
+
+
+HELLO_VERSION = 1
+
+
+class Hello(NamedTuple):
+    cluster: str
+    incarnation: str
+    name: str
+
+
+def hello(cluster: str, incarnation: str, name: str) -> dict[str, Any]:
+    """A replica's hello: its cluster id, its data dir's incarnation, its name (for messages).
+    A dict with a `type` pysyncobj does not know: a node of the previous release (no hellos)
+    that receives one ignores it, as it ignores any message type it does not handle."""
+    return {
+        "type": "kvstore_hello",
+        "kvstore_hello": HELLO_VERSION,
+        "cluster": cluster,
+        "incarnation": incarnation,
+        "name": name,
+    }
+
+
+def read_hello(message: object) -> Hello | None:
+    """The hello in `message`, or None if it is not one."""
+    if not isinstance(message, dict) or message.get("kvstore_hello") != HELLO_VERSION:
+        return None
+    fields = (message.get("cluster"), message.get("incarnation"), message.get("name", ""))
+    if not all(isinstance(f, str) for f in fields):
+        return None
+    return Hello(*fields)  # type: ignore[arg-type]
+
+
+def refusal(reason: str) -> dict[str, Any]:
+    """What a replica sends a peer it refuses, just before it closes the connection, so that the
+    refused node's own log says why (a type pysyncobj ignores, like the hello's)."""
+    return {"type": "kvstore_refused", "reason": reason[:2000]}
+
+
+def read_refusal(message: object) -> str | None:
+    """The reason in a refusal, or None if `message` is not one."""
+    if isinstance(message, dict) and message.get("type") == "kvstore_refused":
+        reason = message.get("reason")
+        return reason if isinstance(reason, str) else ""
+    return None
 
 
 def inflate(data: bytes, cap: int) -> bytes:

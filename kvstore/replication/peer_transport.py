@@ -15,18 +15,26 @@ announces itself `'readonly'` (and streams it the log), runs list-form admin mes
 - Bounded input: a frame header claiming more than the cap closes the connection before its body is
   buffered (4 KiB until the peer has identified, then what the largest append-entries message can
   need); decompression stops at a cap too; unpickling is restricted (`safe_pickle`).
+- Identity (issue 15, items 2 and 2b): right after its address, the dialer sends a hello (its
+  cluster id, its data dir's incarnation, its name), and the accepting member answers with its own
+  before anything else. Each side refuses a peer of another cluster, and a member whose
+  incarnation changed since first contact (recorded in the data dir, `PeerIncarnations`): its
+  data was wiped, and with an empty log it must not vote as the member that acknowledged entries.
+  Nothing is sent on an outgoing connection before the peer's hello is accepted.
 - `raft.insecure` (flag `--insecure`): no encryption, loopback only, a warning at every start. The
   identity and size rules above still apply.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import itertools
 import logging
 import stat
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +46,33 @@ from pysyncobj.transport import TCPTransport
 from kvstore.config import RaftSettings
 from kvstore.replication import peer_cipher as cipher
 from kvstore.replication import safe_pickle
-from kvstore.replication.peer_frames import FRAME_HEADER, HANDSHAKE_MAX_BYTES, inflate
+from kvstore.replication.peer_frames import (
+    FRAME_HEADER,
+    HANDSHAKE_MAX_BYTES,
+    hello,
+    inflate,
+    read_hello,
+    read_refusal,
+    refusal,
+)
+from kvstore.storage.identity import PeerIncarnations
 
 log = logging.getLogger(__name__)
 
 MIN_SECRET_CHARS = 32
 _REFUSAL_LOG_INTERVAL = 1.0
 _ACCEPTED = itertools.count()  # a flood of hostile connections must not flood the log
+_IDENTITY_LOG_INTERVAL = 10.0  # per member: a refused member redials every connection_retry
+
+
+@dataclass(frozen=True)
+class PeerIdentity:
+    """What this replica says in its hello, and whom it remembers (kvstore/storage/identity.py)."""
+
+    name: str
+    cluster: str
+    incarnation: str
+    known: PeerIncarnations
 
 
 def max_message_bytes(batch_size_bytes: int) -> int:
@@ -280,6 +308,9 @@ class SecurePeerTransport(TCPTransport):
         self._frame_cap = max_frame_bytes(self._message_cap)
         self._identify_timeout = conf.connectionTimeout
         self._last_tick = time.monotonic()
+        # None: no hellos (a bare pysyncobj group in tests); kvstore's replicas always have one.
+        self._identity: PeerIdentity | None = getattr(syncObj, "peer_identity", None)
+        self._identity_logged: dict[str, float] = {}
         super().__init__(syncObj, selfNode, otherNodes)
 
     # Outgoing: we dial a configured member, so its frames get the member caps at once.
@@ -290,9 +321,9 @@ class SecurePeerTransport(TCPTransport):
             GuardedTcpConnection.guard(conn, self._frame_cap, self._message_cap)
 
     # Incoming: handshake-sized caps until the peer proves it is a member: its key (when encrypted),
-    # then its address.
+    # then its address, then (kvstore's replicas) its hello.
     def _onNewIncomingConnection(self, conn: TcpConnection) -> None:  # noqa: N802
-        handshake_frames = 2 if self._syncObj.encryptor else 1
+        handshake_frames = (2 if self._syncObj.encryptor else 1) + (1 if self._identity else 0)
         GuardedTcpConnection.guard(conn, self._frame_cap, self._message_cap, handshake_frames)
         if len(self._unknownConnections) >= self.MAX_PENDING:
             # Evict the oldest: a member identifies within milliseconds, so a flood of idle
@@ -310,7 +341,22 @@ class SecurePeerTransport(TCPTransport):
             else:
                 self._refuse(conn, "malformed handshake")
             return
+        announced = getattr(conn, "announced", None)
+        if announced is not None:  # the address came: this must be the dialer's hello
+            refused = self._judge_hello(announced, message)
+            if refused:
+                conn.send(refusal(refused))  # so the refused node's log says why
+                self._refuse(conn, refused, quiet=True)
+                return
+            conn.identified()
+            conn.peer_verified = True
+            conn.send(self._hello())  # ours, before anything pysyncobj sends on this connection
+            super()._onIncomingMessageReceived(conn, announced)
+            return
         if isinstance(message, str) and message in self._nodeAddrToNode:
+            if self._identity is not None:
+                conn.announced = message
+                return
             conn.identified()
             super()._onIncomingMessageReceived(conn, message)
             return
@@ -321,7 +367,105 @@ class SecurePeerTransport(TCPTransport):
         else:
             self._refuse(conn, f"{str(message)[:60]!r} is not a member of this shard")
 
+    # Outgoing: our hello follows our address; the peer's hello must be the first thing it sends.
+    def _sendSelfAddress(self, conn: Any) -> None:  # noqa: N802
+        super()._sendSelfAddress(conn)
+        if self._identity is not None:
+            conn.send(self._hello())
+
+    def _onOutgoingConnected(self, conn: Any) -> None:  # noqa: N802
+        conn.peer_verified = False
+        super()._onOutgoingConnected(conn)
+        if not self._syncObj.encryptor:
+            self._await_hello(conn)
+
+    def _onOutgoingMessageReceived(self, conn: Any, message: Any) -> None:  # noqa: N802
+        super()._onOutgoingMessageReceived(conn, message)  # the peer's connection key
+        self._await_hello(conn)
+
+    def _await_hello(self, conn: Any) -> None:
+        node = self._connToNode(conn)
+        if self._identity is None:
+            conn.peer_verified = True
+        elif node is not None:
+            conn.setOnMessageReceivedCallback(functools.partial(self._on_outgoing_hello, conn, node))
+
+    def _on_outgoing_hello(self, conn: Any, node: Any, message: Any) -> None:
+        reason = read_refusal(message)
+        if reason is not None:  # the peer refused our hello
+            self._log_refused_by(node.address, reason)
+            conn.disconnect()
+            return
+        refused = self._judge_hello(node.address, message)
+        if refused:
+            conn.send(refusal(refused))
+            conn.disconnect()  # pysyncobj redials after connection_retry; each time it is judged again
+            return
+        conn.peer_verified = True
+        conn.setOnMessageReceivedCallback(functools.partial(self._onMessageReceived, node))
+
+    def _hello(self) -> dict[str, Any]:
+        identity = self._identity
+        assert identity is not None
+        return hello(identity.cluster, identity.incarnation, identity.name)
+
+    def _judge_hello(self, member: str, message: Any) -> str | None:
+        """Why `member`'s hello is refused (logged, rate-limited per member), or None."""
+        identity = self._identity
+        assert identity is not None
+        said = read_hello(message)
+        if said is None:
+            why = (
+                f"Raft peer {member} sent no kvstore hello (cluster id, incarnation): a kvstore "
+                f"older than this node's, or not a member; refused"
+            )
+        elif said.cluster != identity.cluster:
+            why = (
+                f"Raft peer {said.name or member} ({member}) belongs to cluster {said.cluster}, this "
+                f"node to cluster {identity.cluster}: refused (a restored copy of a cluster, or a "
+                f"node given another cluster's address?)"
+            )
+        else:
+            known = identity.known.check(member, said.incarnation)
+            if known is None:
+                return None
+            why = (
+                f"Raft peer {said.name or member} ({member}) came back as incarnation "
+                f"{said.incarnation}, but this replica knew it as {known}: its data dir was wiped or "
+                f"replaced, and with an empty log it must not vote as that member; refused. If it "
+                f"was rebuilt on purpose and this shard serves without it, run `kvstore node "
+                f"--config <this node's config> --forget-peer {member}` on this replica "
+                f'(docs/architecture.md, "Identity")'
+            )
+        now = time.monotonic()
+        if now - self._identity_logged.get(member, -1e9) >= _IDENTITY_LOG_INTERVAL:
+            self._identity_logged[member] = now
+            log.error("%s", why)
+        return why
+
+    def _onMessageReceived(self, node: Any, message: Any) -> None:  # noqa: N802
+        reason = read_refusal(message)
+        if reason is not None:  # a peer that accepted us judged our hello after its own was sent
+            self._log_refused_by(node.address, reason)
+            return
+        super()._onMessageReceived(node, message)
+
+    def _log_refused_by(self, member: str, reason: str) -> None:
+        key = f"by {member}"
+        now = time.monotonic()
+        if now - self._identity_logged.get(key, -1e9) >= _IDENTITY_LOG_INTERVAL:
+            self._identity_logged[key] = now
+            log.error("refused by Raft peer %s: %s", member, reason)
+
+    def _onDisconnected(self, conn: Any) -> None:  # noqa: N802
+        conn.peer_verified = False
+        super()._onDisconnected(conn)
+
     def send(self, node: Any, message: Any) -> bool:
+        if self._identity is not None:
+            conn = self._connections.get(node)
+            if conn is not None and not getattr(conn, "peer_verified", False):
+                return False  # the peer's hello is not in yet (or was refused): it gets nothing
         # pysyncobj marks an outgoing connection CONNECTED as soon as TCP connects, before the peer's
         # connection key arrives: a message sent in between would go out without the key, and the
         # peer drops the connection ("connection key mismatch"). Treat it as not connected yet.
@@ -330,8 +474,9 @@ class SecurePeerTransport(TCPTransport):
             return False
         return bool(super().send(node, message))
 
-    def _refuse(self, conn: Any, reason: str) -> None:
-        _refusal(reason)
+    def _refuse(self, conn: Any, reason: str, quiet: bool = False) -> None:
+        if not quiet:  # quiet: logged already, by member
+            _refusal(reason)
         conn.disconnect()
         self._unknownConnections.discard(conn)
 

@@ -34,6 +34,7 @@ from kvstore.replication import commands
 from kvstore.replication.backup_copy import BackupCopies, ShardCopy, TickTasks
 from kvstore.replication.faults import FaultInjector
 from kvstore.replication.liveness import ReplicaLiveness
+from kvstore.replication.peer_transport import PeerIdentity
 from kvstore.replication.state_machine import (
     Completion,
     ProposalFate,
@@ -44,6 +45,7 @@ from kvstore.replication.state_machine import (
 from kvstore.replication.views import ReadView, ShardStatus, WriteResult
 from kvstore.storage.disk import DiskSpace
 from kvstore.storage.engine import Storage
+from kvstore.storage.identity import PeerIncarnations, open_identity
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,13 @@ def open_shard(config: NodeConfig, client_address_of: Callable[[str], str]) -> S
     `client_address_of`: Raft address -> gRPC address (for redirecting writers to the leader).
     Must run on the event loop that will use the shard; `Shard.close()` closes it all."""
     data_dir = Path(config.data_dir)
+    # Before anything else touches the directory: another cluster's data, or a format this version
+    # cannot read, stops the node here with one line (DataDirError); a new or previous-release
+    # directory gets its identity file.
+    identity = open_identity(data_dir, config.cluster.id)
+    peer_identity = PeerIdentity(
+        config.name, config.cluster.id, identity.incarnation, PeerIncarnations(data_dir)
+    )
     durable = config.storage.durability == "fsync"
     if not durable:
         log.warning(
@@ -82,6 +91,7 @@ def open_shard(config: NodeConfig, client_address_of: Callable[[str], str]) -> S
             data_dir=data_dir,
             raft=config.raft,
             storage=config.storage,
+            identity=peer_identity,
         )
         return Shard(
             config.shard,

@@ -38,8 +38,9 @@ from kvstore import errors
 from kvstore.config import RaftSettings, StorageSettings
 from kvstore.ports import ListenError, check_can_listen
 from kvstore.replication import commands, journal
+from kvstore.replication.applied_position import AppliedPositionCheck, stop_diverged
 from kvstore.replication.freshness import FreshnessStampingTransport, FreshnessTracking
-from kvstore.replication.peer_transport import peer_password
+from kvstore.replication.peer_transport import PeerIdentity, peer_password
 from kvstore.replication.raft_fixes import PatchedSyncObj
 from kvstore.replication.snapshots import SnapshotManager
 from kvstore.replication.storage_health import StorageHealth, is_transient
@@ -95,6 +96,8 @@ class ReplicaSettings:
     # Backoff and give-up bounds, client-session retention (every replica of a shard must use the
     # same dedup settings, or they could disagree on a retry).
     storage: StorageSettings = field(default_factory=StorageSettings)
+    # Sent and checked in every Raft handshake (peer_transport); None only in tests of bare groups.
+    identity: PeerIdentity | None = None
 
 
 def _send_later() -> None:
@@ -105,18 +108,23 @@ class _ReapplyCarefully(Exception):
     """An op failed deterministically after writing: redo the batch with a savepoint per op."""
 
 
-class ShardStateMachine(FreshnessTracking, PatchedSyncObj):
+class ShardStateMachine(AppliedPositionCheck, FreshnessTracking, PatchedSyncObj):
     def __init__(
         self,
         storage: Storage,
         settings: ReplicaSettings,
         on_applied: Callable[[list[Completion], int], None],
         on_fatal: Callable[[str], None] | None = None,
+        on_diverged: Callable[[str], None] = stop_diverged,
     ) -> None:
         self._storage = storage
         self._settings = settings
         self._on_applied = on_applied
-        self._stored_applied = storage.applied_index()  # index of the last entry LMDB holds
+        self._on_diverged = on_diverged
+        # Index and term of the last entry LMDB holds (term 0: unknown, a store of the previous
+        # release or nothing applied yet). `_stored_term` is only for the divergence check.
+        self._stored_applied, self._stored_term = storage.applied_position()
+        self._position_checked = False  # the journal loaded at start checked against it (_onTick)
         self._completions: list[Completion] = []
         self._completion_indexes: list[int] = []  # log index of each completion, in step
         self._applying = 0  # index of the entry pysyncobj is applying (its callbacks follow)
@@ -180,6 +188,7 @@ class ShardStateMachine(FreshnessTracking, PatchedSyncObj):
             dnsFailCacheTime=raft.dns_fail_cache_time,
             password=peer_password(raft, settings.bind, settings.peers),  # None only with --insecure
         )
+        self.peer_identity = settings.identity  # read by the transport pysyncobj creates next
         # The tick thread starts inside this call and may replay the journal at once: everything
         # apply_entry needs is set up above.
         super().__init__(settings.advertise, settings.peers, conf, transportClass=FreshnessStampingTransport)
@@ -205,6 +214,9 @@ class ShardStateMachine(FreshnessTracking, PatchedSyncObj):
         # appends from every message of the last poll, whose acknowledgements wait here for it.
         self._sync_log()
         self._send_deferred_acks()
+        if not self._position_checked:
+            self._position_checked = True
+            self._check_journal_at_start()
         super()._onTick(timeToWait)
 
     def _checkCommandsToApply(self) -> None:  # noqa: N802 (pysyncobj's name)
@@ -270,8 +282,14 @@ class ShardStateMachine(FreshnessTracking, PatchedSyncObj):
         client sessions alike (0 in entries from older versions: the clock stays where it was)."""
         index = self._applying = self.raftLastApplied + 1  # pysyncobj advances it after we return
         self._entry_stamp = stamp
-        if index <= self._stored_applied or self._apply_failed:
-            return None  # replayed after a restart (LMDB already holds it), or being rolled back
+        if self._apply_failed:
+            return None  # being rolled back
+        if index <= self._stored_applied:
+            # Replayed after a restart, or re-received after a power cut took the log's tail:
+            # LMDB already holds it, if it is the same entry (checked at LMDB's own position).
+            if index == self._stored_applied:
+                self._check_position(index, self._entry_term(index), "the Raft log's")
+            return None
         if not isinstance(proposals, list | tuple):
             proposals = []  # not an entry we make: nothing to apply, but the log moves on
         if proposals and all(commands.is_barrier(p) for p in proposals):
@@ -280,13 +298,14 @@ class ShardStateMachine(FreshnessTracking, PatchedSyncObj):
             return self._answered(index, [(index, None)] * len(proposals))
         try:
             results = [self._apply_proposal(index, p) for p in proposals]
-            self._storage.set_applied(index)
+            term = self._entry_term(index)
+            self._storage.set_applied(index, term)
         except Exception as exc:  # transient: never raise (pysyncobj would retry at once, forever)
             # Stop applying; the batch is rolled back at the end of pysyncobj's apply loop and
             # re-applied from LMDB's index (after a backoff, unless only a savepoint was missing).
             self._storage_failed(exc, f"applying entry {index}")
             return None
-        self._stored_applied = index
+        self._stored_applied, self._stored_term = index, term
         self._dirty = True
         self._count_log_bytes(proposals)
         return self._answered(index, results)
@@ -478,7 +497,7 @@ class ShardStateMachine(FreshnessTracking, PatchedSyncObj):
         try:
             self._storage.abort()
             grew = self._map_full and self._storage.grow()
-            self._stored_applied = self._storage.applied_index()
+            self._stored_applied, self._stored_term = self._storage.applied_position()
         except Exception as abort_exc:  # even the rollback failed: keep backing off
             grew, exc = False, abort_exc
         # Entries after LMDB's index were rolled back with the transaction: re-apply them.
@@ -500,7 +519,7 @@ class ShardStateMachine(FreshnessTracking, PatchedSyncObj):
         self._retry_at = time.monotonic() + delay
 
     def _on_snapshot_installed(self, applied: int) -> None:
-        self._stored_applied = applied
+        self._stored_applied, self._stored_term = self._storage.applied_position()
         self._dirty = False
         # Entries the snapshot covers are never applied here: their proposers time out.
         for index in [i for i in self._awaiting_reapply if i <= applied]:

@@ -40,6 +40,7 @@ class ClusterMap:
     shards: tuple[ShardInfo, ...]
     vnodes_per_shard: int = 256
     placement: str = PLACEMENT  # the key -> shard scheme the map was made under
+    cluster_id: str = ""  # the nodes' cluster.id: what clients send as `kvstore-cluster-id`
     _by_id: dict[int, ShardInfo] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +92,8 @@ class ClusterMap:
             "vnodes_per_shard": self.vnodes_per_shard,
             "shards": [{"id": s.id, "replicas": [asdict(r) for r in s.replicas]} for s in self.shards],
         }
+        if self.cluster_id:
+            data["cluster_id"] = self.cluster_id
         return json.dumps(data, indent=2)
 
     @classmethod
@@ -99,7 +102,13 @@ class ClusterMap:
         shards = tuple(
             ShardInfo(s["id"], tuple(ReplicaInfo(**r) for r in s["replicas"])) for s in data["shards"]
         )
-        return cls(data["epoch"], shards, data.get("vnodes_per_shard", 256), data.get("placement", ""))
+        return cls(
+            data["epoch"],
+            shards,
+            data.get("vnodes_per_shard", 256),
+            data.get("placement", ""),
+            str(data.get("cluster_id", "")),
+        )
 
     def save(self, path: str | Path) -> None:
         tmp = Path(str(path) + ".tmp")
@@ -113,6 +122,7 @@ class ClusterMap:
     def to_proto(self) -> pb.ClusterMapResponse:
         return pb.ClusterMapResponse(
             epoch=self.epoch,
+            cluster_id=self.cluster_id,
             vnodes_per_shard=self.vnodes_per_shard,
             shards=[
                 pb.Shard(
@@ -132,4 +142,4 @@ class ClusterMap:
             ShardInfo(s.id, tuple(ReplicaInfo(r.name, r.address, r.raft_address, r.zone) for r in s.replicas))
             for s in msg.shards
         )
-        return cls(msg.epoch, shards, msg.vnodes_per_shard or 256)
+        return cls(msg.epoch, shards, msg.vnodes_per_shard or 256, cluster_id=msg.cluster_id)

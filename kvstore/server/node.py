@@ -233,13 +233,16 @@ class AdminServicer(pb_grpc.AdminServicer):
             raft_log_size=status.raft_log_size,
             health=self.ctx.health.text,
             pid=os.getpid(),
+            cluster_id=config.cluster.id,
         )
 
     @rpc_errors
     async def ClusterMap(
         self, request: pb.ClusterMapRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClusterMapResponse:
-        return self.ctx.cluster_map.to_proto()
+        response = self.ctx.cluster_map.to_proto()
+        response.cluster_id = self.ctx.config.cluster.id  # the node's own, whatever the map file says
+        return response
 
     @stream_errors
     async def Backup(
@@ -323,8 +326,9 @@ async def _bind_servers(
     # bind, not share the port and answer for a shard it does not hold.
     server = grpc.aio.server(options=[*grpc_options(config), ("grpc.so_reuseport", 0)])
     gate = ConcurrencyGate(config.server.max_concurrent_rpcs, config.server.max_concurrent_ops)
-    add_service(server, KVServicer(ctx), "KV", gate)
-    add_service(server, AdminServicer(ctx), "Admin")
+    cluster_id = config.cluster.id
+    add_service(server, KVServicer(ctx), "KV", gate, cluster_id=cluster_id)
+    add_service(server, AdminServicer(ctx), "Admin", cluster_id=cluster_id)
     add_health(server, health.servicer)
     try:
         server.add_insecure_port(config.listen)

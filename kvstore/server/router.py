@@ -160,7 +160,9 @@ async def start_router(
     client = make_router_client(cluster_map, seeds, limits)
     server = grpc.aio.server(options=limits.grpc_options())
     gate = ConcurrencyGate(server_settings.max_concurrent_rpcs, server_settings.max_concurrent_ops)
-    add_service(server, RouterServicer(client, limits), "KV", gate)
+    # A router started from a map knows its cluster: a call naming another is refused, as by a node.
+    known_id = cluster_map.cluster_id if cluster_map is not None and cluster_map.cluster_id else None
+    add_service(server, RouterServicer(client, limits), "KV", gate, cluster_id=known_id)
     health = await serving_servicer()
     add_health(server, health)  # outside the gate: probes answer under load
     port = server.add_insecure_port(listen)

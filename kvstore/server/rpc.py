@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -101,10 +101,55 @@ class ConcurrencyGate:
         return gated
 
 
+def same_cluster(
+    cluster_id: str, method: Callable[[Any, Any], Awaitable[T]]
+) -> Callable[[Any, Any], Awaitable[T]]:
+    """Refuse a call that names another cluster (`kvstore-cluster-id` metadata) with ClusterMismatch
+    (FAILED_PRECONDITION), before any work: a client never talks to a copy that took its cluster's
+    addresses. A call without the metadata (a client that does not know the id yet, grpcurl) passes."""
+
+    async def checked(request: Any, context: grpc.aio.ServicerContext) -> T:
+        await _refuse_another_cluster(cluster_id, context)
+        return await method(request, context)
+
+    return checked
+
+
+def same_cluster_stream(
+    cluster_id: str, method: Callable[[Any, Any], AsyncIterator[T]]
+) -> Callable[[Any, Any], AsyncIterator[T]]:
+    """`same_cluster` for a server-streaming RPC (Admin.Backup: a backup never copies another
+    cluster's node)."""
+
+    async def checked(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[T]:
+        await _refuse_another_cluster(cluster_id, context)
+        async for message in method(request, context):
+            yield message
+
+    return checked
+
+
+async def _refuse_another_cluster(cluster_id: str, context: grpc.aio.ServicerContext) -> None:
+    for key, value in context.invocation_metadata() or ():
+        if key == errors.CLUSTER_ID_KEY and value != cluster_id:
+            code, details, metadata = errors.to_grpc_status(
+                errors.ClusterMismatch(
+                    f"this server belongs to cluster {cluster_id or '(none)'}, the request is for "
+                    f"cluster {value}: nothing was done (another cluster's node at this address?)"
+                )
+            )
+            await context.abort(code, details, trailing_metadata=tuple(metadata))
+
+
 def add_service(
-    server: grpc.aio.Server, servicer: Any, service_name: str, gate: ConcurrencyGate | None = None
+    server: grpc.aio.Server,
+    servicer: Any,
+    service_name: str,
+    gate: ConcurrencyGate | None = None,
+    cluster_id: str | None = None,
 ) -> None:
-    """Register `servicer` for a service of proto/kvstore.proto, its RPCs counted by `gate`.
+    """Register `servicer` for a service of proto/kvstore.proto, its RPCs counted by `gate`, and
+    (`cluster_id`) refused when they name another cluster (`same_cluster`).
 
     Like the generated add_*Servicer_to_server, except that undecodable bytes reach the method as
     `Malformed` and are answered INVALID_ARGUMENT (gRPC's default would be a bare UNKNOWN)."""
@@ -115,12 +160,16 @@ def add_service(
         response_cls = getattr(pb, method.output_type.name)
         behaviour = getattr(servicer, method.name)
         if method.server_streaming:  # e.g. Admin.Backup; never gated (a service of its own bounds)
+            if cluster_id is not None:
+                behaviour = same_cluster_stream(cluster_id, behaviour)
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
                 behaviour,
                 request_deserializer=_tolerant(request_cls),
                 response_serializer=response_cls.SerializeToString,
             )
             continue
+        if cluster_id is not None:
+            behaviour = same_cluster(cluster_id, behaviour)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
             gate.wrap(behaviour) if gate is not None else behaviour,
             request_deserializer=_tolerant(request_cls),

@@ -9,7 +9,8 @@ Knows nothing of Raft. The replication layer calls it in two ways:
 
 Layout (named databases in one environment):
 - `data`:     key -> revision (8 bytes, big-endian) + value
-- `meta`:     b"applied" -> applied index (8 bytes)
+- `meta`:     b"applied" -> applied position: index (8 bytes) + term (8 bytes); stores of the
+              previous release hold the index alone (their term reads as 0: unknown)
 - `sessions`, `sessions_by_time`, `outcomes`, `outcomes_by_time`: client sessions and the fixed-size
   outcomes of their writes, for applying each request at most once (see `kvstore.storage.dedup`)
 """
@@ -37,6 +38,7 @@ from kvstore.storage.disk import DiskSpace, fsync_directory
 log = logging.getLogger(__name__)
 
 _U64 = struct.Struct(">Q")
+_POSITION = struct.Struct(">QQ")
 _APPLIED = b"applied"
 # Grow the map when a write transaction could find it more than half full.
 _GROW_AT_FRACTION = 0.5
@@ -139,9 +141,14 @@ class Storage:
     # ----- reads (any thread) -----
 
     def applied_index(self) -> int:
+        return self.applied_position()[0]
+
+    def applied_position(self) -> tuple[int, int]:
+        """(index, term) of the last applied entry as committed; term 0 when not known (nothing
+        applied yet, or written by a version that stored the index alone)."""
         with self._env_lock, self._env.begin(db=self._meta) as txn:
             raw = txn.get(_APPLIED)
-        return _U64.unpack(raw)[0] if raw else 0
+        return _position(raw)
 
     def get(self, key: bytes) -> Record | None:
         with self._env_lock, self._env.begin(db=self._data) as txn:
@@ -173,7 +180,7 @@ class Storage:
                     found.append(key)
                     values.append(raw[8:])
                     revisions.append(revision_of(raw)[0])
-        return found, values, revisions, (_U64.unpack(applied)[0] if applied else 0)
+        return found, values, revisions, _position(applied)[0]
 
     def read(self, key: bytes) -> tuple[Record | None, int]:
         """The key's record (None if absent) and the applied index of that same snapshot."""
@@ -213,7 +220,7 @@ class Storage:
                     more = True
                     break
                 out.append(_unpack(key, raw))
-        return out, more, (_U64.unpack(applied_raw)[0] if applied_raw else 0)
+        return out, more, _position(applied_raw)[0]
 
     def key_count(self) -> int:
         with self._env_lock, self._env.begin(db=self._data) as txn:
@@ -271,8 +278,10 @@ class Storage:
         self._txn = parent
         child.commit()
 
-    def set_applied(self, index: int) -> None:
-        self._write_txn().put(_APPLIED, _U64.pack(index), db=self._meta)
+    def set_applied(self, index: int, term: int = 0) -> None:
+        """The position of the last applied entry, in the batch's transaction: the data and the
+        position that produced it commit together. The term is opaque here (the caller's log's)."""
+        self._write_txn().put(_APPLIED, _POSITION.pack(index, term), db=self._meta)
         if self._txn_bytes > _MAX_TXN_BYTES:
             self.commit()
 
@@ -378,8 +387,7 @@ class Storage:
             return self._env.begin()
 
     def applied_index_in(self, txn: lmdb.Transaction) -> int:
-        raw = txn.get(_APPLIED, db=self._meta)
-        return _U64.unpack(raw)[0] if raw else 0
+        return _position(txn.get(_APPLIED, db=self._meta))[0]
 
     def end_snapshot(self, txn: lmdb.Transaction) -> None:
         """Release a `begin_snapshot` transaction; map growth waits until every one is released."""
@@ -422,6 +430,15 @@ class Storage:
             fsync_directory(self.path)  # a crash now leaves either the old store or the new one
             self._open(live)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _position(raw: bytes | None) -> tuple[int, int]:
+    if not raw:
+        return 0, 0
+    if len(raw) == _U64.size:  # the previous release's layout: the index alone
+        return _U64.unpack(raw)[0], 0
+    index, term = _POSITION.unpack(raw)
+    return index, term
 
 
 def _drop_pickled_requests(env: lmdb.Environment) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -113,6 +115,19 @@ def test_wiped_replica_rejoins_through_snapshot(make_cluster: Callable[..., Loca
     leader_dir = cluster.dir / "data" / leader
     wait_until(lambda: (leader_dir / "raft.dump").exists(), 30)
     shutil.rmtree(cluster.dir / "data" / victim)
+    # Its peers remember its old incarnation and would refuse it (tests/cluster/test_identity.py):
+    # the documented way back, on each peer, while they run.
+    for peer in (n for n in cluster.node_names() if n != victim):
+        forget = [
+            sys.executable,
+            "-m",
+            "kvstore",
+            "node",
+            "--config",
+            str(cluster.dir / "nodes" / f"{peer}.toml"),
+        ]
+        forget += ["--forget-peer", cluster.node_config(victim).raft_advertise]
+        subprocess.run(forget, check=True, capture_output=True, timeout=60)
     cluster.start(victim)
     leader_address, victim_address = _address(cluster, leader), _address(cluster, victim)
     wait_until(lambda: _applied(victim_address) == _applied(leader_address) > 0, 60)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import string
 import struct
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kvstore import errors
 from kvstore.cluster.local import LocalCluster, free_ports
 from kvstore.config import Limits, grpc_message_options
 from kvstore.proto import kvstore_pb2 as pb
@@ -70,13 +72,21 @@ class Node:
         self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
-    def call(self, method: str, payload: bytes, timeout: float = 15.0) -> tuple[grpc.StatusCode, str, bytes]:
+    def call(
+        self, method: str, payload: bytes, timeout: float = 15.0, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> tuple[grpc.StatusCode, str, bytes]:
         path = f"/{SERVICE_OF[method]}/{method}"
         try:
             if method in STREAMING:
-                messages = self.channel.unary_stream(path)(payload, timeout=timeout)
+                messages = self.channel.unary_stream(path)(
+                    payload, timeout=timeout, metadata=metadata or None
+                )
                 return grpc.StatusCode.OK, "", b"".join(messages)
-            return grpc.StatusCode.OK, "", self.channel.unary_unary(path)(payload, timeout=timeout)
+            return (
+                grpc.StatusCode.OK,
+                "",
+                self.channel.unary_unary(path)(payload, timeout=timeout, metadata=metadata or None),
+            )
         except grpc.RpcError as err:
             return err.code(), err.details() or "", b""
 
@@ -271,6 +281,44 @@ def test_every_rpc_answers_clearly_and_refusals_change_nothing(cluster: LocalClu
     assert set(seen) == set(SERVICE_OF), sorted(seen)
     codes = set().union(*seen.values())
     assert {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT} <= codes, seen
+
+
+def test_a_cluster_id_in_the_metadata_is_served_only_when_it_is_this_clusters(
+    cluster: LocalCluster, limits: Limits
+) -> None:
+    """`kvstore-cluster-id` (issue 15, item 2b), fuzzed on every RPC: this cluster's id is served as
+    without it; any other value is refused FAILED_PRECONDITION, saying why, before any work (a
+    refused put writes nothing)."""
+    node = leader(cluster)
+    own = cluster.node_config(cluster.node_names()[0]).cluster.id
+    ids = st.one_of(
+        st.just(own), st.text(alphabet=string.ascii_letters + string.digits + "-_.:", max_size=64)
+    )
+
+    @settings(FUZZ, max_examples=max(20, EXAMPLES // 4))
+    @given(request=requests(limits, NODE_METHODS), cluster_id=ids)
+    def check(request: tuple[str, bytes, list[bytes]], cluster_id: str) -> None:
+        method, payload, keys = request
+        before = snapshot_of(node, keys, limits) if method != "Status" else {}
+        code, details, _ = node.call(method, payload, metadata=((errors.CLUSTER_ID_KEY, cluster_id),))
+        if cluster_id == own:
+            assert code == grpc.StatusCode.OK or code in DEFINITE_REFUSALS | TRANSIENT, (
+                method,
+                code,
+                details,
+            )
+            assert "belongs to cluster" not in details
+        else:
+            assert code == grpc.StatusCode.FAILED_PRECONDITION, (method, cluster_id, code, details)
+            assert f"belongs to cluster {own}" in details
+            assert snapshot_of(node, keys, limits) == before, f"refused {method} changed state"
+
+    try:
+        check()
+        assert node.serving()
+        assert_writes_commit(node)
+    finally:
+        node.close()
 
 
 def test_the_router_answers_hostile_requests_as_clearly(cluster: LocalCluster, limits: Limits) -> None:

@@ -5,6 +5,7 @@ Every attack dials a default `cluster up` node's Raft port directly, as anyone o
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pickle
 import socket
@@ -21,7 +22,9 @@ import pytest
 
 from kvstore.cluster.local import LocalCluster
 from kvstore.replication.peer_cipher import PeerCipher
+from kvstore.replication.peer_frames import hello, read_hello
 from kvstore.replication.peer_transport import read_secret
+from kvstore.storage.identity import IDENTITY_FILE
 from tests.conftest import TEST_RAFT, client, running_cluster, wait_until
 
 FRAME = struct.Struct("=i")
@@ -204,15 +207,39 @@ def test_a_node_of_another_shard_cannot_talk_to_this_one(secured: LocalCluster) 
     dialer.send(secured.node_config("s1r0").raft_advertise)
     assert dialer.closed_by_node()
     dialer.close()
-    # Control: the same handshake naming a shard 0 member is accepted (the connection stays open),
-    # also with a 1 MiB message pipelined right behind the address, as a member may send it.
+    # A shard 0 member's address without its hello (cluster id, incarnation), or with another
+    # cluster's id or another incarnation (its data wiped), is refused too.
+    member_hello = _hello_of(secured, "s0r1")
+    for wrong in [
+        None,
+        {**member_hello, "cluster": "another-cluster"},
+        {**member_hello, "incarnation": "0" * 16},
+    ]:
+        dialer = RaftDialer(raft_port(secured, "s0r0"), password(secured, 0))
+        dialer.handshake()
+        padding = {"type": "test_padding", "pad": b"x"}
+        dialer.sock.sendall(dialer.frame(shard0_member) + dialer.frame(wrong or padding))
+        assert dialer.closed_by_node(), wrong
+        dialer.close()
+    # Control: the same handshake naming a shard 0 member, with its hello, is accepted (the
+    # connection stays open, and the node answers with its own hello), also with a 1 MiB message
+    # pipelined right behind, as a member may send it.
     dialer = RaftDialer(raft_port(secured, "s0r0"), password(secured, 0))
     dialer.handshake()
     padding = {"type": "test_padding", "pad": os.urandom(1 << 20)}  # a type pysyncobj ignores
-    dialer.sock.sendall(dialer.frame(shard0_member) + dialer.frame(padding))
+    dialer.sock.sendall(dialer.frame(shard0_member) + dialer.frame(member_hello) + dialer.frame(padding))
+    answer = read_hello(dialer.recv())
+    assert answer is not None and answer.name == "s0r0" and answer.cluster == member_hello["cluster"]
     assert not dialer.closed_by_node(timeout=1.0)
     dialer.close()
     assert_serves(secured, b"after-shard-1")
+
+
+def _hello_of(cluster: LocalCluster, name: str) -> dict[str, Any]:
+    """The hello member `name` sends (its data dir's identity), as peer_transport does."""
+    config = cluster.node_config(name)
+    identity = json.loads((Path(config.data_dir) / IDENTITY_FILE).read_text())
+    return hello(config.cluster.id, identity["incarnation"], name)
 
 
 def test_connection_that_never_identifies_is_closed(secured: LocalCluster) -> None:
