@@ -37,6 +37,7 @@ from typing import Any
 
 import grpc
 
+from kvstore import errors
 from kvstore.cluster.local import LocalCluster
 from kvstore.config import RaftSettings, StorageSettings, grpc_message_options
 from kvstore.proto import kvstore_pb2 as pb
@@ -89,7 +90,10 @@ def backup_cluster(cluster_dir: str | Path, out_dir: str | Path, say: Say = prin
     leaders = {s["shard"]: s["leader"] for s in cluster.status(timeout=2.0)}
     with ThreadPoolExecutor(len(cluster_map.shards)) as pool:
         entries = list(
-            pool.map(lambda shard: _backup_shard(shard, leaders.get(shard.id), out, say), cluster_map.shards)
+            pool.map(
+                lambda shard: _backup_shard(shard, leaders.get(shard.id), cluster_map.cluster_id, out, say),
+                cluster_map.shards,
+            )
         )
     for entry in entries:
         if entry["epoch"] != cluster_map.epoch:
@@ -102,6 +106,7 @@ def backup_cluster(cluster_dir: str | Path, out_dir: str | Path, say: Say = prin
         "version": VERSION,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "source": str(cluster.dir),
+        "cluster_id": cluster_map.cluster_id,  # a restore gets a new one (README, "Backup and restore")
         "epoch": cluster_map.epoch,
         "cluster_map": json.loads(cluster_map.to_json()),
         "shards": entries,
@@ -111,7 +116,7 @@ def backup_cluster(cluster_dir: str | Path, out_dir: str | Path, say: Say = prin
     return manifest
 
 
-def _backup_shard(shard: Any, leader: str | None, out: Path, say: Say) -> dict[str, Any]:
+def _backup_shard(shard: Any, leader: str | None, cluster_id: str, out: Path, say: Say) -> dict[str, Any]:
     # A follower first: the copy's reading, hashing and sending then leave the leader, which
     # every write goes through, alone (measured: a writer's puts/s fell by a third while a
     # follower served the copy, by five sixths while the leader did). The read barrier makes a
@@ -120,7 +125,7 @@ def _backup_shard(shard: Any, leader: str | None, out: Path, say: Say) -> dict[s
     failures = []
     for replica in replicas:
         try:
-            return _copy_from(shard.id, replica.name, replica.address, out, say)
+            return _copy_from(shard.id, replica.name, replica.address, cluster_id, out, say)
         except (grpc.RpcError, BackupFailed, NotAStoreCopy) as exc:
             why = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else str(exc)
             failures.append(f"{replica.name}: {why}")
@@ -129,7 +134,9 @@ def _backup_shard(shard: Any, leader: str | None, out: Path, say: Say) -> dict[s
     raise BackupFailed(f"no replica of shard {shard.id} gave a copy: {'; '.join(failures)}")
 
 
-def _copy_from(shard_id: int, name: str, address: str, out: Path, say: Say) -> dict[str, Any]:
+def _copy_from(
+    shard_id: int, name: str, address: str, cluster_id: str, out: Path, say: Say
+) -> dict[str, Any]:
     started = time.monotonic()
     final = out / f"shard-{shard_id}.mdb"
     tmp = out / f"shard-{shard_id}.mdb.tmp"
@@ -139,7 +146,10 @@ def _copy_from(shard_id: int, name: str, address: str, out: Path, say: Say) -> d
     done: pb.BackupChunk | None = None
     with grpc.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel, open(tmp, "wb") as f:
         stream = pb_grpc.AdminStub(channel).Backup(
-            pb.BackupRequest(shard=shard_id, chunk_bytes=CHUNK_BYTES), timeout=MAX_SECONDS
+            pb.BackupRequest(shard=shard_id, chunk_bytes=CHUNK_BYTES),
+            timeout=MAX_SECONDS,
+            # Another cluster's node at this address (a restored copy that took its port) refuses.
+            metadata=((errors.CLUSTER_ID_KEY, cluster_id),) if cluster_id else None,
         )
         with _StallGuard(stream, STALL_SECONDS) as guard:  # a paused node must not hang the backup
             try:
@@ -353,6 +363,8 @@ def restore_cluster(
         raft=RaftSettings(insecure=insecure),
         storage=StorageSettings(durability=durability),
     )
+    if new_map.cluster_id == manifest.get("cluster_id"):  # create() draws a fresh one: never
+        raise BackupFailed("the new cluster got the backup's cluster id; it could talk to the original")
     if any(new_map.ring.shard_for_slot(s) != source.ring.shard_for_slot(s) for s in range(SLOTS)):
         raise BackupFailed("the new cluster's ring would place slots on other shards than the backup's")
     entries = {int(e["shard"]): e for e in manifest["shards"]}
@@ -366,7 +378,10 @@ def restore_cluster(
     with ThreadPoolExecutor(4) as pool:  # the disk is the limit; a few writers keep it busy
         list(pool.map(lambda seed: _seed(*seed), seeds))
     seconds = time.monotonic() - started
-    say(f"seeded {len(seeds)} replicas in {seconds:.2f}s; starting the cluster at {cluster.dir}")
+    say(
+        f"seeded {len(seeds)} replicas in {seconds:.2f}s; starting the cluster at {cluster.dir} "
+        f"(cluster id {new_map.cluster_id}; the backup's was {manifest.get('cluster_id') or 'not recorded'})"
+    )
     started = time.monotonic()
     cluster.start_all()
     try:

@@ -97,6 +97,7 @@ def test_a_backup_under_load_restores_beside_the_running_source(source: LocalClu
 
     assert [e["shard"] for e in manifest["shards"]] == [0, 1]
     assert manifest["epoch"] == source.cluster_map().epoch
+    assert manifest["cluster_id"] == source.cluster_map().cluster_id != ""
     assert sum(e["key_count"] for e in manifest["shards"]) >= PRELOAD_KEYS + len(acked_before)
 
     verify = kvstore_cli("backup", "verify", str(backup_dir))
@@ -117,6 +118,9 @@ def test_a_backup_under_load_restores_beside_the_running_source(source: LocalClu
         source_ports = {source.node_config(n).listen for n in source.node_names()}
         assert source_ports.isdisjoint(restored.node_config(n).listen for n in restored.node_names())
         assert restored.secret_path(0).read_text() != source.secret_path(0).read_text()
+        # ... and its own cluster id: it can never take the source's peers or clients.
+        assert restored.cluster_map().cluster_id not in ("", manifest["cluster_id"])
+        assert f"the backup's was {manifest['cluster_id']}" in restore.stdout
 
         with Client.from_cluster(restored.dir, timeout=30.0) as kv:
             # Every write acknowledged before the backup began is there, preloaded or live.
