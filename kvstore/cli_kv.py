@@ -14,10 +14,10 @@ import json
 import os
 import shlex
 import sys
-from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from kvstore.cli_bytes import ENCODING_HELP, UsageError, display, json_fields, parse_bytes, shown
+from kvstore.config import MAX_VALUE_BYTES
 from kvstore.consistency import Consistency, ReadConsistency
 from kvstore.proto import kvstore_pb2 as pb
 
@@ -215,14 +215,27 @@ def _value(args: argparse.Namespace) -> bytes:
         )
     if args.file is not None:
         try:
-            return Path(args.file).read_bytes()
+            with open(args.file, "rb") as f:
+                return _read_value(f, f"--file {args.file}")
         except OSError as err:
             raise UsageError(f"--file {args.file}: {err.strerror}") from None
     if args.value == "-":
         if sys.stdin.isatty():  # otherwise a forgotten `< file` looks like a hang
             _note("reading the value from the terminal: end it with Ctrl-D")
-        return sys.stdin.buffer.read()
+        return _read_value(sys.stdin.buffer, "stdin")
     return parse_bytes(args.literal if args.literal is not None else args.value, args.hex, "value")
+
+
+def _read_value(stream: BinaryIO, source: str) -> bytes:
+    """The whole stream, read no further than one byte past what any node accepts: a huge file or
+    an endless pipe is refused after MAX_VALUE_BYTES, not held in memory first."""
+    data = stream.read(MAX_VALUE_BYTES + 1)
+    if len(data) > MAX_VALUE_BYTES:
+        raise UsageError(
+            f"{source}: the value is larger than {MAX_VALUE_BYTES} bytes, more than any node accepts "
+            f"(limits.max_value_bytes; 1 MiB unless configured): nothing was sent"
+        )
+    return data
 
 
 def cluster_target(args: argparse.Namespace) -> tuple[str, str]:

@@ -78,6 +78,7 @@ MiB = 1 << 20
 # write of at most `max_request_bytes`, or proposals grouped up to `max_entry_bytes`, plus pickling
 # overhead (a few bytes a key): both stay under this, leaving 4 MiB of headroom.
 MAX_PROPOSAL_BYTES = 12 * MiB
+MAX_VALUE_BYTES = 8 * MiB  # the largest `limits.max_value_bytes` a node may be given
 
 
 @dataclass
@@ -88,7 +89,7 @@ class Limits(Section):
 
     # LMDB refuses longer keys (its max_key_size()); a node refuses to start with a larger value.
     max_key_bytes: int = setting(511, 1, 4096)
-    max_value_bytes: int = setting(1 * MiB, 1, 8 * MiB)
+    max_value_bytes: int = setting(1 * MiB, 1, MAX_VALUE_BYTES)
     max_batch_keys: int = setting(10_000, 1, 100_000)  # keys in one MultiGet/MultiPut/Delete
     max_batch_ops: int = setting(10_000, 1, 100_000)  # ops in one Batch RPC
     max_scan_limit: int = setting(10_000, 1, 100_000)

@@ -5,9 +5,11 @@ reach a cluster are tested against a real one in tests/cluster/test_cli_scripts.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -15,6 +17,7 @@ from hypothesis import strategies as st
 
 from kvstore import cli, cli_kv, errors
 from kvstore.cli_bytes import UsageError, json_bytes, json_fields, parse_bytes, shown
+from kvstore.config import MAX_VALUE_BYTES
 from kvstore.consistency import Consistency
 
 
@@ -89,6 +92,30 @@ def test_value_sources_are_given_once(capsys: pytest.CaptureFixture[str]) -> Non
     # Checked before connecting: the cluster directory does not exist, yet the refusal is the value's.
     args = cli.build_parser().parse_args(["put", "k", "--value", "-"])
     assert (args.value, args.literal) == (None, "-")
+
+
+def test_a_value_is_read_no_further_than_any_node_accepts(tmp_path: Path) -> None:
+    class Endless(io.RawIOBase):  # `yes | kvstore put k -`: must be refused, not read forever
+        served = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer: Any) -> int:
+            buffer[:] = b"y" * len(buffer)
+            Endless.served += len(buffer)
+            return len(buffer)
+
+    with pytest.raises(UsageError, match=r"stdin: the value is larger than 8388608 bytes"):
+        cli_kv._read_value(io.BufferedReader(Endless()), "stdin")
+    assert Endless.served < MAX_VALUE_BYTES + (1 << 20)
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * (MAX_VALUE_BYTES + 1))
+    args = cli.build_parser().parse_args(["put", "k", "--file", str(big)])
+    with pytest.raises(UsageError, match=rf"--file {big}: the value is larger"):
+        cli_kv._value(args)
+    big.write_bytes(b"x" * MAX_VALUE_BYTES)  # the largest a node can be set to accept: read whole
+    assert cli_kv._value(args) == b"x" * MAX_VALUE_BYTES
 
 
 def test_no_cluster_map_is_a_usage_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
