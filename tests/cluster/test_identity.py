@@ -63,7 +63,7 @@ def test_a_wiped_replica_is_refused_by_its_peers_until_they_forget_it(tmp_path: 
             assert f"knew it as {incarnation}" in line
             assert f"--forget-peer {config.raft_advertise}" in line
         # The wiped replica's own log says who refused it and why.
-        wait_until(lambda: "refused by Raft peer" in _log(cluster, wiped), 60)  # 20 s was too short at load 10
+        wait_until(lambda: "refused by Raft peer" in _log(cluster, wiped), 60)  # 20 s: short at load 10
         told = [line for line in _log(cluster, wiped).splitlines() if "refused by Raft peer" in line]
         assert all("came back as incarnation" in line for line in told), told
         # The shard serves on the other two; the wiped replica gets nothing.
