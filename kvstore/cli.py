@@ -399,6 +399,7 @@ def _fault(cluster: Any, args: argparse.Namespace) -> None:
 def _print_status(document: Any) -> None:
     from kvstore.cluster.status import METRICS
 
+    print(f"cluster {document['cluster_id'] or '-'} (map epoch {document['epoch']})")
     for shard in document["shards"]:
         print(
             f"shard {shard['shard']}: leader={shard['leader'] or '-'} slots={shard['slots']} "

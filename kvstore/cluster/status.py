@@ -59,6 +59,7 @@ class ShardDocument(TypedDict):
 
 
 class StatusDocument(TypedDict):
+    cluster_id: str
     epoch: int
     healthy: bool
     dir: str
@@ -88,6 +89,7 @@ def status_document(
             }
         )
     return {
+        "cluster_id": cluster_map.cluster_id,
         "epoch": cluster_map.epoch,
         "healthy": is_healthy(shards),
         "dir": str(directory),

@@ -27,6 +27,7 @@ from tests.conftest import wait_until
 NoneType = type(None)
 # key -> the JSON types its value may have (int never accepts a bool)
 DOCUMENT = {
+    "cluster_id": str,
     "epoch": int,
     "healthy": bool,
     "dir": str,
@@ -139,6 +140,7 @@ def test_a_healthy_cluster_s_document(cluster: LocalCluster) -> None:
     document = _document(cluster)
     assert document["healthy"] is True
     assert document["epoch"] == cluster_map.epoch == 1
+    assert document["cluster_id"] == cluster_map.cluster_id != ""
     assert document["dir"] == str(cluster.dir) and document["slot_count"] == SLOT_COUNT
     assert [s["shard"] for s in document["shards"]] == [0, 1]
     # Slots: every one owned by exactly one shard, as the ring routes them.
