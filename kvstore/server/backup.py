@@ -20,7 +20,7 @@ import grpc
 
 from kvstore import errors
 from kvstore.proto import kvstore_pb2 as pb
-from kvstore.server.rpc import Malformed
+from kvstore.server.rpc import abort_for, check_well_formed
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +38,13 @@ def stream_errors(
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            if isinstance(request, Malformed):
-                raise errors.InvalidArgument(f"malformed request: {request.reason}")
+            check_well_formed(request)
             async for message in method(self, request, context):
                 yield message
-        except errors.KvError as err:
-            code, details, metadata = errors.to_grpc_status(err)
-            await context.abort(code, details, trailing_metadata=tuple(metadata))
         except grpc.aio.AbortError:
             raise
-        except Exception:
-            log.exception("unexpected error in %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}")
+        except Exception as exc:
+            await abort_for(exc, context, method.__name__)
 
     return wrapper
 

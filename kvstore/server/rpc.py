@@ -26,20 +26,31 @@ def rpc_errors(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
         try:
-            if isinstance(request, Malformed):
-                raise errors.InvalidArgument(f"malformed request: {request.reason}")
+            check_well_formed(request)
             return await method(self, request, context)
-        except errors.KvError as err:
-            code, details, metadata = errors.to_grpc_status(err)
-            await context.abort(code, details, trailing_metadata=tuple(metadata))
         except grpc.aio.AbortError:
             raise
-        except Exception:
-            log.exception("unexpected error in %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}")
+        except Exception as exc:
+            await abort_for(exc, context, method.__name__)
         raise AssertionError("unreachable: context.abort raises")
 
     return wrapper
+
+
+def check_well_formed(request: Any) -> None:
+    """Raise InvalidArgument for a request `_tolerant` could not decode."""
+    if isinstance(request, Malformed):
+        raise errors.InvalidArgument(f"malformed request: {request.reason}")
+
+
+async def abort_for(exc: Exception, context: grpc.aio.ServicerContext, name: str) -> None:
+    """End the call with `exc`'s status (errors.py's mapping), or INTERNAL for an unexpected one
+    (logged with its traceback: call it from the `except` block). Unary and streaming methods."""
+    if isinstance(exc, errors.KvError):
+        code, details, metadata = errors.to_grpc_status(exc)
+        await context.abort(code, details, trailing_metadata=tuple(metadata))
+    log.exception("unexpected error in %s", name)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {name}")
 
 
 class Malformed:
@@ -82,14 +93,12 @@ class ConcurrencyGate:
         async def gated(request: Any, context: grpc.aio.ServicerContext) -> T:
             ops = len(request.ops) if isinstance(request, pb.BatchRequest) else 1
             if self.rpcs and (self.rpcs >= self.max_rpcs or self.ops + ops > self.max_ops):
-                code, details, metadata = errors.to_grpc_status(
-                    errors.Overloaded(
-                        f"the server already serves {self.rpcs} requests of {self.ops} ops, its limit "
-                        f"(server.max_concurrent_rpcs {self.max_rpcs}, server.max_concurrent_ops "
-                        f"{self.max_ops}): nothing was done, retry after a back-off"
-                    )
+                refusal = errors.Overloaded(
+                    f"the server already serves {self.rpcs} requests of {self.ops} ops, its limit "
+                    f"(server.max_concurrent_rpcs {self.max_rpcs}, server.max_concurrent_ops "
+                    f"{self.max_ops}): nothing was done, retry after a back-off"
                 )
-                await context.abort(code, details, trailing_metadata=tuple(metadata))
+                await abort_for(refusal, context, "the concurrency gate")
             self.rpcs += 1
             self.ops += ops
             try:
@@ -132,13 +141,11 @@ def same_cluster_stream(
 async def _refuse_another_cluster(cluster_id: str, context: grpc.aio.ServicerContext) -> None:
     for key, value in context.invocation_metadata() or ():
         if key == errors.CLUSTER_ID_KEY and value != cluster_id:
-            code, details, metadata = errors.to_grpc_status(
-                errors.ClusterMismatch(
-                    f"this server belongs to cluster {cluster_id or '(none)'}, the request is for "
-                    f"cluster {value}: nothing was done (another cluster's node at this address?)"
-                )
+            refusal = errors.ClusterMismatch(
+                f"this server belongs to cluster {cluster_id or '(none)'}, the request is for "
+                f"cluster {value}: nothing was done (another cluster's node at this address?)"
             )
-            await context.abort(code, details, trailing_metadata=tuple(metadata))
+            await abort_for(refusal, context, "the cluster check")
 
 
 def add_service(
