@@ -301,6 +301,7 @@ class SecurePeerTransport(TCPTransport):
 
     MAX_PENDING = 64  # unidentified incoming connections held at once; more are closed at accept
     MAX_TICK_CHARGE = 0.25  # seconds; pysyncobj ticks every 50 ms when it is not busy
+    LINGER = 1.0  # seconds a connection stays open after we sent it a refusal (see `_send_refusal`)
 
     def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:  # noqa: N803
         conf = syncObj.conf
@@ -311,6 +312,7 @@ class SecurePeerTransport(TCPTransport):
         # None: no hellos (a bare pysyncobj group in tests); kvstore's replicas always have one.
         self._identity: PeerIdentity | None = getattr(syncObj, "peer_identity", None)
         self._identity_logged: dict[str, float] = {}
+        self._lingering: dict[Any, float] = {}  # refused connection -> when to close it
         super().__init__(syncObj, selfNode, otherNodes)
 
     # Outgoing: we dial a configured member, so its frames get the member caps at once.
@@ -345,8 +347,7 @@ class SecurePeerTransport(TCPTransport):
         if announced is not None:  # the address came: this must be the dialer's hello
             refused = self._judge_hello(announced, message)
             if refused:
-                conn.send(refusal(refused))  # so the refused node's log says why
-                self._refuse(conn, refused, quiet=True)
+                self._send_refusal(conn, refused)
                 return
             conn.identified()
             conn.peer_verified = True
@@ -398,8 +399,8 @@ class SecurePeerTransport(TCPTransport):
             return
         refused = self._judge_hello(node.address, message)
         if refused:
-            conn.send(refusal(refused))
-            conn.disconnect()  # pysyncobj redials after connection_retry; each time it is judged again
+            # Closed after LINGER; pysyncobj then redials after connection_retry, judged again each time.
+            self._send_refusal(conn, refused)
             return
         conn.peer_verified = True
         conn.setOnMessageReceivedCallback(functools.partial(self._onMessageReceived, node))
@@ -457,8 +458,24 @@ class SecurePeerTransport(TCPTransport):
             self._identity_logged[key] = now
             log.error("refused by Raft peer %s: %s", member, reason)
 
+    def _send_refusal(self, conn: Any, reason: str) -> None:
+        """Tell a refused peer why (so its own log says so), and close the connection LINGER
+        seconds later. Closed at once, it would lose the refusal: a peer we refuse after its hello
+        may already have sent more (a fresh replica asks for votes at once), and closing a socket
+        with frames unread makes the kernel answer with a reset, on which the peer's kernel drops
+        what it had not yet read: our refusal. Until then its frames are read and dropped."""
+        conn.send(refusal(reason))
+        conn.peer_verified = False  # `send` gives it nothing more
+        conn.setOnMessageReceivedCallback(lambda message: None)
+        self._unknownConnections.discard(conn)
+        if len(self._lingering) >= self.MAX_PENDING:
+            conn.disconnect()  # bounded: a flood of refused dialers is closed at once
+        else:
+            self._lingering[conn] = time.monotonic() + self.LINGER
+
     def _onDisconnected(self, conn: Any) -> None:  # noqa: N802
         conn.peer_verified = False
+        self._lingering.pop(conn, None)
         super()._onDisconnected(conn)
 
     def send(self, node: Any, message: Any) -> bool:
@@ -486,6 +503,10 @@ class SecurePeerTransport(TCPTransport):
         # pysyncobj runs this before it polls: after a long tick of our own (a large batch applied),
         # a peer's handshake may be waiting unread. Count at most MAX_TICK_CHARGE per tick against it.
         elapsed, self._last_tick = min(now - self._last_tick, self.MAX_TICK_CHARGE), now
+        for conn, close_at in list(self._lingering.items()):
+            if now >= close_at:
+                conn.disconnect()  # (pops it, in _onDisconnected)
+                self._lingering.pop(conn, None)
         for conn in list(self._unknownConnections):
             conn.waited = getattr(conn, "waited", 0.0) + elapsed
             if conn.waited > self._identify_timeout:

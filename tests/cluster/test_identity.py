@@ -41,13 +41,24 @@ def _key_count(cluster: LocalCluster, name: str) -> int:
     raise KeyError(name)
 
 
-def test_a_wiped_replica_is_refused_by_its_peers_until_they_forget_it(tmp_path: Path) -> None:
+def _by_raft_address(cluster: LocalCluster) -> list[str]:
+    """Node names in pysyncobj's dialing order: a member dials the members whose address is lower."""
+    return sorted(cluster.node_names(), key=lambda name: cluster.node_config(name).raft_advertise)
+
+
+# Both directions of the handshake refuse: the lowest address is dialed by both peers (they refuse
+# it after reading its hello, while it may already be sending them votes); the highest dials both
+# (they refuse its hello before answering).
+@pytest.mark.parametrize("position", ["dialed by both peers", "dials both peers"])
+def test_a_wiped_replica_is_refused_by_its_peers_until_they_forget_it(tmp_path: Path, position: str) -> None:
     cluster = start_cluster(tmp_path / "c", replicas=3)
     try:
         with client(cluster) as kv:
             for i in range(20):
                 kv.put(f"before-{i}".encode(), b"v")
-        wiped = _follower(cluster)
+        ordered = _by_raft_address(cluster)
+        wiped = ordered[0] if position == "dialed by both peers" else ordered[-1]
+        wait_until(lambda: _key_count(cluster, wiped) == 20, 20)
         config = cluster.node_config(wiped)
         incarnation = json.loads((Path(config.data_dir) / IDENTITY_FILE).read_text())["incarnation"]
         cluster.kill(wiped, "TERM")
@@ -62,8 +73,12 @@ def test_a_wiped_replica_is_refused_by_its_peers_until_they_forget_it(tmp_path: 
             assert f"Raft peer {wiped} ({config.raft_advertise})" in line
             assert f"knew it as {incarnation}" in line
             assert f"--forget-peer {config.raft_advertise}" in line
-        # The wiped replica's own log says who refused it and why.
-        wait_until(lambda: "refused by Raft peer" in _log(cluster, wiped), 60)  # 20 s: short at load 10
+        # The wiped replica's own log says who refused it and why: each peer's refusal reaches it
+        # (the refusing side keeps the connection open until it is read; closed at once, a reset
+        # dropped most of them unread, whichever side dialed).
+        for peer in peers:
+            address = cluster.node_config(peer).raft_advertise
+            wait_until(lambda address=address: f"refused by Raft peer {address}:" in _log(cluster, wiped), 30)
         told = [line for line in _log(cluster, wiped).splitlines() if "refused by Raft peer" in line]
         assert all("came back as incarnation" in line for line in told), told
         # The shard serves on the other two; the wiped replica gets nothing.
