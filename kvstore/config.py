@@ -234,6 +234,7 @@ class ServerSettings(Section):
 
     # A proposal not applied by then is reported as unknown outcome.
     write_timeout: float = setting(5.0, 0.05, 600.0)
+    # How long a strong read waits for its read index (leader) or barrier (follower): then unavailable.
     read_barrier_timeout: float = setting(3.0, 0.05, 600.0)
     # How long a replica waits to reach a session token before redirecting.
     session_wait: float = setting(0.5, 0.0, 60.0)

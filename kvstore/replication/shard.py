@@ -3,9 +3,12 @@
 Owns the `ShardStateMachine` (tick thread) and bridges its results back onto the event loop.
 - Writes: proposals made in the same loop iteration are coalesced into one Raft entry (group
   proposals), never two proposals touching one key in the same entry (revisions stay unique).
-- Strong reads: a coalesced barrier. A read waits for a no-op entry proposed *after* it arrived
-  to be applied locally; then a local read is linearizable, on the leader or on a follower. A
-  partitioned old leader cannot commit the barrier, so it answers "unavailable", never stale data.
+- Strong reads at the leader: a read index (read_index.py). The read waits until a majority has
+  acknowledged a heartbeat sent after it arrived (so this replica was still the only leader then)
+  and this replica has applied through the commit index of that moment. A partitioned old leader
+  gets no majority, so it answers "unavailable", never stale data.
+- Strong reads at a follower: a coalesced barrier. The read waits for a no-op entry proposed
+  *after* it arrived (forwarded to the leader) to be applied locally.
 - Session reads: served once the locally committed index reaches the client's token.
 - Bounded reads: served while the replica's proven staleness is within the bound.
 
@@ -49,7 +52,7 @@ from kvstore.storage.identity import PeerIncarnations, open_identity
 
 log = logging.getLogger(__name__)
 
-_NO_QUORUM = "no quorum confirmed a read barrier in time"
+_NO_QUORUM = "no quorum confirmed a strong read in time (read index or barrier)"
 
 
 def open_shard(config: NodeConfig, client_address_of: Callable[[str], str]) -> Shard:
@@ -181,6 +184,8 @@ class Shard:
         # still precedes the proposal, so it may share that barrier instead of the next one.
         self._barrier_open: asyncio.Future[int] | None = None
         self._barrier_next: asyncio.Future[int] | None = None
+        # Readers arriving in this loop iteration share one read-index request (`read_index`).
+        self._read_open: asyncio.Future[int | None] | None = None
         self._view = ReadView(storage)
         self._machine = ShardStateMachine(storage, replica, self._on_applied_threadsafe)
         self._liveness = ReplicaLiveness(self._machine, server.health_stall_seconds)
@@ -342,8 +347,12 @@ class Shard:
         `session_index`: the client's token for this shard (session reads); `max_staleness`:
         seconds (bounded reads)."""
         if consistency == ConsistencyLevel.STRONG:
-            if not (self._server.unsafe_local_strong_reads and self._machine.is_leader()):
-                await self.barrier()  # (else: the planted bug, ServerSettings.unsafe_local_strong_reads)
+            if self._machine.is_leader():
+                if not self._server.unsafe_local_strong_reads:  # (the planted bug: skip it)
+                    if await self.read_index() is None:
+                        await self.barrier()  # no longer the leader: as a follower does
+            else:
+                await self.barrier()
         elif consistency == ConsistencyLevel.SESSION:
             if not await self.applied.wait_for(session_index, self._server.session_wait):
                 raise errors.ReplicaBehind(
@@ -358,6 +367,34 @@ class Shard:
         elif consistency != ConsistencyLevel.EVENTUAL:
             raise errors.InvalidArgument(f"unknown consistency level {consistency}")
         return self._view
+
+    async def read_index(self) -> int | None:
+        """Leader: wait until a strong read arriving now may read locally, and return the index it
+        sees (read_index.py); None if this replica turned out not to lead. Raises Unavailable if no
+        majority confirmed the leadership, or the replica did not apply that far, in time.
+
+        Coalesced: the readers of one loop iteration share one request, made after the last of
+        them arrived (its time is the one a heartbeat must follow)."""
+        future = self._read_open
+        if future is None:
+            future = self._read_open = self._loop.create_future()
+            self._loop.call_soon(self._ask_read_index, future)
+            self._loop.call_later(self._server.read_barrier_timeout, _fail_unless_done, future)
+        index = await asyncio.shield(future)
+        if index is not None and not await self.applied.wait_for(index, self._server.read_barrier_timeout):
+            raise errors.Unavailable(f"replica did not apply through read index {index} in time")
+        return index
+
+    def _ask_read_index(self, future: asyncio.Future[int | None]) -> None:
+        self._read_open = None  # readers from now on arrived after this request: they need the next
+
+        def answer(index: int | None) -> None:  # on the tick thread
+            try:
+                self._loop.call_soon_threadsafe(_set_unless_done, future, index)
+            except RuntimeError:
+                pass  # loop closed during shutdown
+
+        self._machine.read_index(answer)
 
     async def barrier(self) -> int:
         """Linearizable read point: index of a no-op entry proposed after this call, applied here.
@@ -472,6 +509,16 @@ class _Settled:
             self._shard._pending_count -= self._count
             self._shard._pending_bytes -= self._bytes
             self._shard = None  # type: ignore[assignment]
+
+
+def _set_unless_done(future: asyncio.Future[int | None], index: int | None) -> None:
+    if not future.done():
+        future.set_result(index)
+
+
+def _fail_unless_done(future: asyncio.Future[int | None]) -> None:
+    if not future.done():
+        future.set_exception(errors.Unavailable(_NO_QUORUM))
 
 
 def _copy_outcome(source: asyncio.Future[int], target: asyncio.Future[int]) -> None:

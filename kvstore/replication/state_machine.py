@@ -43,6 +43,7 @@ from kvstore.replication.durable_log import DurableLog
 from kvstore.replication.freshness import FreshnessStampingTransport, FreshnessTracking
 from kvstore.replication.peer_transport import PeerIdentity, peer_password
 from kvstore.replication.raft_fixes import PatchedSyncObj
+from kvstore.replication.read_index import ReadIndex
 from kvstore.replication.snapshots import SnapshotManager
 from kvstore.replication.storage_health import StorageHealth, is_transient
 from kvstore.storage.engine import Storage
@@ -105,7 +106,7 @@ class _ReapplyCarefully(Exception):
     """An op failed deterministically after writing: redo the batch with a savepoint per op."""
 
 
-class ShardStateMachine(AppliedPositionCheck, DurableLog, FreshnessTracking, PatchedSyncObj):
+class ShardStateMachine(AppliedPositionCheck, ReadIndex, DurableLog, FreshnessTracking, PatchedSyncObj):
     def __init__(
         self,
         storage: Storage,
@@ -143,6 +144,7 @@ class ShardStateMachine(AppliedPositionCheck, DurableLog, FreshnessTracking, Pat
         # index, term). Set before SyncObj.__init__ starts the tick thread.
         self._deferred_acks: list[tuple[Any, int, int, tuple[float, int] | None]] = []
         self._init_freshness()
+        self._init_read_index()
         self._last_reported = 0
         self._last_refusal_log = -1e9
         self._entry_stamp = 0  # the stamp of the entry being applied (apply_entry)

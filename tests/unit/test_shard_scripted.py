@@ -1,7 +1,8 @@
 """The asyncio side of a shard (`Shard`) against a scripted state machine: which proposals it makes,
 when, and how their outcomes reach writers and readers. No Raft here: the tests decide when (and
 whether) each proposed entry is applied, which is what the linearizability argument rests on:
-a strong read is served only by a barrier proposed after the read arrived."""
+a strong read is served only by a barrier proposed after the read arrived (a follower), or by a
+read index asked for after it arrived and applied here (the leader)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class ScriptedMachine:
 
     def __init__(self, storage: Storage, replica: ReplicaSettings, on_applied: Any) -> None:
         self.entries: list[tuple[list[commands.Proposal], Any]] = []
+        self.read_requests: list[Any] = []
         self.leader = True
         self.disk_refusal: str | None = None
         self.stale_for = float("inf")
@@ -37,6 +39,9 @@ class ScriptedMachine:
 
     def propose(self, proposals: list[commands.Proposal], callback: Any) -> None:
         self.entries.append((proposals, callback))
+
+    def read_index(self, callback: Any) -> None:
+        self.read_requests.append(callback)  # the test answers, as the tick thread would
 
     def is_leader(self) -> bool:
         return self.leader
@@ -218,7 +223,8 @@ async def test_writes_are_refused_before_proposing_on_a_follower_or_a_full_disk(
 
 async def test_a_view_is_handed_out_only_once_the_replica_is_fresh_enough(make_shard: Any) -> None:
     shard, machine = make_shard(session_wait=0.2)
-    # strong: only after a barrier proposed after the read arrived is applied
+    machine.leader = False
+    # strong, at a follower: only after a barrier proposed after the read arrived is applied
     strong = asyncio.ensure_future(shard.fresh_view(ConsistencyLevel.STRONG))
     await _settle()
     assert not strong.done() and machine.entries[0][0] == [(b"", commands.barrier())]
@@ -257,3 +263,63 @@ async def test_status_is_typed(make_shard: Any) -> None:
         raft_log_size=5,
     )
     assert shard.term == 3 and shard.is_leader()
+
+
+def _answer_read_index(shard: Shard, machine: ScriptedMachine, request: int, index: int | None) -> None:
+    """Answer read-index request number `request` (on the tick thread, in the node)."""
+    machine.read_requests[request](index)
+
+
+async def test_a_strong_read_at_the_leader_waits_for_its_read_index_and_proposes_nothing(
+    make_shard: Any,
+) -> None:
+    shard, machine = make_shard()
+    reads = [asyncio.ensure_future(shard.fresh_view(ConsistencyLevel.STRONG)) for _ in range(3)]
+    await _settle()
+    assert len(machine.read_requests) == 1  # one request for the reads of one loop iteration
+    late = asyncio.ensure_future(shard.fresh_view(ConsistencyLevel.STRONG))
+    await _settle()
+    assert len(machine.read_requests) == 2  # it arrived after the first request: it needs its own
+    _answer_read_index(shard, machine, 0, 7)
+    await _settle()
+    assert not any(r.done() for r in reads)  # confirmed, but not applied through 7 yet
+    shard._deliver([], 6)
+    await _settle()
+    assert not any(r.done() for r in reads)
+    shard._deliver([], 7)
+    await _settle()
+    assert all(r.done() for r in reads) and not late.done()
+    _answer_read_index(shard, machine, 1, 7)
+    await _settle()
+    assert late.done()
+    assert machine.entries == []  # no barrier entry
+
+
+async def test_a_strong_read_whose_leader_stepped_down_falls_back_to_a_barrier(make_shard: Any) -> None:
+    shard, machine = make_shard()
+    read = asyncio.ensure_future(shard.fresh_view(ConsistencyLevel.STRONG))
+    await _settle()
+    machine.leader = False
+    _answer_read_index(shard, machine, 0, None)
+    await _settle()
+    assert not read.done() and machine.entries[0][0] == [(b"", commands.barrier())]
+    _apply(shard, machine, 0, index=9)
+    await read
+
+
+async def test_a_read_index_never_confirmed_fails_the_read_as_unavailable(make_shard: Any) -> None:
+    shard, machine = make_shard(read_barrier_timeout=0.3)
+    read = asyncio.ensure_future(shard.fresh_view(ConsistencyLevel.STRONG))
+    with pytest.raises(errors.Unavailable, match="no quorum"):
+        await asyncio.wait_for(read, 5)
+    _answer_read_index(shard, machine, 0, 3)  # a late answer changes nothing
+    await _settle()
+
+
+async def test_a_read_index_not_applied_in_time_fails_the_read_as_unavailable(make_shard: Any) -> None:
+    shard, machine = make_shard(read_barrier_timeout=0.3)
+    read = asyncio.ensure_future(shard.fresh_view(ConsistencyLevel.STRONG))
+    await _settle()
+    _answer_read_index(shard, machine, 0, 50)
+    with pytest.raises(errors.Unavailable, match="read index 50"):
+        await asyncio.wait_for(read, 5)
