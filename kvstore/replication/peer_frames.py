@@ -67,17 +67,20 @@ def read_hello(message: object) -> Hello | None:
     return Hello(*fields)  # type: ignore[arg-type]
 
 
+MAX_REASON = 2000  # characters of a refusal's reason sent, and logged from a peer
+
+
 def refusal(reason: str) -> dict[str, Any]:
     """What a replica sends a peer it refuses, just before it closes the connection, so that the
     refused node's own log says why (a type pysyncobj ignores, like the hello's)."""
-    return {"type": "kvstore_refused", "reason": reason[:2000]}
+    return {"type": "kvstore_refused", "reason": reason[:MAX_REASON]}
 
 
 def read_refusal(message: object) -> str | None:
     """The reason in a refusal, or None if `message` is not one."""
     if isinstance(message, dict) and message.get("type") == "kvstore_refused":
         reason = message.get("reason")
-        return reason if isinstance(reason, str) else ""
+        return reason[:MAX_REASON] if isinstance(reason, str) else ""  # ours are capped; a peer's may not be
     return None
 
 

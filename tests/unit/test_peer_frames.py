@@ -19,12 +19,15 @@ from kvstore.replication import state_machine  # noqa: F401
 from kvstore.replication.peer_cipher import PeerCipher
 from kvstore.replication.peer_frames import (
     HANDSHAKE_MAX_BYTES,
+    MAX_REASON,
     FrameFilter,
     decode_first_frame,
     encode_frame,
     handshake_address,
     inflate,
     looks_encrypted,
+    read_refusal,
+    refusal,
 )
 
 NOT_A_FRAME = b"\xff\xff\xff\xff"  # length -1
@@ -130,3 +133,11 @@ def test_members_send_frames_stored_not_compressed() -> None:
     assert int.from_bytes(frame[:4], "little") == len(body)
     assert zlib.decompress(body) == pysyncobj_pickle.dumps(message)
     assert len(body) > 4000  # stored: pysyncobj's level 3 made it ~100 bytes
+
+
+def test_a_refusals_reason_is_capped_on_both_sides() -> None:
+    assert read_refusal(refusal("x" * 10_000)) == "x" * MAX_REASON
+    # A peer that does not cap its own (a member, authenticated, but still not trusted to be small):
+    assert read_refusal({"type": "kvstore_refused", "reason": "y" * 10_000}) == "y" * MAX_REASON
+    assert read_refusal({"type": "kvstore_refused", "reason": b"bytes"}) == ""
+    assert read_refusal({"type": "append_entries"}) is None
