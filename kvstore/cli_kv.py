@@ -343,7 +343,7 @@ def _multi_get(kv: Any, args: argparse.Namespace, _: bytes) -> int:
     keys = [parse_bytes(k, args.hex, "key") for k in args.keys]
     response = kv.send(pb.MultiGetRequest(keys=keys, read=_read(args.consistency)))
     found = {k: (v, r) for k, v, r in zip(response.keys, response.values, response.revisions, strict=True)}
-    ring = kv.core.cluster_map.ring if kv.core.cluster_map is not None else None
+    ring = kv.core.cluster_map.slots if kv.core.cluster_map is not None else None
     one_shard = len(response.header.revisions) <= 1  # a router's multi-shard answer has one per shard
     items = []
     for key in dict.fromkeys(keys):  # the store answers a key named twice once
@@ -474,7 +474,8 @@ def _ring(args: argparse.Namespace) -> int:
         raise UsageError("ring needs --cluster DIR or --endpoints A,B (a router holds no ring of its own)")
     key = parse_bytes(args.key, args.hex, "--key")
     why = cluster_map.ring.explain(key)
-    shard = cluster_map.shard(why["shard"])
+    owner = cluster_map.slots.shard_for(key)
+    shard = cluster_map.shard(owner)
     print(f"key:          {display(key, args.hex)}")
     print(
         f"routing key:  {why['routing_key']!r}  (hash tags: only the text inside the first {{...}} is hashed)"
@@ -484,7 +485,10 @@ def _ring(args: argparse.Namespace) -> int:
     probes = f"nearest of {len(why['probes'])} probes from the slot's ring position"
     print(f"vnode point:  {why['vnode_point']:#018x} ({vnode}, {probes})")
     ring_info = f"map epoch {cluster_map.epoch}, {cluster_map.vnodes_per_shard} vnodes/shard"
-    print(f"shard:        {why['shard']} ({ring_info})")
+    if owner == why["shard"]:
+        print(f"shard:        {owner} ({ring_info})")
+    else:  # the slot moved: the map's slot table, not the ring, says who owns it now
+        print(f"shard:        {owner} (the slot table's owner; the ring's was {why['shard']}; {ring_info})")
     for replica in shard.replicas:
         print(f"  replica {replica.name:<8} {replica.address:<21} zone={replica.zone}")
     return EXIT_OK

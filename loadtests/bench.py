@@ -83,7 +83,7 @@ async def preload(kv: AsyncClient, start: int, end: int, batch: int = 1000) -> N
 
 
 def keys_by_shard(cluster: LocalCluster, keyspace: int) -> list[list[bytes]]:
-    buckets = cluster.cluster_map().ring.shards_for(lib.keys(keyspace))
+    buckets = cluster.cluster_map().slots.shards_for(lib.keys(keyspace))
     return [buckets[s] for s in sorted(buckets)]
 
 

@@ -262,7 +262,7 @@ class KvUser(User):
         cluster_map = self.kv.core.cluster_map
         if cluster_map is None:
             return -1
-        shards = {cluster_map.ring.shard_for(k) for k in keys}
+        shards = {cluster_map.slots.shard_for(k) for k in keys}
         return shards.pop() if len(shards) == 1 else -1
 
 

@@ -137,8 +137,8 @@ class ChaosRun:
         return cluster
 
     def _keys(self, cluster: LocalCluster) -> dict[int, list[bytes]]:
-        """A few keys per shard (found by probing the ring), so every shard sees contention."""
-        ring = cluster.cluster_map().ring
+        """A few keys per shard (found by probing the slot table), so every shard sees contention."""
+        ring = cluster.cluster_map().slots
         keys: dict[int, list[bytes]] = {s: [] for s in range(self.o.shards)}
         for i in range(100_000):
             key = b"chaos:%d" % i

@@ -174,7 +174,7 @@ class ClientCore(Dispatcher):
         remaining, responses = list(keys), []
         for _ in range(MAX_REGROUPS):
             epoch = self.cluster_map.epoch
-            groups = self.cluster_map.ring.shards_for(remaining)
+            groups = self.cluster_map.slots.shards_for(remaining)
             if atomic and len(groups) > 1:
                 self._shard_of(remaining)  # raises CrossShardWrite with the explanation
             chunks = [

@@ -203,7 +203,7 @@ class Dispatcher:
         assert self.cluster_map is not None
         if routed is not None and routed.epoch == self.cluster_map.epoch:
             return self.cluster_map.shard(routed.shard)
-        groups = self.cluster_map.ring.shards_for(keys)
+        groups = self.cluster_map.slots.shards_for(keys)
         if len(groups) > 1:
             if split:
                 raise MapChanged()

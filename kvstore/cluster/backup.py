@@ -22,6 +22,7 @@ each replica's digest with the backup's.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -284,8 +285,8 @@ def verify_backup(backup_dir: str | Path, say: Say = print) -> list[str]:
         problems.append(f"shards of the map missing from the backup: {missing}")
     if extra := sorted(set(entries) - map_ids):
         problems.append(f"shards in the backup but not in its map: {extra}")
-    ring = cluster_map.ring
-    uncovered = sum(1 for slot in range(SLOTS) if ring.shard_for_slot(slot) not in entries)
+    table = cluster_map.slots
+    uncovered = sum(1 for slot in range(SLOTS) if table.shard_for_slot(slot) not in entries)
     if uncovered:
         problems.append(f"{uncovered} of {SLOTS} slots belong to shards the backup lacks")
     for shard_id in sorted(entries):
@@ -365,8 +366,11 @@ def restore_cluster(
     )
     if new_map.cluster_id == manifest.get("cluster_id"):  # create() draws a fresh one: never
         raise BackupFailed("the new cluster got the backup's cluster id; it could talk to the original")
-    if any(new_map.ring.shard_for_slot(s) != source.ring.shard_for_slot(s) for s in range(SLOTS)):
-        raise BackupFailed("the new cluster's ring would place slots on other shards than the backup's")
+    if source.slot_ranges or source.ring_shards:  # slots had moved: the backup's table, not the ring's
+        new_map = dataclasses.replace(new_map, slot_ranges=source.slot_ranges, ring_shards=source.ring_shards)
+        new_map.save(cluster.map_path)
+    if new_map.slots != source.slots:
+        raise BackupFailed("the new cluster would place slots on other shards than the backup's")
     entries = {int(e["shard"]): e for e in manifest["shards"]}
     started = time.monotonic()
     seeds = [

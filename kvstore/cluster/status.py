@@ -52,7 +52,7 @@ class ReplicaDocument(TypedDict):
 class ShardDocument(TypedDict):
     shard: int
     leader: str | None
-    slots: int | None  # slots the ring gives it; None if the map's placement is not this version's
+    slots: int | None  # slots the map gives it; None if the map's placement is not this version's
     vnodes: int
     key_count: int
     replicas: list[ReplicaDocument]
@@ -114,15 +114,12 @@ def problems(shards: list[ShardDocument]) -> list[str]:
 
 
 def slot_counts(cluster_map: ClusterMap) -> dict[int, int] | None:
-    """Slots each shard owns under the map's ring (every one of SLOT_COUNT routed: ~0.1 s)."""
+    """Slots each shard owns under the map's slot table (every one of SLOT_COUNT routed: ~0.1 s)."""
     try:
-        ring = cluster_map.ring
+        table = cluster_map.slots
     except errors.KvError:  # a map from before this placement scheme: listed, never routed
         return None
-    counts = dict.fromkeys(ring.shard_ids, 0)
-    for slot in range(SLOT_COUNT):
-        counts[ring.shard_for_slot(slot)] += 1
-    return counts
+    return {s.id: 0 for s in cluster_map.shards} | table.slot_counts()
 
 
 def _replica_document(info: ReplicaInfo, status: dict[str, Any]) -> ReplicaDocument:

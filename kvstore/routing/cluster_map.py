@@ -1,14 +1,18 @@
-"""The cluster map: shards, their replicas, the ring's parameters, and an epoch.
+"""The cluster map: shards, their replicas, the ring's parameters, who owns each slot, and an epoch.
 
 The epoch grows on every change, so anyone holding a map can tell which of two maps is newer. It is
 persisted as JSON beside the cluster (`<dir>/cluster.json`), loaded by every node at start, served
 by every node (`Admin.ClusterMap`), and fetched by clients. A future online-resharding change
 replaces the map through the same `ClusterMap` object (with a larger epoch); nothing else caches
 shard membership.
+
+Keys route by `slots` (slot_table.py): the ring's placement, which every cluster is born with,
+except for the slots the map's `slot_ranges` give to another shard (written once slots move).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -18,6 +22,7 @@ from pathlib import Path
 from kvstore import errors
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.routing.ring import PLACEMENT, Ring
+from kvstore.routing.slot_table import SlotRange, SlotTable
 
 
 @dataclass(frozen=True)
@@ -41,10 +46,36 @@ class ClusterMap:
     vnodes_per_shard: int = 256
     placement: str = PLACEMENT  # the key -> shard scheme the map was made under
     cluster_id: str = ""  # the nodes' cluster.id: what clients send as `kvstore-cluster-id`
+    # Slots whose owner is not the ring's, as (first, last, shard) ranges; empty: the ring's placement.
+    slot_ranges: tuple[SlotRange, ...] = ()
+    # The shards the ring places slots over; empty: all of them. A shard added to the map is not
+    # in the ring, so adding it moves nothing: slots move to it explicitly (`with_slots_moved`).
+    ring_shards: tuple[int, ...] = ()
     _by_id: dict[int, ShardInfo] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self._by_id.update({s.id: s for s in self.shards})
+        if self.slot_ranges or self.ring_shards:
+            self.slots  # noqa: B018 (checked now: a bad table is refused when the map is read)
+
+    @cached_property
+    def slots(self) -> SlotTable:
+        """Who owns each slot: what routes every key."""
+        ring = self.ring  # refuses a map made under another key placement, table or not
+        if not self.slot_ranges:
+            return SlotTable(ring, shards=self._by_id)
+        try:
+            return SlotTable.from_overrides(ring, self.slot_ranges, self._by_id)
+        except ValueError as exc:
+            raise errors.KvError(f"cluster map epoch {self.epoch} has a bad slot table: {exc}") from None
+
+    def with_slots_moved(self, *moves: SlotRange) -> ClusterMap:
+        """The next map (epoch + 1), in which each (first, last, shard) of `moves` owns those slots."""
+        table = self.slots
+        for first, last, to in moves:
+            self.shard(to)  # UnknownShard unless it is in the map
+            table = table.moved(first, last, to)
+        return dataclasses.replace(self, epoch=self.epoch + 1, slot_ranges=tuple(table.overrides()))
 
     @cached_property
     def ring(self) -> Ring:
@@ -56,7 +87,11 @@ class ClusterMap:
                 f"but this kvstore places keys by {PLACEMENT!r}; its data would be looked up on the "
                 "wrong shards. Create a new cluster (kvstore cluster up) and copy the data over"
             )
-        return Ring([s.id for s in self.shards], self.vnodes_per_shard)
+        if unknown := set(self.ring_shards) - set(self._by_id):
+            raise errors.KvError(
+                f"cluster map epoch {self.epoch}: ring shards {sorted(unknown)} are not in it"
+            )
+        return Ring(self.ring_shards or [s.id for s in self.shards], self.vnodes_per_shard)
 
     def shard(self, shard_id: int) -> ShardInfo:
         try:
@@ -67,7 +102,7 @@ class ClusterMap:
             ) from None
 
     def shard_for(self, key: bytes) -> ShardInfo:
-        return self._by_id[self.ring.shard_for(key)]
+        return self._by_id[self.slots.shard_for(key)]
 
     def replica(self, name: str) -> tuple[ShardInfo, ReplicaInfo]:
         for shard in self.shards:
@@ -94,6 +129,10 @@ class ClusterMap:
         }
         if self.cluster_id:
             data["cluster_id"] = self.cluster_id
+        if self.slot_ranges:
+            data["slots"] = [list(r) for r in self.slot_ranges]
+        if self.ring_shards:
+            data["ring_shards"] = list(self.ring_shards)
         return json.dumps(data, indent=2)
 
     @classmethod
@@ -108,6 +147,8 @@ class ClusterMap:
             data.get("vnodes_per_shard", 256),
             data.get("placement", ""),
             str(data.get("cluster_id", "")),
+            _ranges(data.get("slots", [])),
+            _shard_ids(data.get("ring_shards", [])),
         )
 
     def save(self, path: str | Path) -> None:
@@ -124,6 +165,8 @@ class ClusterMap:
             epoch=self.epoch,
             cluster_id=self.cluster_id,
             vnodes_per_shard=self.vnodes_per_shard,
+            slots=[pb.SlotRange(first=a, last=b, shard=c) for a, b, c in self.slot_ranges],
+            ring_shards=self.ring_shards,
             shards=[
                 pb.Shard(
                     id=s.id,
@@ -142,4 +185,28 @@ class ClusterMap:
             ShardInfo(s.id, tuple(ReplicaInfo(r.name, r.address, r.raft_address, r.zone) for r in s.replicas))
             for s in msg.shards
         )
-        return cls(msg.epoch, shards, msg.vnodes_per_shard or 256, cluster_id=msg.cluster_id)
+        ranges = tuple((r.first, r.last, r.shard) for r in msg.slots)
+        return cls(
+            msg.epoch,
+            shards,
+            msg.vnodes_per_shard or 256,
+            cluster_id=msg.cluster_id,
+            slot_ranges=ranges,
+            ring_shards=tuple(msg.ring_shards),
+        )
+
+
+def _ranges(stored: object) -> tuple[SlotRange, ...]:
+    """The "slots" of a map file, shaped for `ClusterMap` (their content is checked there)."""
+    if not isinstance(stored, list) or not all(isinstance(r, list) and len(r) == 3 for r in stored):
+        raise errors.KvError('the cluster map\'s "slots" must be a list of [first, last, shard]')
+    return tuple((r[0], r[1], r[2]) for r in stored)
+
+
+def _shard_ids(stored: object) -> tuple[int, ...]:
+    """The "ring_shards" of a map file (checked against the map's shards by `ClusterMap.ring`)."""
+    if not isinstance(stored, list) or not all(
+        isinstance(s, int) and not isinstance(s, bool) for s in stored
+    ):
+        raise errors.KvError('the cluster map\'s "ring_shards" must be a list of shard ids')
+    return tuple(stored)

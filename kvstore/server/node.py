@@ -67,7 +67,7 @@ class NodeContext:
         )
 
     def check_owned(self, keys: list[bytes]) -> None:
-        if not self.cluster_map.ring.all_on(self.config.shard, keys):
+        if not self.cluster_map.slots.all_on(self.config.shard, keys):
             raise errors.WrongShard(epoch=self.cluster_map.epoch)
 
 
@@ -260,7 +260,7 @@ def grpc_options(config: NodeConfig) -> list[tuple[str, int]]:
 async def serve(config: NodeConfig) -> None:
     """Run the node until SIGTERM or SIGINT, then shut down gracefully."""
     cluster_map = ClusterMap.load(config.cluster_map)
-    cluster_map.ring  # noqa: B018 (a map from another key placement must stop the node here, not per request)
+    cluster_map.slots  # noqa: B018 (a map from another key placement must stop the node here, not per request)
     # Every address is checked before the shard opens: a taken port stops the node with one line
     # naming it, before pysyncobj's tick thread starts (kvstore/ports.py). A port is given a
     # moment to free up: the node this one replaces may still be exiting.

@@ -126,7 +126,7 @@ def make_router_client(
     cluster_map: ClusterMap | None, seeds: list[str], limits: Limits | None = None
 ) -> AsyncClient:
     if cluster_map is not None:
-        cluster_map.ring  # noqa: B018 (a map from another key placement stops the router at start)
+        cluster_map.slots  # noqa: B018 (a map from another key placement stops the router at start)
     # Short attempts: the router must move off a cut-off leader well within one attempt of its
     # caller (a thin client tries each router call for a third of its deadline).
     settings = ClientSettings(timeout=8.0, rpc_timeout=1.0)

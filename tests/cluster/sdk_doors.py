@@ -122,7 +122,7 @@ def key(door: Door, name: str) -> bytes:
 
 
 def key_on_shard(cluster: LocalCluster, shard: int, start: str) -> bytes:
-    ring = cluster.cluster_map().ring
+    ring = cluster.cluster_map().slots
     for i in range(10_000):
         candidate = f"{start}:{i}".encode()
         if ring.shard_for(candidate) == shard:
@@ -132,7 +132,7 @@ def key_on_shard(cluster: LocalCluster, shard: int, start: str) -> bytes:
 
 def keys_on_both_shards(cluster: LocalCluster, door: Door, name: str, count: int) -> list[bytes]:
     keys = [key(door, f"{name}:{i:02d}") for i in range(count)]
-    assert {cluster.cluster_map().ring.shard_for(k) for k in keys} == set(range(SHARDS))
+    assert {cluster.cluster_map().slots.shard_for(k) for k in keys} == set(range(SHARDS))
     return keys
 
 

@@ -149,7 +149,7 @@ def test_scan_across_shards_pages_through_large_values_without_skipping(make_clu
     (else its keys after that would be skipped), and fit the answer limit too."""
     cluster = make_cluster("three", shards=3, replicas=1)
     keys = [b"amp:y:%04d" % i for i in range(90)]
-    ring = cluster.cluster_map().ring
+    ring = cluster.cluster_map().slots
     items = {k: amp.BIG_VALUE if ring.shard_for(k) == 0 else b"s" * 100 for k in keys}
     assert 10 < sum(1 for v in items.values() if v is amp.BIG_VALUE) < 80
     with Client.from_cluster(cluster.dir) as kv:

@@ -76,7 +76,7 @@ def test_a_binary_value_just_under_the_limit_round_trips_from_stdin(cluster: Loc
     as_hex = document(at(cluster, "get", "--hex", "--json", BINARY_KEY.hex()))
     assert as_hex["value_hex"] == value.hex() and as_hex["key_hex"] == BINARY_KEY.hex()
     assert as_hex["found"] is True and as_hex["revision"] == revision
-    assert as_hex["shard"] == cluster.cluster_map().ring.shard_for(BINARY_KEY)
+    assert as_hex["shard"] == cluster.cluster_map().slots.shard_for(BINARY_KEY)
     plain = at(cluster, "get", "--hex", BINARY_KEY.hex())
     assert plain.stdout == value.hex().encode() + b"\n"
 
@@ -112,7 +112,7 @@ def test_binary_keys_and_values_in_hex_and_json(cluster: LocalCluster, tmp_path:
 
 
 def test_multi_get_answers_per_key_across_shards(cluster: LocalCluster) -> None:
-    ring = cluster.cluster_map().ring
+    ring = cluster.cluster_map().slots
     keys = [f"mg:{i}".encode() for i in range(12)]
     assert {ring.shard_for(k) for k in keys} == {0, 1}
     with Client.from_cluster(cluster.dir) as kv:
@@ -153,7 +153,7 @@ def test_cas_with_the_revision_get_shows(cluster: LocalCluster) -> None:
         f"CONFLICT: the key is at revision {new_revision}, expected revision {revision}; nothing written\n"
     )
     refused = document(at(cluster, "cas", "--json", "cas:k", "third", "--expected-revision", "0"))
-    shard = cluster.cluster_map().ring.shard_for(b"cas:k")
+    shard = cluster.cluster_map().slots.shard_for(b"cas:k")
     assert refused == {
         "key": "cas:k",
         "succeeded": False,

@@ -101,7 +101,7 @@ def leader_and_follower(cluster: LocalCluster, shard: int) -> tuple[str, str]:
 
 
 def key_on_shard(cluster: LocalCluster, shard: int, prefix: str) -> bytes:
-    ring = cluster.cluster_map().ring
+    ring = cluster.cluster_map().slots
     for i in range(10_000):
         key = f"{prefix}:{i}".encode()
         if ring.shard_for(key) == shard:
@@ -328,7 +328,7 @@ def test_stopped_follower_serves_stale_eventual_reads_but_never_stale_session_or
 @pytest.mark.parametrize("policy", [ReadPolicy.ROUND_ROBIN, ReadPolicy.FOLLOWERS_ONLY])
 def test_session_reads_your_writes_on_every_replica(cluster: LocalCluster, policy: ReadPolicy) -> None:
     leaders = {s["shard"]: s["leader"] for s in cluster.status()}
-    ring = cluster.cluster_map().ring
+    ring = cluster.cluster_map().slots
     keys = [b"ryw:%s:%d" % (policy.value.encode(), i) for i in range(8)]
     assert {ring.shard_for(k) for k in keys} == set(range(SHARDS))
     servers: dict[int, Counter[str]] = {s: Counter() for s in range(SHARDS)}
@@ -479,7 +479,7 @@ def test_session_reads_alternating_replicas_never_go_back(cluster: LocalCluster)
 
 
 def test_session_token_handed_to_another_client_reads_the_writes(cluster: LocalCluster) -> None:
-    ring = cluster.cluster_map().ring
+    ring = cluster.cluster_map().slots
     with Client.from_cluster(cluster.dir) as a:
         for i in range(40):
             key, value = b"handoff:%d" % i, b"value-%d" % i

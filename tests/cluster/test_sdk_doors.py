@@ -143,7 +143,7 @@ def test_suite_put_many_and_delete_many_across_shards(cluster: LocalCluster, doo
     items = {k: b"m-" + k for k in keys}
     revisions = kv.put_many(items, atomic=False)
     assert set(revisions) == set(range(SHARDS)) and all(r > 0 for r in revisions.values())
-    ring = cluster.cluster_map().ring
+    ring = cluster.cluster_map().slots
     assert all(kv.get_item(k).revision == revisions[ring.shard_for(k)] for k in keys)
     assert kv.multi_get(keys) == items
     assert kv.delete_many(keys, atomic=False) == len(keys)

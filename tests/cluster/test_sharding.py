@@ -102,7 +102,7 @@ def tag_per_shard(cluster_map: ClusterMap, stem: bytes) -> dict[int, bytes]:
     tags: dict[int, bytes] = {}
     for i in range(10_000):
         tag = b"%s%d" % (stem, i)
-        tags.setdefault(cluster_map.ring.shard_for(b"{%s}" % tag), tag)
+        tags.setdefault(cluster_map.slots.shard_for(b"{%s}" % tag), tag)
         if len(tags) == len(cluster_map.shards):
             return tags
     raise AssertionError("could not find a tag for every shard")
@@ -113,7 +113,7 @@ def keys_by_shard(cluster_map: ClusterMap, prefix: bytes, per_shard: int) -> dic
     i = 0
     while any(len(v) < per_shard for v in out.values()):
         key = b"%s%05d" % (prefix, i)
-        bucket = out[cluster_map.ring.shard_for(key)]
+        bucket = out[cluster_map.slots.shard_for(key)]
         if len(bucket) < per_shard:
             bucket.append(key)
         i += 1
@@ -153,10 +153,10 @@ def test_tagged_keys_share_one_shard_and_one_revision(kv: Client, sharded_cluste
     cluster_map = kv.cluster_map()
     fields = [b"name", b"email", b"age", b"city", b"zip", b"phone"]
     keys = [b"{user:7}:" + f for f in fields]
-    owner = cluster_map.ring.shard_for(keys[0])
-    assert {cluster_map.ring.shard_for(k) for k in keys} == {owner}
+    owner = cluster_map.slots.shard_for(keys[0])
+    assert {cluster_map.slots.shard_for(k) for k in keys} == {owner}
     # Without the braces the same keys spread out: the tag is what keeps them together.
-    assert len({cluster_map.ring.shard_for(b"user:7:" + f) for f in fields}) > 1
+    assert len({cluster_map.slots.shard_for(b"user:7:" + f) for f in fields}) > 1
 
     revision = kv.multi_put({k: b"v-" + k for k in keys})
     assert revision > 0
@@ -320,7 +320,7 @@ def scan_keys(kv: Client) -> list[bytes]:
 def test_scan_across_shards_returns_each_key_once_in_order(
     door: Client, kv: Client, scan_keys: list[bytes]
 ) -> None:
-    ring = kv.cluster_map().ring
+    ring = kv.cluster_map().slots
     assert set(Counter(ring.shard_for(k) for k in scan_keys)) == set(range(SHARDS))
     pages = scan_all(door, 37, prefix=b"scan3:")
     assert [len(p) for p in pages] == [37] * 8 + [4]
@@ -373,7 +373,7 @@ def _moved_and_kept(real: ClusterMap, prefix: bytes, each: int) -> tuple[list[by
     kept: list[bytes] = []
     for i in range(10_000):
         key = b"%s%04d" % (prefix, i)
-        bucket = moved if stale_ring.shard_for(key) != real.ring.shard_for(key) else kept
+        bucket = moved if stale_ring.shard_for(key) != real.slots.shard_for(key) else kept
         if len(bucket) < each:
             bucket.append(key)
         if len(moved) == len(kept) == each:
@@ -396,7 +396,7 @@ def test_stale_map_is_redirected_and_refreshed(kv: Client, first_op: str) -> Non
         revisions = {k: client.put(k, b"v-" + k) for k in keys}
         assert {k: client.get(k) for k in keys} == {k: b"v-" + k for k in keys}
         assert client.core.cluster_map.epoch == real.epoch
-        assert client.core.cluster_map.ring.shard_for(moved[1]) == real.ring.shard_for(moved[1])
+        assert client.core.cluster_map.slots.shard_for(moved[1]) == real.slots.shard_for(moved[1])
     assert len(redirects) >= 1 and all(r.epoch == real.epoch for r in redirects)
     # Written where the real map says, at the revisions the stale client was told.
     assert {k: kv.get_item(k).revision for k in keys} == revisions
@@ -411,7 +411,7 @@ def test_stale_map_multi_key_ops_are_split_again(kv: Client) -> None:
     stale_ring = ClusterMap(epoch=0, shards=real.shards, vnodes_per_shard=16).ring
     candidates = [b"stale-multi:%03d" % i for i in range(300)]
     keys = [k for k in candidates if stale_ring.shard_for(k) == 0][:30]
-    real_shards = {real.ring.shard_for(k) for k in keys}
+    real_shards = {real.slots.shard_for(k) for k in keys}
     assert len(real_shards) > 1  # one group under the stale ring, several under the real one
     values = {k: b"v-" + k for k in keys}
 
@@ -471,7 +471,7 @@ def test_cluster_status_json_reports_shards_and_key_counts(kv: Client, sharded_c
             i: expected.get(i, 0) for i in range(SHARDS)
         }
 
-    ring = cluster_map.ring
+    ring = cluster_map.slots
     baseline = Counter(ring.shard_for(k) for k in _all_keys(kv))
     wait_until(lambda: counts_match(baseline), 20, interval=0.5)
     n = 40
@@ -485,7 +485,7 @@ def test_cluster_status_json_reports_shards_and_key_counts(kv: Client, sharded_c
 
 
 def test_ring_cli_names_the_owning_shard(sharded_cluster: LocalCluster) -> None:
-    expected = sharded_cluster.cluster_map().ring.shard_for(b"user:42")
+    expected = sharded_cluster.cluster_map().slots.shard_for(b"user:42")
     for key in ("user:42", "{user:42}:cart"):  # the tagged key hashes only "user:42"
         out = _cli("--cluster", str(sharded_cluster.dir), "ring", "--key", key)
         match = re.search(r"^shard:\s+(\d+)", out, re.MULTILINE)

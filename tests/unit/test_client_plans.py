@@ -92,7 +92,7 @@ MAP = make_map()
 
 def key_on(shard: int, cluster_map: ClusterMap = MAP, skip: int = 0) -> bytes:
     keys = (f"key-{i}".encode() for i in itertools.count())
-    found = (k for k in keys if cluster_map.ring.shard_for(k) == shard)
+    found = (k for k in keys if cluster_map.slots.shard_for(k) == shard)
     return next(itertools.islice(found, skip, None))
 
 
@@ -178,7 +178,7 @@ def test_wrong_shard_refreshes_the_map_and_retries_under_it(clock: FakeClock) ->
     core = make_core(clock)
     newer = make_map(epoch=2)  # shard 0 moved to other addresses
     key = key_on(0)
-    assert newer.ring.shard_for(key) == 0
+    assert newer.slots.shard_for(key) == 0
 
     def answer(call: Call) -> Any:
         if call.service == "Admin":
@@ -528,7 +528,7 @@ def test_send_merges_a_multi_get_split_by_shard_in_request_order(clock: FakeCloc
 
     def answer(call: Call) -> Any:
         keys = list(call.request.keys)
-        shard = MAP.ring.shard_for(keys[0])
+        shard = MAP.slots.shard_for(keys[0])
         return pb.MultiGetResponse(
             header=header(shard, 10 + shard),
             keys=keys,
