@@ -29,7 +29,9 @@ from typing import Any
 
 from kvstore.storage.disk import fsync_directory
 
-FORMAT = 1  # format 0: no identity file (the previous release); 1: this file + applied (index, term)
+# Format 0: no identity file (release 1); 1: this file + applied (index, term); 2: the slot index
+# (storage/engine.py), which a format-1 release would not keep up to date: it must refuse the dir.
+FORMAT = 2
 IDENTITY_FILE = "identity.json"
 PEERS_FILE = "peer-incarnations.json"
 _LOCK_FILE = "peer-incarnations.lock"
@@ -85,6 +87,9 @@ def open_identity(data_dir: str | Path, cluster: str) -> DataDirIdentity:
             f"for cluster {cluster} (cluster.id): refusing to start; point data_dir at this "
             f"cluster's directory, or fix cluster.id"
         )
+    if identity.format < FORMAT:  # upgraded now (the store is brought up to date as it opens)
+        identity = DataDirIdentity(FORMAT, identity.cluster, identity.incarnation)
+        write_json_durably(path, {"format": FORMAT, "cluster": cluster, "incarnation": identity.incarnation})
     return identity
 
 

@@ -47,6 +47,16 @@ def test_another_cluster_a_newer_format_an_unreadable_file_or_no_id_are_refused(
         open_identity(tmp_path / "new", "")
 
 
+def test_an_older_format_is_upgraded_keeping_its_incarnation(tmp_path: Path) -> None:
+    first = open_identity(tmp_path / "d", "c1")
+    path = tmp_path / "d" / IDENTITY_FILE
+    path.write_text(json.dumps({"format": 1, "cluster": "c1", "incarnation": first.incarnation}))
+    again = open_identity(tmp_path / "d", "c1")
+    assert again == first and again.format == FORMAT == 2
+    # Written back: a release of format 1 (which would not keep the slot index) now refuses the dir.
+    assert json.loads(path.read_text())["format"] == FORMAT
+
+
 def test_peers_are_recorded_on_first_contact_refused_when_changed_and_forgettable(tmp_path: Path) -> None:
     known = PeerIncarnations(tmp_path)
     assert known.check("a:1", "inc1") is None  # first contact: recorded
