@@ -331,12 +331,12 @@ class Storage:
     def put_many(self, items: tuple[tuple[bytes, bytes], ...], revision: int) -> None:
         """Every (key, value) at one revision. Only new keys are indexed: an index insert costs as
         much as the data's (~2 us a key, a second B-tree), and most writes overwrite (`replace`
-        says which: a multi_put of 100 keys took 410 us without the index, 710 us indexing every
-        key, 415-445 us indexing only the new ones, measured on 200k preloaded keys)."""
+        says which: on 200k preloaded keys, 100 overwrites took 428-441 us with `putmulti` and no
+        index, 710 us indexing every key, 450-472 us with a cursor's `replace` indexing the new)."""
         prefix = _U64.pack(revision)
         txn = self._write_txn()
-        replace, data = txn.replace, self._data
-        new = [k for k, v in items if replace(k, prefix + v, db=data) is None]
+        replace = txn.cursor(db=self._data).replace  # a cursor's: ~10% cheaper than txn.replace
+        new = [k for k, v in items if replace(k, prefix + v) is None]
         if new:
             txn.cursor(db=self._slots).putmulti(_index_rows(new))
         self._txn_bytes += sum(map(len, itertools.chain.from_iterable(items))) + 80 * len(items)
