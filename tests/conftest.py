@@ -13,10 +13,12 @@ from typing import Any
 import pytest
 import tomli_w
 
-from kvstore import Client
+from kvstore import Client, errors
+from kvstore.client.core import ClientCore
 from kvstore.cluster.local import LocalCluster
 from kvstore.cluster.topology import Topology, named_topology
 from kvstore.config import NodeConfig, RaftSettings
+from kvstore.routing.cluster_map import ClusterMap
 
 # Faster failure detection than the defaults, still wide enough for a loaded 2-core machine.
 TEST_RAFT = RaftSettings(min_timeout=0.8, max_timeout=1.6, leader_fallback_timeout=2.5, connection_retry=0.3)
@@ -144,3 +146,21 @@ def write_node_config(tmp_path: Path, **sections: dict[str, Any]) -> Path:
     path = tmp_path / "node.toml"
     path.write_text(tomli_w.dumps(data))
     return path
+
+
+def client_with_map(cluster_map: ClusterMap) -> tuple[Client, list[errors.WrongShard]]:
+    """A client that starts from `cluster_map` (an older one, in the tests that use it), and the
+    list of every WrongShard it meets (it still follows each, as it would)."""
+    client = Client(_core=ClientCore(cluster_map=cluster_map))
+    redirects: list[errors.WrongShard] = []
+    perform = client._perform
+
+    def counting(step: Any) -> Any:
+        try:
+            return perform(step)
+        except errors.WrongShard as err:
+            redirects.append(err)
+            raise
+
+    client._perform = counting  # type: ignore[method-assign]
+    return client, redirects

@@ -8,11 +8,13 @@ Placement
 
 Slots: what a key actually hashes to
     A key hashes to one of ``SLOT_COUNT`` = 65,536 slots, ``crc32(routing_key(key)) & 0xFFFF``, as in
-    Redis Cluster (CRC16 into 16,384 slots); the ring routes each slot, and a per-ring table
-    remembers each slot's shard the first time it is asked. Why: routing is on the hot path of
-    every batched call, on the client (splitting a multi-get by shard) and on the node (checking it
-    owns every key). Hashing each key with blake2b onto the ring and probing it costs ~2.7 us a key
-    in CPython; crc32 and a list index cost ~0.3 us. CRC-32 is not a cryptographic hash, and need
+    Redis Cluster (CRC16 into 16,384 slots); the ring proposes a shard for each slot, and a per-ring
+    table remembers it the first time it is asked. What routes keys is the cluster map's slot
+    table (``slot_table.py``): the ring's proposals, except where the map moved a slot.
+    Why slots: routing is on the hot path of every batched call, on the client (splitting a
+    multi-get by shard) and on the node (checking it owns every key). Hashing each key with blake2b
+    onto the ring and probing it costs ~2.7 us a key in CPython; crc32 and a list index cost
+    ~0.3 us. CRC-32 is not a cryptographic hash, and need
     not be: the ring, not the CRC, spreads slots over shards, and with 65,536 slots anyone can find
     keys of one slot by trial whatever the hash. Measured on 1M keys (``key-%d``, ``user:%08d``,
     random 16 bytes), every slot is used and 8 shards get max/mean 1.04-1.05, as ``ownership()``
@@ -218,32 +220,6 @@ class Ring:
 
     def shard_for(self, key: bytes) -> int:
         return self.shard_for_slot(slot_of(key))
-
-    def shards_for(self, keys: Iterable[bytes]) -> dict[int, list[bytes]]:
-        """Group keys by shard; order within each group is the input order (duplicates kept).
-
-        The hot path of every batched call on the client, so the slot lookup is inlined."""
-        keys = list(keys)
-        groups: dict[int, list[bytes]] = {}
-        owners = self._slot_owners
-        for key, slot in zip(keys, slots_of(keys), strict=True):
-            shard = owners[slot]
-            if shard < 0:
-                shard = self._route_slot(slot)
-            group = groups.get(shard)
-            if group is None:
-                groups[shard] = [key]
-            else:
-                group.append(key)
-        return groups
-
-    def all_on(self, shard: int, keys: Iterable[bytes]) -> bool:
-        """Whether every key belongs to ``shard`` (a node's ownership check, once per request)."""
-        slots, owners = slots_of(keys), self._slot_owners
-        seen = {owners[slot] for slot in slots}
-        if -1 in seen:  # some slot not routed yet
-            seen = {self.shard_for_slot(slot) for slot in slots}
-        return seen <= {shard}
 
     def explain(self, key: bytes) -> dict[str, Any]:
         """Why ``key`` lives where it does, for the CLI.

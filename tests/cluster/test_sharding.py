@@ -27,12 +27,11 @@ import grpc
 import pytest
 
 from kvstore import Client, errors
-from kvstore.client.core import ClientCore
 from kvstore.cluster.local import LocalCluster, free_ports
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.routing.cluster_map import ClusterMap
-from tests.conftest import new_leader, stop_process, wait_until
+from tests.conftest import client_with_map, new_leader, stop_process, wait_until
 
 SHARDS = 3
 
@@ -350,20 +349,7 @@ def test_scan_continuation_is_portable(
 
 def _stale_client(real: ClusterMap) -> tuple[Client, list[errors.WrongShard]]:
     """A client holding an older map with a different ring; records every WrongShard it meets."""
-    stale = ClusterMap(epoch=0, shards=real.shards, vnodes_per_shard=16)
-    client = Client(_core=ClientCore(cluster_map=stale))
-    redirects: list[errors.WrongShard] = []
-    perform = client._perform
-
-    def counting(step: Any) -> Any:
-        try:
-            return perform(step)
-        except errors.WrongShard as err:
-            redirects.append(err)
-            raise
-
-    client._perform = counting  # type: ignore[method-assign]
-    return client, redirects
+    return client_with_map(ClusterMap(epoch=0, shards=real.shards, vnodes_per_shard=16))
 
 
 def _moved_and_kept(real: ClusterMap, prefix: bytes, each: int) -> tuple[list[bytes], list[bytes]]:

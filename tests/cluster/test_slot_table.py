@@ -9,12 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kvstore import Client, errors
-from kvstore.client.core import ClientCore
+from kvstore import Client
 from kvstore.cluster.backup import backup_cluster, restore_cluster
 from kvstore.cluster.local import LocalCluster
 from kvstore.routing.ring import slot_of
-from tests.conftest import TEST_RAFT, wait_until
+from tests.conftest import TEST_RAFT, client_with_map, wait_until
 
 FIRST, LAST = 0, 8191  # the moved range: an eighth of the slots
 
@@ -53,18 +52,7 @@ def test_a_moved_slot_range_is_served_by_its_new_owner_and_a_stale_client_is_red
 
         # The ring's owner refuses them: a client with the map of the epoch before is told so,
         # fetches the new map and finds them on shard 1.
-        stale = Client(_core=ClientCore(cluster_map=born))
-        redirects: list[errors.WrongShard] = []
-        perform = stale._perform
-
-        def counting(step: Any) -> Any:
-            try:
-                return perform(step)
-            except errors.WrongShard as err:
-                redirects.append(err)
-                raise
-
-        stale._perform = counting  # type: ignore[method-assign]
+        stale, redirects = client_with_map(born)
         with stale:
             assert stale.get(keys[0]) == b"v-" + keys[0]
             assert redirects and redirects[0].epoch == moved.epoch
