@@ -179,7 +179,11 @@ class Dispatcher:
             except errors.KvError as err:
                 last_error = err
                 continue
-            fetched = ClusterMap.from_proto(msg)
+            try:
+                fetched = ClusterMap.from_proto(msg)
+            except errors.KvError as err:  # a node answering a map that does not hold together
+                last_error = err
+                continue
             known = self.cluster_map.cluster_id if self.cluster_map is not None else ""
             if known and fetched.cluster_id != known:
                 continue  # another cluster's node (it answered without checking): never switch

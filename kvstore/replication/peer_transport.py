@@ -40,7 +40,7 @@ from typing import Any
 
 from pysyncobj import pickle as pysyncobj_pickle
 from pysyncobj.monotonic import monotonic
-from pysyncobj.tcp_connection import TcpConnection
+from pysyncobj.tcp_connection import CONNECTION_STATE, TcpConnection
 from pysyncobj.transport import TCPTransport
 
 from kvstore.config import RaftSettings
@@ -468,6 +468,8 @@ class SecurePeerTransport(TCPTransport):
         conn.peer_verified = False  # `send` gives it nothing more
         conn.setOnMessageReceivedCallback(lambda message: None)
         self._unknownConnections.discard(conn)
+        if conn.state == CONNECTION_STATE.DISCONNECTED:
+            return  # the send failed and closed it (pysyncobj may already redial: leave that alone)
         if len(self._lingering) >= self.MAX_PENDING:
             conn.disconnect()  # bounded: a flood of refused dialers is closed at once
         else:

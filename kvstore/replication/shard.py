@@ -48,7 +48,7 @@ from kvstore.replication.state_machine import (
 from kvstore.replication.views import ReadView, ShardStatus, WriteResult
 from kvstore.storage.disk import DiskSpace
 from kvstore.storage.engine import Storage
-from kvstore.storage.identity import PeerIncarnations, open_identity
+from kvstore.storage.identity import FORMAT, PeerIncarnations, open_identity, upgrade_identity
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,11 @@ def open_shard(config: NodeConfig, client_address_of: Callable[[str], str]) -> S
         metasync=False,
         max_map_size=config.storage.max_map_size_bytes,
         disk=DiskSpace(data_dir, config.storage.min_free_bytes, config.storage.min_free_fraction),
+        # An older format's release does not keep the slot index: whatever it wrote is indexed again.
+        rebuild_slot_index=identity.format < FORMAT,
     )
     try:
+        upgrade_identity(data_dir, identity)
         storage.check_key_limit(config.limits.max_key_bytes)
         replica = ReplicaSettings(
             advertise=config.raft_advertise,
@@ -379,7 +382,8 @@ class Shard:
         if future is None:
             future = self._read_open = self._loop.create_future()
             self._loop.call_soon(self._ask_read_index, future)
-            self._loop.call_later(self._server.read_barrier_timeout, _fail_unless_done, future)
+            timer = self._loop.call_later(self._server.read_barrier_timeout, _fail_unless_done, future)
+            future.add_done_callback(lambda _: timer.cancel())
         index = await asyncio.shield(future)
         if index is not None and not await self.applied.wait_for(index, self._server.read_barrier_timeout):
             raise errors.Unavailable(f"replica did not apply through read index {index} in time")

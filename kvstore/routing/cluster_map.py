@@ -91,7 +91,10 @@ class ClusterMap:
             raise errors.KvError(
                 f"cluster map epoch {self.epoch}: ring shards {sorted(unknown)} are not in it"
             )
-        return Ring(self.ring_shards or [s.id for s in self.shards], self.vnodes_per_shard)
+        try:
+            return Ring(self.ring_shards or [s.id for s in self.shards], self.vnodes_per_shard)
+        except ValueError as exc:  # duplicate ring shards, a bad vnode count: from a file or a peer
+            raise errors.KvError(f"cluster map epoch {self.epoch} has a bad ring: {exc}") from None
 
     def shard(self, shard_id: int) -> ShardInfo:
         try:

@@ -87,7 +87,10 @@ class Storage:
         metasync: bool | None = None,
         max_map_size: int = 16 << 30,
         disk: DiskSpace | None = None,
+        rebuild_slot_index: bool = False,
     ) -> None:
+        """`rebuild_slot_index`: index every key again, whatever the store says (its data dir was
+        of an older format: a release that does not keep the index may have written it since)."""
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self._map_size = min(map_size, max_map_size)
@@ -106,11 +109,13 @@ class Storage:
         live, old = self.path / "lmdb", self.path / "lmdb.old"
         if not live.exists() and old.exists():
             os.replace(old, live)  # crashed between the two renames of install_snapshot
-        self._open(live)
+        self._open(live, rebuild_slot_index)
 
     # ----- lifecycle -----
 
-    def _open(self, env_path: Path) -> None:
+    def _open(self, env_path: Path, rebuild_slot_index: bool = False) -> None:
+        """Open the environment at `env_path`. Called by `__init__`, and by `install_snapshot`
+        holding `_env_lock` (so nothing here may take it)."""
         self._env = lmdb.open(
             str(env_path),
             map_size=max(self._map_size, _existing_size(env_path)),
@@ -125,7 +130,7 @@ class Storage:
         self._data = self._env.open_db(b"data")
         self._meta = self._env.open_db(b"meta")
         self._slots = self._env.open_db(b"slots", dupsort=True)
-        self._build_slot_index()
+        self._build_slot_index(rebuild_slot_index)
         self._dedup = DedupTables(self._env, self._meta)
         _drop_pickled_requests(self._env)
 
@@ -149,14 +154,25 @@ class Storage:
                 self._txn = None
             self._env.close()
 
-    def _build_slot_index(self) -> None:
-        """Index every key by slot, once, in a store written before the index existed (in one
-        write transaction with its mark: a crash part-way leaves no half-built index)."""
-        with self._env.begin(db=self._meta) as txn:
-            if txn.get(_SLOT_INDEX_BUILT) is not None:
-                return
-        self._grow_if_needed()  # the index adds about the keys' size again
+    def _build_slot_index(self, rebuild: bool) -> None:
+        """Index every key by slot: once, in a store written before the index existed; again when
+        asked (`rebuild`), or when the index does not hold as many keys as the data (a release
+        without the index wrote to this store: it may have come in a snapshot or a backup).
+        In one write transaction with its mark: a crash part-way leaves no half-built index."""
+        with self._env.begin() as txn:
+            built = txn.get(_SLOT_INDEX_BUILT, db=self._meta) is not None
+            keys, indexed = txn.stat(self._data)["entries"], txn.stat(self._slots)["entries"]
+        if built and not rebuild and keys == indexed:
+            return
+        if built and keys != indexed:
+            log.warning(
+                "the slot index of %s holds %d keys, the data %d: rebuilding it", self.path, indexed, keys
+            )
+        used, map_size = self._used_bytes()
+        if used >= map_size * _GROW_AT_FRACTION:  # the index adds about the keys' size again
+            self.grow(lock_held=True)
         with self._env.begin(write=True) as txn:
+            txn.drop(self._slots, delete=False)
             count = 0
             cursor, index = txn.cursor(db=self._data), txn.cursor(db=self._slots)
             keys: list[bytes] = []
@@ -263,6 +279,8 @@ class Storage:
         Reads the index and those keys only: cost in proportion to what is listed."""
         if not 0 <= first <= last < SLOT_COUNT or limit < 1:
             raise ValueError(f"slots {first}-{last} (limit {limit}) are not within 0-{SLOT_COUNT - 1}")
+        if after is not None and not first <= after[0] <= last:
+            raise ValueError(f"continuation slot {after[0]} is not within slots {first}-{last}")
         out: list[Record] = []
         with self._env_lock, self._env.begin() as txn:
             applied = _position(txn.get(_APPLIED, db=self._meta))[0]
@@ -436,8 +454,9 @@ class Storage:
         if used >= map_size * _GROW_AT_FRACTION:
             self.grow()
 
-    def grow(self) -> bool:
+    def grow(self, lock_held: bool = False) -> bool:
         """Double the map, within `max_map_size` and the disk's free bytes. Returns whether it grew.
+        `lock_held`: the caller holds `_env_lock` (or no other thread has the store yet).
 
         Not while a snapshot holds a transaction (set_mapsize needs every transaction closed): the
         batch is re-applied later and the map grows once the snapshot is done."""
@@ -453,8 +472,11 @@ class Storage:
         if new_size <= map_size:
             return False
         log.info("growing LMDB map from %d to %d bytes", map_size, new_size)
-        with self._env_lock:
+        if lock_held:
             self._env.set_mapsize(new_size)
+        else:
+            with self._env_lock:
+                self._env.set_mapsize(new_size)
         return True
 
     def write_refusal(self) -> str | None:

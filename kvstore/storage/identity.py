@@ -87,10 +87,18 @@ def open_identity(data_dir: str | Path, cluster: str) -> DataDirIdentity:
             f"for cluster {cluster} (cluster.id): refusing to start; point data_dir at this "
             f"cluster's directory, or fix cluster.id"
         )
-    if identity.format < FORMAT:  # upgraded now (the store is brought up to date as it opens)
-        identity = DataDirIdentity(FORMAT, identity.cluster, identity.incarnation)
-        write_json_durably(path, {"format": FORMAT, "cluster": cluster, "incarnation": identity.incarnation})
     return identity
+
+
+def upgrade_identity(data_dir: str | Path, identity: DataDirIdentity) -> DataDirIdentity:
+    """Mark a data dir of an older format as this one's, once its store has been brought up to
+    date (the caller opened it so): a release of the older format refuses it from then on."""
+    if identity.format >= FORMAT:
+        return identity
+    upgraded = DataDirIdentity(FORMAT, identity.cluster, identity.incarnation)
+    document = {"format": FORMAT, "cluster": identity.cluster, "incarnation": identity.incarnation}
+    write_json_durably(Path(data_dir) / IDENTITY_FILE, document)
+    return upgraded
 
 
 def write_json_durably(path: Path, document: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ from kvstore.storage.identity import (
     DataDirError,
     PeerIncarnations,
     open_identity,
+    upgrade_identity,
 )
 
 
@@ -51,10 +52,13 @@ def test_an_older_format_is_upgraded_keeping_its_incarnation(tmp_path: Path) -> 
     first = open_identity(tmp_path / "d", "c1")
     path = tmp_path / "d" / IDENTITY_FILE
     path.write_text(json.dumps({"format": 1, "cluster": "c1", "incarnation": first.incarnation}))
-    again = open_identity(tmp_path / "d", "c1")
+    old = open_identity(tmp_path / "d", "c1")
+    assert old.format == 1  # as found: the caller rebuilds the slot index before upgrading
+    again = upgrade_identity(tmp_path / "d", old)
     assert again == first and again.format == FORMAT == 2
     # Written back: a release of format 1 (which would not keep the slot index) now refuses the dir.
     assert json.loads(path.read_text())["format"] == FORMAT
+    assert upgrade_identity(tmp_path / "d", again) == again
 
 
 def test_peers_are_recorded_on_first_contact_refused_when_changed_and_forgettable(tmp_path: Path) -> None:

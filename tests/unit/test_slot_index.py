@@ -6,6 +6,7 @@ index when opened; a snapshot carries it."""
 from __future__ import annotations
 
 import io
+import threading
 from pathlib import Path
 
 import lmdb
@@ -135,3 +136,68 @@ def test_a_snapshot_carries_the_index(tmp_path: Path) -> None:
     out.seek(0)
     target.install_snapshot(out, len(out.getvalue()))
     assert _listed(target, limit=50) == _expected(keys)
+
+
+def _write_as_the_previous_release(path: Path, put: dict[bytes, bytes], delete: list[bytes]) -> None:
+    """Write to a store as a release without the slot index would: data only (mark left alone)."""
+    env = lmdb.open(str(path / "lmdb"), max_dbs=8)
+    with env.begin(write=True) as txn:
+        data = env.open_db(b"data", txn=txn)
+        for key, value in put.items():
+            txn.put(key, b"\0" * 8 + value, db=data)
+        for key in delete:
+            txn.delete(key, db=data)
+    env.close()
+
+
+def test_an_index_out_of_step_with_its_data_is_rebuilt_and_an_upgrade_always_rebuilds(tmp_path: Path) -> None:
+    storage = Storage(tmp_path, fsync=False)
+    storage.put_many(((b"a", b"1"), (b"b", b"2")), 1)
+    storage.commit()
+    storage.close()
+    _write_as_the_previous_release(tmp_path, {b"c": b"3"}, [])  # a key more than the index holds
+    again = Storage(tmp_path, fsync=False)
+    assert _listed(again) == _expected({b"a", b"b", b"c"})
+    again.close()
+    # As many keys as indexed, but not the same ones: only the data dir's older format tells.
+    _write_as_the_previous_release(tmp_path, {b"d": b"4"}, [b"a"])
+    assert _listed(Storage(tmp_path, fsync=False)) != _expected({b"b", b"c", b"d"})  # not detectable
+    assert _listed(Storage(tmp_path, fsync=False, rebuild_slot_index=True)) == _expected({b"b", b"c", b"d"})
+
+
+def test_installing_a_snapshot_without_an_index_into_a_nearly_full_map_builds_it(tmp_path: Path) -> None:
+    # It grows the map while holding the lock that swaps the store: grow must not take it again.
+    source = Storage(tmp_path / "a", fsync=False)
+    keys = {b"big:%05d" % i for i in range(6000)}
+    source.put_many(tuple((k, b"v" * 80) for k in keys), 1)
+    source.set_applied(1, 1)
+    source.commit()
+    source.close()
+    env = lmdb.open(str(tmp_path / "a" / "lmdb"), max_dbs=8)
+    with env.begin(write=True) as txn:  # a snapshot from a leader of the previous release
+        txn.drop(env.open_db(b"slots", txn=txn, dupsort=True), delete=True)
+        txn.delete(b"slot_index", db=env.open_db(b"meta", txn=txn))
+    copy = tmp_path / "copy.mdb"
+    env.copy(str(tmp_path), compact=True)
+    env.close()
+    (tmp_path / "data.mdb").rename(copy)
+    target = Storage(tmp_path / "b", map_size=1 << 20, fsync=False)
+    assert copy.stat().st_size >= (1 << 20) // 2
+    done = threading.Event()
+
+    def install() -> None:
+        with open(copy, "rb") as f:
+            target.install_snapshot(f, copy.stat().st_size)
+        done.set()
+
+    threading.Thread(target=install, daemon=True).start()
+    assert done.wait(30), "installing the snapshot hung"
+    assert target.slot_key_count(0, SLOT_COUNT - 1) == len(keys)
+
+
+def test_a_continuation_outside_the_range_is_refused(tmp_path: Path) -> None:
+    storage = Storage(tmp_path, fsync=False)
+    with pytest.raises(ValueError, match="continuation slot 3"):
+        storage.slot_keys(10, 20, after=(3, b"k"))
+    with pytest.raises(ValueError, match="continuation slot 70000"):
+        storage.slot_keys(10, SLOT_COUNT - 1, after=(70_000, b"k"))

@@ -128,3 +128,10 @@ def test_any_sequence_of_moves_matches_a_plain_list(moves: list[tuple[int, int, 
     assert again == table and again.overrides() == table.overrides()
     assert len(table.overrides()) <= 3 * len(moves)  # a move adds at most a range and splits one
     assert sum(table.slot_counts().values()) == SLOT_COUNT
+
+
+def test_a_map_with_a_bad_ring_is_refused_as_a_kv_error() -> None:
+    text = json.loads(_map().to_json())
+    text["ring_shards"] = [0, 0, 1]
+    with pytest.raises(errors.KvError, match="bad ring"):
+        ClusterMap.from_json(json.dumps(text))
