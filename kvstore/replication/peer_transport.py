@@ -507,8 +507,8 @@ class SecurePeerTransport(TCPTransport):
         elapsed, self._last_tick = min(now - self._last_tick, self.MAX_TICK_CHARGE), now
         for conn, close_at in list(self._lingering.items()):
             if now >= close_at:
-                conn.disconnect()  # (pops it, in _onDisconnected)
-                self._lingering.pop(conn, None)
+                conn.disconnect()
+                self._lingering.pop(conn, None)  # (_onDisconnected pops it too, when pysyncobj calls it)
         for conn in list(self._unknownConnections):
             conn.waited = getattr(conn, "waited", 0.0) + elapsed
             if conn.waited > self._identify_timeout:

@@ -350,12 +350,12 @@ class Shard:
         `session_index`: the client's token for this shard (session reads); `max_staleness`:
         seconds (bounded reads)."""
         if consistency == ConsistencyLevel.STRONG:
-            if self._machine.is_leader():
-                if not self._server.unsafe_local_strong_reads:  # (the planted bug: skip it)
-                    if await self.read_index() is None:
-                        await self.barrier()  # no longer the leader: as a follower does
-            else:
+            if not self._machine.is_leader():
                 await self.barrier()
+            elif self._server.unsafe_local_strong_reads:
+                pass  # the planted bug (ServerSettings.unsafe_local_strong_reads): no check at all
+            elif await self.read_index() is None:
+                await self.barrier()  # no longer the leader: as a follower does
         elif consistency == ConsistencyLevel.SESSION:
             if not await self.applied.wait_for(session_index, self._server.session_wait):
                 raise errors.ReplicaBehind(

@@ -51,10 +51,11 @@ class ClusterMap:
     # The shards the ring places slots over; empty: all of them. A shard added to the map is not
     # in the ring, so adding it moves nothing: slots move to it explicitly (`with_slots_moved`).
     ring_shards: tuple[int, ...] = ()
-    _by_id: dict[int, ShardInfo] = field(default_factory=dict, compare=False, repr=False)
+    # Derived from `shards`, never passed in: a map made by `dataclasses.replace` gets its own.
+    _by_id: dict[int, ShardInfo] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._by_id.update({s.id: s for s in self.shards})
+        object.__setattr__(self, "_by_id", {s.id: s for s in self.shards})
         if self.slot_ranges or self.ring_shards:
             self.slots  # noqa: B018 (checked now: a bad table is refused when the map is read)
 

@@ -161,12 +161,12 @@ class Storage:
         In one write transaction with its mark: a crash part-way leaves no half-built index."""
         with self._env.begin() as txn:
             built = txn.get(_SLOT_INDEX_BUILT, db=self._meta) is not None
-            keys, indexed = txn.stat(self._data)["entries"], txn.stat(self._slots)["entries"]
-        if built and not rebuild and keys == indexed:
+            stored, indexed = txn.stat(self._data)["entries"], txn.stat(self._slots)["entries"]
+        if built and not rebuild and stored == indexed:
             return
-        if built and keys != indexed:
+        if built and stored != indexed:
             log.warning(
-                "the slot index of %s holds %d keys, the data %d: rebuilding it", self.path, indexed, keys
+                "the slot index of %s holds %d keys, the data %d: rebuilding it", self.path, indexed, stored
             )
         used, map_size = self._used_bytes()
         if used >= map_size * _GROW_AT_FRACTION:  # the index adds about the keys' size again
@@ -184,7 +184,7 @@ class Storage:
             index.putmulti(_index_rows(keys))
             txn.put(_SLOT_INDEX_BUILT, b"1", db=self._meta)
         if count := count + len(keys):
-            log.info("indexed %d keys of %s by slot (a store of the previous release)", count, self.path)
+            log.info("indexed the %d keys of %s by slot", count, self.path)
 
     # ----- reads (any thread) -----
 
