@@ -287,7 +287,7 @@ def _run_repo_script(relative: str, args: argparse.Namespace) -> int:
 
 def _cluster(args: argparse.Namespace) -> int:
     from kvstore.cluster.local import LocalCluster
-    from kvstore.cluster.status import problems, status_document
+    from kvstore.cluster.status import problems, raft_groups
 
     cluster = LocalCluster(args.dir)
     if args.action == "up":
@@ -323,17 +323,20 @@ def _cluster(args: argparse.Namespace) -> int:
         shards = _wait_serving(cluster, None, started, args.timeout, "cluster up")
         if shards is None:
             return 1
-        _print_status(status_document(cluster.cluster_map(), shards, cluster.dir))
+        _print_status(cluster.status_document())
         print(f"cluster up: {args.dir} ({len(shards)} shard(s))")
         print(f"stop it with: kvstore cluster down --dir {args.dir}")
     elif args.action == "status":
-        document = status_document(cluster.cluster_map(), cluster.status(), cluster.dir)
+        document = cluster.status_document()
         if args.json:
             print(json.dumps(document, indent=2))
             return 0  # the document says whether all is well ("healthy"); tools read it, not this
         _print_status(document)
         if not document["healthy"]:
-            print(f"not healthy: {'; '.join(problems(document['shards']))}", file=sys.stderr)
+            print(
+                f"not healthy: {'; '.join(problems(raft_groups(document['shards'], document['metadata'])))}",
+                file=sys.stderr,
+            )
             return 1
     elif args.action == "kill":
         pid = cluster.kill(args.node, args.signal)
@@ -365,7 +368,7 @@ def _wait_serving(
     except NodesNotServing as err:
         print(f"{command}: {err}", file=sys.stderr)
         if started:  # all of them: the fault proxies go too
-            everything = set(started) == set(cluster.node_names())
+            everything = set(started) == set(cluster.all_node_names())
             cluster.down(names=None if everything else started)
         stopped = f"the {len(started)} node(s) it started ({', '.join(started)})" if started else "nothing"
         print(f"{command}: stopped {stopped}; logs: {cluster.dir / 'logs'}", file=sys.stderr)
@@ -414,6 +417,11 @@ def _print_status(document: Any) -> None:
                 f"leader_commit={m['leader_commit_index']:<8} staleness={staleness:<7} zone={r['zone']:<7} "
                 f"health={r['health']}"
             )
+    if meta := document["metadata"]:
+        print(f"metadata group: leader={meta['leader'] or '-'}")
+        for r in meta["replicas"]:
+            pid = r["pid"] or "-"
+            print(f"  {r['node']:<8} {r['role']:<11} {r['address']:<21} pid={pid:<7} health={r['health']}")
 
 
 def _health(args: argparse.Namespace) -> int:

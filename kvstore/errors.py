@@ -268,3 +268,17 @@ class ClusterMismatch(KvError):
 
 
 _BY_KIND[ClusterMismatch.kind] = ClusterMismatch
+
+
+# ----- the metadata group (issue 16) ---------------------------------------------------------------
+
+
+class MapConflict(KvError):
+    """The cluster map changed between reading it and writing the next one (another change won).
+    Nothing was written: read the map again and decide again."""
+
+    code = grpc.StatusCode.ABORTED
+    kind = "map_conflict"
+
+
+_BY_KIND[MapConflict.kind] = MapConflict

@@ -101,6 +101,9 @@ class Dispatcher:
         self._session_lock = threading.Lock()
         self.leaders: dict[int, str] = {}
         self.latency: dict[str, float] = {}
+        # The newest map epoch a response named: a newer one than the map's is fetched before
+        # the next operation (a node learns a change from the metadata group within a second).
+        self.newest_epoch_seen = 0
         self._rr = itertools.count()
         # This client's session on the servers: its writes' request ids are the client id and a
         # sequence number (`new_request_id`), which the servers keep outcomes under.
@@ -128,6 +131,8 @@ class Dispatcher:
         session token, raised to what the response shows was seen or written."""
         if header.leader and not header.revisions:
             self.leaders[header.shard] = header.leader
+        if header.epoch > self.newest_epoch_seen:
+            self.newest_epoch_seen = header.epoch
         if not self.track_session:
             return
         seen = dict(header.revisions) or {header.shard: header.revision}
@@ -149,6 +154,11 @@ class Dispatcher:
     def _ensure_map(self, deadline: Deadline | None = None) -> Plan:
         if self.cluster_map is None:
             yield from self.refresh_map(deadline=deadline)
+        elif self.newest_epoch_seen > self.cluster_map.epoch:
+            # A node serves under a newer map: fetch it now rather than meet a redirect later.
+            # Once: if no node has it yet, the next wrong-shard answer asks again.
+            seen, self.newest_epoch_seen = self.newest_epoch_seen, 0
+            yield from self.refresh_map(seen, deadline)
         return self.cluster_map
 
     def refresh_map(self, min_epoch: int = 0, deadline: Deadline | None = None) -> Plan:

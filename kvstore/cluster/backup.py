@@ -82,7 +82,7 @@ def backup_cluster(cluster_dir: str | Path, out_dir: str | Path, say: Say = prin
     the manifest. Shards are copied in parallel, each from the first replica that serves it
     (followers first, the leader last)."""
     cluster = LocalCluster(cluster_dir)
-    cluster_map = cluster.cluster_map()
+    cluster_map = cluster.current_map(timeout=2.0)  # the metadata group's, not an older cluster.json
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty: a backup goes into a new or empty directory")
@@ -363,6 +363,7 @@ def restore_cluster(
         vnodes=source.vnodes_per_shard,
         raft=RaftSettings(insecure=insecure),
         storage=StorageSettings(durability=durability),
+        meta_replicas=len(source.meta),  # its group is seeded with the new map at its first start
     )
     if new_map.cluster_id == manifest.get("cluster_id"):  # create() draws a fresh one: never
         raise BackupFailed("the new cluster got the backup's cluster id; it could talk to the original")

@@ -20,20 +20,21 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from kvstore import errors
+from kvstore.cluster.processes import alive, free_ports, is_kvstore_process, wait_gone
 from kvstore.cluster.status import (
     NodesNotServing,
     StatusDocument,
+    ask_replica,
     last_error_line,
     start_problem,
     status_document,
@@ -42,47 +43,11 @@ from kvstore.cluster.topology import PORTS_PER_REPLICA, Topology, resolve_topolo
 from kvstore.config import ClusterSettings, NodeConfig, RaftSettings, ServerSettings, StorageSettings
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
-from kvstore.routing.cluster_map import ClusterMap, ReplicaInfo, ShardInfo
+from kvstore.routing.cluster_map import META_SHARD, ClusterMap, ReplicaInfo, ShardInfo
 from kvstore.storage.identity import new_cluster_id
 
 PROXY_DAEMON = "fault-proxies"  # name of the proxy daemon's log and PID files
 SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "STOP": signal.SIGSTOP, "CONT": signal.SIGCONT}
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports the kernel reports free right now (held open together so they are distinct)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-@dataclass
-class ReplicaStatus:
-    node: str
-    shard: int
-    address: str
-    pid: int | None
-    role: str  # leader, follower, candidate, down, paused
-    term: int = 0
-    applied_index: int = 0
-    commit_index: int = 0
-    leader_commit_index: int = 0
-    staleness_seconds: float = -1.0
-    key_count: int = 0
-    leader: str = ""
-    zone: str = ""
-    health: str = "down"  # serving, not_serving: <reason>, down, paused, unreachable
-    raft_log_size: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 class LocalCluster:
@@ -110,7 +75,7 @@ class LocalCluster:
     def _pid_path(self, name: str) -> Path:
         return self.dir / "run" / f"{name}.pid"
 
-    def secret_path(self, shard: int) -> Path:
+    def secret_path(self, shard: int | str) -> Path:
         return self.dir / "secrets" / f"shard-{shard}.key"
 
     def log_path(self, name: str) -> Path:
@@ -122,7 +87,12 @@ class LocalCluster:
         return ClusterMap.load(self.map_path)
 
     def node_names(self) -> list[str]:
+        """The shards' nodes (`all_node_names` adds the metadata group's)."""
         return [r.name for s in self.cluster_map().shards for r in s.replicas]
+
+    def all_node_names(self) -> list[str]:
+        """Every node process: the metadata group's replicas first (the shards' nodes follow its map)."""
+        return [r.name for r in self.cluster_map().meta] + self.node_names()
 
     def node_config(self, name: str) -> NodeConfig:
         return NodeConfig.load(self._config_path(name))
@@ -142,6 +112,7 @@ class LocalCluster:
         server: ServerSettings | None = None,
         faults: bool = False,
         topology: Topology | None = None,
+        meta_replicas: int | None = None,
     ) -> ClusterMap:
         """Write the map and node configs.
 
@@ -149,18 +120,22 @@ class LocalCluster:
         `base_port` and `vnodes` (defaults: 1 x 3, free ports, 256 vnodes), never both.
         A replica binds its Raft port but may advertise another address (a fault proxy's):
         `proxied_raft` maps replica name -> advertised address, or `advertise_for` is called with
-        name -> bound Raft address and returns that mapping (so proxies can be started in between)."""
-        topology = resolve_topology(topology, shards, replicas, vnodes, base_port)
+        name -> bound Raft address and returns that mapping (so proxies can be started in between).
+
+        `meta_replicas`: the metadata group's size (the map's authority; kvstore/meta/store.py).
+        A topology says its own (3 unless it says otherwise); built from the shape arguments the
+        default is 0, no group and a fixed map: the smallest cluster a test needs."""
+        if topology is None and meta_replicas is None:
+            meta_replicas = 0
+        topology = resolve_topology(topology, shards, replicas, vnodes, base_port, meta_replicas)
         if self.map_path.exists():
             raise FileExistsError(f"a cluster already exists at {self.dir}")
         shards, replicas = topology.shards, topology.replicas
         count = topology.replica_count
-        # gRPC and Raft port of each replica in turn, then each replica's health port.
-        ports = (
-            [topology.base_port + i for i in range(PORTS_PER_REPLICA * count)]
-            if topology.base_port
-            else free_ports(PORTS_PER_REPLICA * count)
-        )
+        # gRPC and Raft port of each replica in turn, then each replica's health port, then the
+        # metadata group's (gRPC, Raft, health for each).
+        wanted = PORTS_PER_REPLICA * (count + topology.meta_replicas)
+        ports = [topology.base_port + i for i in range(wanted)] if topology.base_port else free_ports(wanted)
         # Ports handed out above are free but unbound until the nodes start: whoever binds next
         # (a fault proxy on port 0) must not take one of them.
         self.reserved_ports = set(ports)
@@ -211,6 +186,8 @@ class LocalCluster:
                         server=server or ServerSettings(),
                     )
                 )
+        meta, meta_configs = self._plan_meta(topology, ports[PORTS_PER_REPLICA * count :], configs[0])
+        configs += meta_configs
         for sub in ("nodes", "data", "logs", "run"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         for config in configs:
@@ -218,12 +195,48 @@ class LocalCluster:
         # What the cluster was made from, for whoever looks later (the map is what nodes read).
         self.topology_path.write_text(topology.to_toml())
         cluster_map = ClusterMap(
-            epoch=1, shards=tuple(shard_infos), vnodes_per_shard=topology.vnodes, cluster_id=cluster.id
+            epoch=1,
+            shards=tuple(shard_infos),
+            vnodes_per_shard=topology.vnodes,
+            cluster_id=cluster.id,
+            meta=meta,
         )
         cluster_map.save(self.map_path)
         return cluster_map
 
-    def _write_secret(self, shard: int) -> Path:
+    def _plan_meta(
+        self, topology: Topology, ports: list[int], like: NodeConfig
+    ) -> tuple[tuple[ReplicaInfo, ...], list[NodeConfig]]:
+        """The metadata group's replicas (m0, m1, ...) and their configs, made like `like`'s: the
+        same cluster, Raft and storage settings, a secret of their own (no shard's replica can
+        join the group, nor the group's a shard)."""
+        if not topology.meta_replicas:
+            return (), []
+        secret = "" if like.raft.insecure else str(self._write_secret("meta"))
+        members = [
+            (f"m{j}", *(f"127.0.0.1:{p}" for p in ports[PORTS_PER_REPLICA * j : PORTS_PER_REPLICA * (j + 1)]))
+            for j in range(topology.meta_replicas)
+        ]
+        configs = [
+            dataclasses.replace(
+                like,
+                name=name,
+                shard=META_SHARD,
+                listen=grpc_addr,
+                raft_bind=raft_addr,
+                raft_advertise=raft_addr,
+                peers=[m[2] for m in members if m[0] != name],
+                data_dir=str(self.dir / "data" / name),
+                zone=topology.zone_of(j),
+                health_listen=health_addr,
+                raft=dataclasses.replace(like.raft, secret_file=secret),
+            )
+            for j, (name, grpc_addr, raft_addr, health_addr) in enumerate(members)
+        ]
+        replicas = tuple(ReplicaInfo(m[0], m[1], m[2], topology.zone_of(j)) for j, m in enumerate(members))
+        return replicas, configs
+
+    def _write_secret(self, shard: int | str) -> Path:
         path = self.secret_path(shard)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Created 0600 (never briefly readable by others), refused if it already exists.
@@ -262,11 +275,13 @@ class LocalCluster:
         pid = int(path.read_text().strip() or 0)
         # A PID file outlives its process, and the PID may be reused: trust it only if that
         # process is still one of ours.
-        return pid if pid and _alive(pid) and _is_kvstore_process(pid) else None
+        return pid if pid and alive(pid) and is_kvstore_process(pid) else None
 
     def start(self, name: str) -> int:
-        if name not in self.node_names():
-            raise KeyError(f"no node named {name!r} in {self.dir} (nodes: {', '.join(self.node_names())})")
+        if name not in self.all_node_names():
+            raise KeyError(
+                f"no node named {name!r} in {self.dir} (nodes: {', '.join(self.all_node_names())})"
+            )
         if self.pid(name):
             raise RuntimeError(f"{name} is already running (pid {self.pid(name)})")
         return self._spawn(name, ["kvstore", "node", "--config", str(self._config_path(name))])
@@ -291,28 +306,30 @@ class LocalCluster:
         """Start every node not running (and the fault proxies); the names of the nodes started."""
         if self.has_fault_proxies and not self.pid(PROXY_DAEMON):
             self._spawn(PROXY_DAEMON, ["kvstore.chaos.proxy_daemon", "--dir", str(self.dir)])
-        started = [name for name in self.node_names() if not self.pid(name)]
+        started = [name for name in self.all_node_names() if not self.pid(name)]
         for name in started:
             self.start(name)
         return started
 
     def kill(self, name: str, sig: str = "KILL") -> int:
-        if name not in self.node_names():
-            raise KeyError(f"no node named {name!r} in {self.dir} (nodes: {', '.join(self.node_names())})")
+        if name not in self.all_node_names():
+            raise KeyError(
+                f"no node named {name!r} in {self.dir} (nodes: {', '.join(self.all_node_names())})"
+            )
         pid = self.pid(name)
         if pid is None:
             raise RuntimeError(f"{name} is not running")
         os.kill(pid, SIGNALS[sig.upper()])
         if sig.upper() in ("KILL", "TERM"):
-            _wait_gone(pid, 10.0)
-            if sig.upper() == "KILL" or not _alive(pid):
+            wait_gone(pid, 10.0)
+            if sig.upper() == "KILL" or not alive(pid):
                 self._pid_path(name).unlink(missing_ok=True)
         return pid
 
     def down(self, timeout: float = 10.0, names: list[str] | None = None) -> None:
         """SIGTERM every node (SIGCONT first, in case it is paused), SIGKILL whatever lingers.
         `names`: only these nodes (the fault proxies stay)."""
-        everything = [*self.node_names(), PROXY_DAEMON]
+        everything = [*self.all_node_names(), PROXY_DAEMON]
         pids = {name: self.pid(name) for name in (everything if names is None else names)}
         for pid in filter(None, pids.values()):
             with contextlib.suppress(ProcessLookupError):
@@ -321,11 +338,11 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         for name, pid in pids.items():
             if pid:
-                _wait_gone(pid, max(0.1, deadline - time.monotonic()))
-                if _alive(pid):
+                wait_gone(pid, max(0.1, deadline - time.monotonic()))
+                if alive(pid):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
-                    _wait_gone(pid, 5.0)
+                    wait_gone(pid, 5.0)
             self._pid_path(name).unlink(missing_ok=True)
 
     # ----- status -----
@@ -333,72 +350,70 @@ class LocalCluster:
     def status(self, timeout: float = 1.0) -> list[dict[str, Any]]:
         """Per shard: leader name (or None) and each replica's status."""
         cluster_map = self.cluster_map()
-        shards = []
-        for shard in cluster_map.shards:
-            replicas = [self._replica_status(shard.id, r, timeout) for r in shard.replicas]
-            leaders = [r for r in replicas if r.role == "leader"]
-            # Two self-declared leaders can coexist briefly (a cut-off old one): trust the higher term.
-            leader = max(leaders, key=lambda r: r.term).node if leaders else None
-            shards.append(
-                {
-                    "shard": shard.id,
-                    "leader": leader,
-                    "vnodes": cluster_map.vnodes_per_shard,
-                    "key_count": max((r.key_count for r in replicas), default=0),
-                    "replicas": [r.as_dict() for r in replicas],
-                }
-            )
-        return shards
+        return [
+            self._group_status(s.id, s.replicas, cluster_map.vnodes_per_shard, timeout)
+            for s in cluster_map.shards
+        ]
 
-    def _replica_status(self, shard: int, replica: ReplicaInfo, timeout: float) -> ReplicaStatus:
-        pid = self.pid(replica.name)
-        base = ReplicaStatus(replica.name, shard, replica.address, pid, "down", zone=replica.zone)
-        if pid is None:
-            return base
-        if _is_stopped(pid):
-            base.role = base.health = "paused"
-            return base
-        try:
-            with grpc.insecure_channel(replica.address) as channel:
-                s = pb_grpc.AdminStub(channel).Status(pb.StatusRequest(), timeout=timeout)
-        except grpc.RpcError:
-            base.role = base.health = "unreachable"
-            return base
-        if s.pid and s.pid != pid:  # e.g. another cluster's node on the same port
-            base.role = "foreign"
-            base.health = (
-                f"another process (pid {s.pid}) answers at {replica.address}, not this node (pid {pid})"
-            )
-            return base
-        return ReplicaStatus(
-            replica.name,
-            shard,
-            replica.address,
-            pid,
-            s.role,
-            s.term,
-            s.applied_index,
-            s.commit_index,
-            s.leader_commit_index,
-            s.staleness_seconds,
-            s.key_count,
-            s.leader,
-            replica.zone,
-            s.health,
-            s.raft_log_size,
-        )
+    def meta_status(self, timeout: float = 1.0) -> dict[str, Any] | None:
+        """The metadata group's status, as a shard's in `status()` (None: the cluster has none)."""
+        cluster_map = self.cluster_map()
+        return self._group_status(META_SHARD, cluster_map.meta, 1, timeout) if cluster_map.meta else None
+
+    def _all_status(self, timeout: float) -> list[dict[str, Any]]:
+        meta = self.meta_status(timeout)
+        return self.status(timeout) + ([meta] if meta else [])
+
+    def _group_status(
+        self, shard: int, members: tuple[ReplicaInfo, ...], vnodes: int, timeout: float
+    ) -> dict[str, Any]:
+        replicas = [ask_replica(shard, r, self.pid(r.name), timeout) for r in members]
+        leaders = [r for r in replicas if r.role == "leader"]
+        # Two self-declared leaders can coexist briefly (a cut-off old one): trust the higher term.
+        leader = max(leaders, key=lambda r: r.term).node if leaders else None
+        return {
+            "shard": shard,
+            "leader": leader,
+            "vnodes": vnodes,
+            "key_count": max((r.key_count for r in replicas), default=0),
+            "replicas": [r.as_dict() for r in replicas],
+        }
 
     def status_document(self, timeout: float = 1.0) -> StatusDocument:
         """What `cluster status --json` prints: the schema of docs/cluster-status.md."""
-        return status_document(self.cluster_map(), self.status(timeout), self.dir)
+        cluster_map = self.current_map(timeout)
+        return status_document(cluster_map, self.status(timeout), self.dir, self.meta_status(timeout))
+
+    def current_map(self, timeout: float = 1.0) -> ClusterMap:
+        """The newest map any node answers (the metadata group's, which every node follows within
+        a second), written to cluster.json if it is newer: the file is a cache, the group the
+        authority. The file's map when no node answers."""
+        cached = self.cluster_map()
+        newest = cached
+        for replica in [*cached.meta, *(r for s in cached.shards for r in s.replicas)]:
+            if self.pid(replica.name) is None:
+                continue
+            try:
+                with grpc.insecure_channel(replica.address) as channel:
+                    answer = pb_grpc.AdminStub(channel).ClusterMap(pb.ClusterMapRequest(), timeout=timeout)
+                answered = ClusterMap.from_proto(answer)
+            except (grpc.RpcError, errors.KvError):
+                continue
+            if answered.cluster_id == cached.cluster_id and answered.epoch > newest.epoch:
+                newest = answered
+            if cached.meta:
+                break  # every node follows the group: the first answer is as new as any
+        if newest.epoch > cached.epoch:
+            newest.save(self.map_path)
+        return newest
 
     def wait_for_leaders(self, timeout: float = 30.0) -> list[dict[str, Any]]:
-        """Block until every shard has a replica that reports itself leader."""
+        """Block until every shard (and the metadata group) has a replica that reports itself leader."""
         deadline = time.monotonic() + timeout
         while True:
-            shards = self.status(timeout=0.5)
+            shards = self._all_status(timeout=0.5)
             if all(s["leader"] for s in shards):
-                return shards
+                return [s for s in shards if s["shard"] != META_SHARD]  # as status() says
             if time.monotonic() > deadline:
                 missing = [s["shard"] for s in shards if not s["leader"]]
                 raise TimeoutError(
@@ -413,10 +428,10 @@ class LocalCluster:
         (`status.start_problem`); returns `status()`. Raises `NodesNotServing`, naming each node
         that is not with the line of its log that says why, as soon as every node left has exited
         (a taken port, a bad config: waiting longer cannot help), or after `timeout` seconds."""
-        wanted = set(names or self.node_names())
+        wanted = set(names or self.all_node_names())
         deadline = time.monotonic() + timeout
         while True:
-            shards = self.status(timeout=0.5)
+            shards = self._all_status(timeout=0.5)
             problems = {
                 r["node"]: problem
                 for s in shards
@@ -428,7 +443,7 @@ class LocalCluster:
                 if child is not None and child.poll() is not None:
                     problems[name] = "down"
             if not problems:
-                return shards
+                return [s for s in shards if s["shard"] != META_SHARD]  # as status() says
             exited = {name for name, problem in problems.items() if problem == "down"}
             if exited == set(problems) or time.monotonic() > deadline:
                 waited = "" if exited == set(problems) else f" within {timeout:g}s"
@@ -460,51 +475,3 @@ class LocalCluster:
             if s["shard"] == shard:
                 return s["leader"]
         raise KeyError(shard)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped by its parent) counts as gone, but only once every thread
-    # has exited: a killed node's leader thread turns zombie first, and its sockets (its ports)
-    # stay open until the last of its threads is gone.
-    if _state(f"/proc/{pid}/stat") not in ("Z", "X", ""):
-        return True
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return False
-    return any(_state(f"/proc/{pid}/task/{task}/stat") not in ("Z", "X", "") for task in tasks)
-
-
-def _state(stat_path: str) -> str:
-    """A process's or thread's state letter from its /proc stat file ("" if it is gone)."""
-    try:
-        with open(stat_path) as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return ""
-
-
-def _is_kvstore_process(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"kvstore" in f.read()
-    except OSError:
-        return False
-
-
-def _is_stopped(pid: int) -> bool:
-    return _state(f"/proc/{pid}/stat") == "T"
-
-
-def _wait_gone(pid: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)  # reap if it is our child
-        time.sleep(0.02)

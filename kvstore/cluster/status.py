@@ -3,17 +3,23 @@ and pinned by tests/cluster/test_cluster_status.py. Later changes add keys; they
 move one, so tools written against it keep working.
 
 Built from the cluster map (shards, replicas, addresses, epoch, the ring) and what each replica's
-`Admin.Status` answered (`LocalCluster.status()`). Shards and replicas the map no longer lists
-(removed ones) are not in it.
+`Admin.Status` answered (`ask_replica`, through `LocalCluster.status()`). Shards and replicas the
+map no longer lists (removed ones) are not in it.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
+import grpc
+
 from kvstore import errors
+from kvstore.cluster.processes import is_stopped
+from kvstore.proto import kvstore_pb2 as pb
+from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.routing.cluster_map import ClusterMap, ReplicaInfo
 from kvstore.routing.ring import SLOT_COUNT
 
@@ -58,6 +64,11 @@ class ShardDocument(TypedDict):
     replicas: list[ReplicaDocument]
 
 
+class MetadataDocument(TypedDict):
+    leader: str | None
+    replicas: list[ReplicaDocument]
+
+
 class StatusDocument(TypedDict):
     cluster_id: str
     epoch: int
@@ -66,12 +77,17 @@ class StatusDocument(TypedDict):
     slot_count: int
     vnodes_per_shard: int
     shards: list[ShardDocument]
+    metadata: MetadataDocument | None  # the metadata group; None: the cluster has none
 
 
 def status_document(
-    cluster_map: ClusterMap, shard_statuses: list[dict[str, Any]], directory: str | Path
+    cluster_map: ClusterMap,
+    shard_statuses: list[dict[str, Any]],
+    directory: str | Path,
+    meta_status: dict[str, Any] | None = None,
 ) -> StatusDocument:
-    """`shard_statuses`: what `LocalCluster.status()` returned for `cluster_map`."""
+    """`shard_statuses`, `meta_status`: what `LocalCluster.status()` and `.meta_status()` returned
+    for `cluster_map`."""
     slots = slot_counts(cluster_map)
     by_id = {s["shard"]: s for s in shard_statuses}
     shards: list[ShardDocument] = []
@@ -88,19 +104,32 @@ def status_document(
                 "replicas": [_replica_document(r, answered[r.name]) for r in info.replicas],
             }
         )
+    metadata: MetadataDocument | None = None
+    if meta_status is not None:
+        answered = {r["node"]: r for r in meta_status["replicas"]}
+        metadata = {
+            "leader": meta_status["leader"],
+            "replicas": [_replica_document(r, answered[r.name]) for r in cluster_map.meta],
+        }
     return {
         "cluster_id": cluster_map.cluster_id,
         "epoch": cluster_map.epoch,
-        "healthy": is_healthy(shards),
+        "healthy": is_healthy(raft_groups(shards, metadata)),
         "dir": str(directory),
         "slot_count": SLOT_COUNT,
         "vnodes_per_shard": cluster_map.vnodes_per_shard,
         "shards": shards,
+        "metadata": metadata,
     }
 
 
+def raft_groups(shards: list[ShardDocument], metadata: MetadataDocument | None) -> list[Any]:
+    """The shards and the metadata group (as a shard named "metadata"): what health is judged on."""
+    return shards + ([{"shard": "metadata", **metadata}] if metadata else [])
+
+
 def is_healthy(shards: list[ShardDocument]) -> bool:
-    """Every shard has a leader and every replica reports itself serving."""
+    """Every shard (and the metadata group) has a leader and every replica reports itself serving."""
     return not problems(shards)
 
 
@@ -190,3 +219,62 @@ def last_error_line(log: Path, start: int = 0) -> str:
     errors_seen = [line for line in lines if _ERROR_LINE.search(line)]
     line = (errors_seen or lines or ["(nothing in its log)"])[-1]
     return line if len(line) <= 300 else line[:297] + "..."
+
+
+@dataclass
+class ReplicaStatus:
+    node: str
+    shard: int
+    address: str
+    pid: int | None
+    role: str  # leader, follower, candidate, down, paused
+    term: int = 0
+    applied_index: int = 0
+    commit_index: int = 0
+    leader_commit_index: int = 0
+    staleness_seconds: float = -1.0
+    key_count: int = 0
+    leader: str = ""
+    zone: str = ""
+    health: str = "down"  # serving, not_serving: <reason>, down, paused, unreachable
+    raft_log_size: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def ask_replica(shard: int, replica: ReplicaInfo, pid: int | None, timeout: float) -> ReplicaStatus:
+    """What a replica (process `pid`, None: not running) says of itself in `Admin.Status`."""
+    base = ReplicaStatus(replica.name, shard, replica.address, pid, "down", zone=replica.zone)
+    if pid is None:
+        return base
+    if is_stopped(pid):
+        base.role = base.health = "paused"
+        return base
+    try:
+        with grpc.insecure_channel(replica.address) as channel:
+            s = pb_grpc.AdminStub(channel).Status(pb.StatusRequest(), timeout=timeout)
+    except grpc.RpcError:
+        base.role = base.health = "unreachable"
+        return base
+    if s.pid and s.pid != pid:  # e.g. another cluster's node on the same port
+        base.role = "foreign"
+        base.health = f"another process (pid {s.pid}) answers at {replica.address}, not this node (pid {pid})"
+        return base
+    return ReplicaStatus(
+        replica.name,
+        shard,
+        replica.address,
+        pid,
+        s.role,
+        s.term,
+        s.applied_index,
+        s.commit_index,
+        s.leader_commit_index,
+        s.staleness_seconds,
+        s.key_count,
+        s.leader,
+        replica.zone,
+        s.health,
+        s.raft_log_size,
+    )

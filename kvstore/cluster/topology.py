@@ -42,6 +42,10 @@ class Topology(Section):
     # gets gRPC base_port + 2i and Raft base_port + 2i + 1, then every replica a health port,
     # base_port + 2n + i (n replicas in all): 3n consecutive ports.
     base_port: int = setting(0, 0, 65_535)
+    # Replicas of the metadata group (kvstore/meta/store.py), the authority on the cluster map,
+    # after the shards' ports when base_port is set (gRPC, Raft, health each). 0: no group, and the
+    # map can never change.
+    meta_replicas: int = setting(3, 0, MAX_REPLICAS)
 
     def check(self) -> None:
         if not isinstance(self.zones, list) or not self.zones:
@@ -52,10 +56,11 @@ class Topology(Section):
         if len(set(self.zones)) != len(self.zones):
             raise ConfigError(f"topology.zones names a zone twice: {self.zones}")
         if self.base_port:
-            last = self.base_port + PORTS_PER_REPLICA * self.replica_count - 1
+            last = self.base_port + PORTS_PER_REPLICA * (self.replica_count + self.meta_replicas) - 1
             if self.base_port < 1024 or last > 65_535:
                 raise ConfigError(
-                    f"topology.base_port = {self.base_port}: {self.replica_count} replicas need ports "
+                    f"topology.base_port = {self.base_port}: {self.replica_count} replicas and "
+                    f"{self.meta_replicas} metadata replicas need ports "
                     f"{self.base_port}..{last}, which must lie in [1024, 65535] (or 0 for free ports)"
                 )
 
@@ -71,7 +76,10 @@ class Topology(Section):
         return f"{self.name or 'topology'} ({self.shards} shard(s) x {self.replicas} replica(s))"
 
     def to_toml(self) -> str:
-        data = {f: getattr(self, f) for f in ("name", "shards", "replicas", "vnodes", "zones", "base_port")}
+        data = {
+            f: getattr(self, f)
+            for f in ("name", "shards", "replicas", "vnodes", "zones", "base_port", "meta_replicas")
+        }
         return tomli_w.dumps(data)
 
 
@@ -102,12 +110,19 @@ def resolve_topology(
     replicas: int | None = None,
     vnodes: int | None = None,
     base_port: int | None = None,
+    meta_replicas: int | None = None,
 ) -> Topology:
     """The topology a cluster is created with: the given one, or one built from the shape flags.
 
     Both at once is refused: silently overriding a file's shape with a flag would start a cluster
     the file's name does not describe, and a file silently winning would ignore what was typed."""
-    flags = {"shards": shards, "replicas": replicas, "vnodes": vnodes, "base_port": base_port}
+    flags = {
+        "shards": shards,
+        "replicas": replicas,
+        "vnodes": vnodes,
+        "base_port": base_port,
+        "meta_replicas": meta_replicas,
+    }
     given = {name: value for name, value in flags.items() if value is not None}
     if topology is None:
         return Topology(**given)

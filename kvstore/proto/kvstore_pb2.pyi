@@ -361,20 +361,22 @@ class ClusterMapRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ClusterMapResponse(_message.Message):
-    __slots__ = ("epoch", "vnodes_per_shard", "shards", "cluster_id", "slots", "ring_shards")
+    __slots__ = ("epoch", "vnodes_per_shard", "shards", "cluster_id", "slots", "ring_shards", "meta")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     VNODES_PER_SHARD_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     RING_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     vnodes_per_shard: int
     shards: _containers.RepeatedCompositeFieldContainer[Shard]
     cluster_id: str
     slots: _containers.RepeatedCompositeFieldContainer[SlotRange]
     ring_shards: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, epoch: _Optional[int] = ..., vnodes_per_shard: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., cluster_id: _Optional[str] = ..., slots: _Optional[_Iterable[_Union[SlotRange, _Mapping]]] = ..., ring_shards: _Optional[_Iterable[int]] = ...) -> None: ...
+    meta: _containers.RepeatedCompositeFieldContainer[Replica]
+    def __init__(self, epoch: _Optional[int] = ..., vnodes_per_shard: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., cluster_id: _Optional[str] = ..., slots: _Optional[_Iterable[_Union[SlotRange, _Mapping]]] = ..., ring_shards: _Optional[_Iterable[int]] = ..., meta: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ...) -> None: ...
 
 class SlotRange(_message.Message):
     __slots__ = ("first", "last", "shard")

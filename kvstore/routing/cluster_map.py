@@ -8,6 +8,10 @@ shard membership.
 
 Keys route by `slots` (slot_table.py): the ring's placement, which every cluster is born with,
 except for the slots the map's `slot_ranges` give to another shard (written once slots move).
+
+A map may name a metadata group (`meta`): a Raft group of its own that holds the newest map and
+is its authority (kvstore/cluster/map_store.py); `cluster.json` is then only where nodes and
+clients start from. Its replicas serve that group's keys by `meta_map()`: one shard, `META_SHARD`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ from kvstore import errors
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.routing.ring import PLACEMENT, Ring
 from kvstore.routing.slot_table import SlotRange, SlotTable
+
+# The shard id the metadata group's replicas serve as (in their own one-shard map, `meta_map()`).
+# Outside any data shard's range in practice; a data shard may not use it (`ClusterMap`).
+META_SHARD = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -51,11 +59,17 @@ class ClusterMap:
     # The shards the ring places slots over; empty: all of them. A shard added to the map is not
     # in the ring, so adding it moves nothing: slots move to it explicitly (`with_slots_moved`).
     ring_shards: tuple[int, ...] = ()
+    # The metadata group's replicas (the map's authority); empty: none, the map never changes.
+    meta: tuple[ReplicaInfo, ...] = ()
     # Derived from `shards`, never passed in: a map made by `dataclasses.replace` gets its own.
     _by_id: dict[int, ShardInfo] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_id", {s.id: s for s in self.shards})
+        if self.meta and META_SHARD in self._by_id:
+            raise errors.KvError(
+                f"cluster map epoch {self.epoch}: shard id {META_SHARD} is the metadata group's"
+            )
         if self.slot_ranges or self.ring_shards:
             self.slots  # noqa: B018 (checked now: a bad table is refused when the map is read)
 
@@ -115,6 +129,21 @@ class ClusterMap:
                     return shard, replica
         raise KeyError(f"no replica named {name!r} in the cluster map")
 
+    def is_meta_replica(self, name: str) -> bool:
+        return any(r.name == name for r in self.meta)
+
+    def meta_map(self) -> ClusterMap:
+        """The map the metadata group's replicas serve by, and its clients route by: one shard.
+        Its epoch never changes (the group's own membership is fixed at creation)."""
+        if not self.meta:
+            raise errors.KvError("this cluster has no metadata group (its map is fixed)")
+        return ClusterMap(
+            epoch=1,
+            shards=(ShardInfo(META_SHARD, self.meta),),
+            vnodes_per_shard=1,
+            cluster_id=self.cluster_id,
+        )
+
     def client_address_of_raft(self, raft_address: str) -> str:
         for shard in self.shards:
             for replica in shard.replicas:
@@ -137,6 +166,8 @@ class ClusterMap:
             data["slots"] = [list(r) for r in self.slot_ranges]
         if self.ring_shards:
             data["ring_shards"] = list(self.ring_shards)
+        if self.meta:
+            data["meta"] = [asdict(r) for r in self.meta]
         return json.dumps(data, indent=2)
 
     @classmethod
@@ -153,6 +184,7 @@ class ClusterMap:
             str(data.get("cluster_id", "")),
             _ranges(data.get("slots", [])),
             _shard_ids(data.get("ring_shards", [])),
+            tuple(ReplicaInfo(**r) for r in data.get("meta", [])),
         )
 
     def save(self, path: str | Path) -> None:
@@ -171,24 +203,13 @@ class ClusterMap:
             vnodes_per_shard=self.vnodes_per_shard,
             slots=[pb.SlotRange(first=a, last=b, shard=c) for a, b, c in self.slot_ranges],
             ring_shards=self.ring_shards,
-            shards=[
-                pb.Shard(
-                    id=s.id,
-                    replicas=[
-                        pb.Replica(name=r.name, address=r.address, raft_address=r.raft_address, zone=r.zone)
-                        for r in s.replicas
-                    ],
-                )
-                for s in self.shards
-            ],
+            shards=[pb.Shard(id=s.id, replicas=[_replica_proto(r) for r in s.replicas]) for s in self.shards],
+            meta=[_replica_proto(r) for r in self.meta],
         )
 
     @classmethod
     def from_proto(cls, msg: pb.ClusterMapResponse) -> ClusterMap:
-        shards = tuple(
-            ShardInfo(s.id, tuple(ReplicaInfo(r.name, r.address, r.raft_address, r.zone) for r in s.replicas))
-            for s in msg.shards
-        )
+        shards = tuple(ShardInfo(s.id, tuple(map(_replica_info, s.replicas))) for s in msg.shards)
         ranges = tuple((r.first, r.last, r.shard) for r in msg.slots)
         return cls(
             msg.epoch,
@@ -197,7 +218,16 @@ class ClusterMap:
             cluster_id=msg.cluster_id,
             slot_ranges=ranges,
             ring_shards=tuple(msg.ring_shards),
+            meta=tuple(map(_replica_info, msg.meta)),
         )
+
+
+def _replica_proto(r: ReplicaInfo) -> pb.Replica:
+    return pb.Replica(name=r.name, address=r.address, raft_address=r.raft_address, zone=r.zone)
+
+
+def _replica_info(r: pb.Replica) -> ReplicaInfo:
+    return ReplicaInfo(r.name, r.address, r.raft_address, r.zone)
 
 
 def _ranges(stored: object) -> tuple[SlotRange, ...]:

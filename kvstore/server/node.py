@@ -28,11 +28,12 @@ from kvstore.replication import commands
 from kvstore.replication.faults import FaultInjector
 from kvstore.replication.shard import Shard, open_shard
 from kvstore.replication.views import ReadView, Record, WriteResult
-from kvstore.routing.cluster_map import ClusterMap
+from kvstore.routing.cluster_map import META_SHARD, ClusterMap
 from kvstore.server import validation as check
 from kvstore.server.backup import backup_stream, stream_errors
 from kvstore.server.batch import ResponseBudget, run_batch
 from kvstore.server.health import NodeHealth, add_health, start_health_port
+from kvstore.server.map_follower import MapFollower, newest_map
 from kvstore.server.rpc import ConcurrencyGate, add_service, rpc_errors
 
 log = logging.getLogger(__name__)
@@ -48,13 +49,50 @@ def _kv(record: Record) -> pb.KeyValue:
 
 
 class NodeContext:
-    """What both servicers share: this node's config, its shard, the cluster map and its health."""
+    """What both servicers share: this node's config, its shard, the cluster map and its health.
 
-    def __init__(self, config: NodeConfig, shard: Shard, cluster_map: ClusterMap, health: NodeHealth) -> None:
+    `cluster_map` routes this node's keys; `data_map` is the cluster's map, which `Admin.ClusterMap`
+    answers. They are one map on a data node; a metadata-group replica serves the group's keys by
+    its one-shard map and answers the data map it follows. Both are replaced, never changed, when
+    a newer epoch arrives (`adopt`)."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        shard: Shard,
+        cluster_map: ClusterMap,
+        health: NodeHealth,
+        data_map: ClusterMap | None = None,
+    ) -> None:
         self.config = config
         self.shard = shard
         self.cluster_map = cluster_map
+        self.data_map = data_map or cluster_map
         self.health = health
+        self.follower: MapFollower | None = None
+
+    def adopt(self, new: ClusterMap) -> bool:
+        """Take `new` (a newer epoch of the cluster's map); False if this node cannot serve by it."""
+        if new.cluster_id != self.config.cluster.id:
+            raise errors.ClusterMismatch(f"it belongs to cluster {new.cluster_id!r}")
+        is_data_node = self.data_map is self.cluster_map
+        if is_data_node:
+            try:
+                new.replica(self.config.name)
+            except KeyError:
+                log.error(
+                    "cluster map epoch %d does not list this node: keeping epoch %d",
+                    new.epoch,
+                    self.cluster_map.epoch,
+                )
+                return False
+            self.cluster_map = new
+        self.data_map = new
+        return True
+
+    def saw_epoch(self, epoch: int) -> None:
+        if self.follower is not None:
+            self.follower.saw_epoch(epoch)
 
     def header(self, revision: int) -> pb.ResponseHeader:
         return pb.ResponseHeader(
@@ -66,7 +104,10 @@ class NodeContext:
             leader=self.shard.leader_client_address(),
         )
 
-    def check_owned(self, keys: list[bytes]) -> None:
+    def check_owned(self, keys: list[bytes], client_epoch: int) -> None:
+        """`client_epoch`: the map epoch the request was routed by (a newer one wakes the follower)."""
+        if client_epoch > self.cluster_map.epoch:
+            self.saw_epoch(client_epoch)
         if not self.cluster_map.slots.all_on(self.config.shard, keys):
             raise errors.WrongShard(epoch=self.cluster_map.epoch)
 
@@ -80,7 +121,7 @@ class KVServicer(pb_grpc.KVServicer):
     async def _write(self, keys: list[bytes], op: commands.Op, request: Any) -> WriteResult:
         """`request`: the RPC's request, for its request_id and retry flag."""
         commands.check_request_id(request.request_id)  # its shape bounds its length too
-        self.ctx.check_owned(keys)
+        self.ctx.check_owned(keys, request.epoch)
         return await self.shard.write(op, commands.request_tag(request.request_id, request.retry))
 
     async def _fresh(self, read: pb.ReadOptions) -> ReadView:
@@ -147,7 +188,7 @@ class KVServicer(pb_grpc.KVServicer):
         self, request: pb.GetRequest, context: grpc.aio.ServicerContext, budget: ResponseBudget | None = None
     ) -> pb.GetResponse:
         check.check_key(request.key, self.limits)
-        self.ctx.check_owned([request.key])
+        self.ctx.check_owned([request.key], request.epoch)
         view = await self._fresh(request.read)
         if budget is not None:
             budget.admit()
@@ -168,7 +209,7 @@ class KVServicer(pb_grpc.KVServicer):
     ) -> pb.MultiGetResponse:
         # A key named twice is read once: the answer lists each found key once anyway.
         keys = check.distinct(check.check_keys(request.keys, self.limits))
-        self.ctx.check_owned(keys)
+        self.ctx.check_owned(keys, request.epoch)
         view = await self._fresh(request.read)
         if budget is not None:
             budget.admit()
@@ -226,7 +267,7 @@ class AdminServicer(pb_grpc.AdminServicer):
             applied_index=status.applied_index,
             leader_commit_index=status.leader_commit_index,
             staleness_seconds=status.staleness_seconds,
-            epoch=self.ctx.cluster_map.epoch,
+            epoch=self.ctx.data_map.epoch,
             key_count=status.key_count,
             address=self.ctx.cluster_map.replica(config.name)[1].address,
             zone=config.zone,
@@ -240,7 +281,7 @@ class AdminServicer(pb_grpc.AdminServicer):
     async def ClusterMap(
         self, request: pb.ClusterMapRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClusterMapResponse:
-        response = self.ctx.cluster_map.to_proto()
+        response = self.ctx.data_map.to_proto()
         response.cluster_id = self.ctx.config.cluster.id  # the node's own, whatever the map file says
         return response
 
@@ -259,8 +300,7 @@ def grpc_options(config: NodeConfig) -> list[tuple[str, int]]:
 
 async def serve(config: NodeConfig) -> None:
     """Run the node until SIGTERM or SIGINT, then shut down gracefully."""
-    cluster_map = ClusterMap.load(config.cluster_map)
-    cluster_map.slots  # noqa: B018 (a map from another key placement must stop the node here, not per request)
+    data_map, cluster_map = starting_maps(config)
     # Every address is checked before the shard opens: a taken port stops the node with one line
     # naming it, before pysyncobj's tick thread starts (kvstore/ports.py). A port is given a
     # moment to free up: the node this one replaces may still be exiting.
@@ -269,10 +309,17 @@ async def serve(config: NodeConfig) -> None:
     shard = open_shard(config, cluster_map.client_address_of_raft)
     loop = asyncio.get_running_loop()
     try:
-        health, server, health_server = await _start_servers(config, shard, cluster_map)
+        ctx, server, health_server = await _start_servers(config, shard, cluster_map, data_map)
     except BaseException:
         await loop.run_in_executor(None, shard.close)
         raise
+    if data_map.meta:
+        is_meta = cluster_map is not data_map
+        ctx.follower = MapFollower(
+            data_map, ctx.adopt, seed=is_meta, cache_dir=None if is_meta else config.data_dir
+        )
+        ctx.follower.start()
+    health = ctx.health
     log.info(
         "node %s (shard %d) serving on %s, raft %s, health %s",
         config.name,
@@ -290,6 +337,8 @@ async def serve(config: NodeConfig) -> None:
         _install_fault_signals(loop, faults)
     await stop.wait()
     log.info("shutting down")
+    if ctx.follower is not None:
+        await ctx.follower.stop()
     if faults is not None:
         faults.stall_ticks(False)  # a blocked tick thread would never let shard.close() return
     await health.shutdown()
@@ -299,6 +348,24 @@ async def serve(config: NodeConfig) -> None:
     await loop.run_in_executor(None, shard.close)  # closes its storage too
 
 
+def starting_maps(config: NodeConfig) -> tuple[ClusterMap, ClusterMap]:
+    """(the cluster's map, the map this node routes its keys by) at start.
+
+    A data node starts from the newer of its map file and the map it last adopted; a replica of
+    the metadata group (named in the map's `meta`) serves the group's one-shard map."""
+    file_map = ClusterMap.load(config.cluster_map)
+    file_map.slots  # noqa: B018 (a map from another key placement must stop the node here, not per request)
+    if file_map.is_meta_replica(config.name):
+        if config.shard != META_SHARD:
+            raise errors.KvError(
+                f"{config.name} is a metadata-group replica in {config.cluster_map}: its shard must be "
+                f"{META_SHARD}, not {config.shard}"
+            )
+        return file_map, file_map.meta_map()
+    data_map = newest_map(file_map, config.data_dir)
+    return data_map, data_map
+
+
 def listen_addresses(config: NodeConfig) -> list[tuple[str, str]]:
     """(setting, address) of every address this node listens on."""
     addresses = [("listen", config.listen), ("raft_bind", config.raft_bind)]
@@ -306,16 +373,17 @@ def listen_addresses(config: NodeConfig) -> list[tuple[str, str]]:
 
 
 async def _start_servers(
-    config: NodeConfig, shard: Shard, cluster_map: ClusterMap
-) -> tuple[NodeHealth, grpc.aio.Server, grpc.aio.Server | None]:
+    config: NodeConfig, shard: Shard, cluster_map: ClusterMap, data_map: ClusterMap
+) -> tuple[NodeContext, grpc.aio.Server, grpc.aio.Server | None]:
     health = NodeHealth(shard)
     await health.start()
+    ctx = NodeContext(config, shard, cluster_map, health, data_map)
     try:
-        server, health_server = await _bind_servers(config, NodeContext(config, shard, cluster_map, health))
+        server, health_server = await _bind_servers(config, ctx)
     except BaseException:
         await health.shutdown()
         raise
-    return health, server, health_server
+    return ctx, server, health_server
 
 
 async def _bind_servers(

@@ -91,14 +91,14 @@ def test_a_healthy_cluster_up_exits_0_with_every_replica_a_member(tmp_path: Path
     """Fixed ports (`--base-port`, a free block found now); then `cluster status` exits 1 with a
     node dead, 0 once `cluster start` has brought it back; `--json` exits 0 either way."""
     directory = tmp_path / "c"
-    base = _free_block(3 * 6)
+    base = _free_block(3 * (6 + 3))  # 2 x 3 replicas and the metadata group's 3
     cluster = LocalCluster(directory)
     try:
         started = time.monotonic()
         up = _cli("cluster", "up", "--dir", str(directory), "--shards", "2", "--base-port", str(base))
         up_seconds = time.monotonic() - started
         assert up.returncode == 0, up.stdout + up.stderr
-        assert "cluster up:" in up.stdout and up.stdout.count("health=serving") == 6
+        assert "cluster up:" in up.stdout and up.stdout.count("health=serving") == 6 + 3
         print(f"cluster up 2x3: {up_seconds:.2f}s")
         # Right after `up` returns, every replica is a serving member (no waiting here).
         shards = cluster.status()

@@ -34,7 +34,9 @@ DOCUMENT = {
     "slot_count": int,
     "vnodes_per_shard": int,
     "shards": list,
+    "metadata": (dict, NoneType),
 }
+METADATA = {"leader": (str, NoneType), "replicas": list}
 SHARD = {
     "shard": int,
     "leader": (str, NoneType),
@@ -91,6 +93,11 @@ def check_schema(document: dict[str, Any]) -> None:
             assert replica["role"] in ROLES, where
             if replica["metrics"]:
                 _check(f"{where} metrics", replica["metrics"], METRICS)
+    if document["metadata"] is not None:
+        _check("metadata", document["metadata"], METADATA)
+        for replica in document["metadata"]["replicas"]:
+            _check(f"metadata replica {replica.get('node')}", replica, REPLICA)
+            assert replica["role"] in ROLES
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -158,9 +165,15 @@ def test_a_healthy_cluster_s_document(cluster: LocalCluster) -> None:
             assert replica["health"] == "serving" and replica["voter"] is True
             assert replica["role"] in ("leader", "follower")
             assert replica["metrics"]["term"] >= 1 and replica["metrics"]["commit_index"] >= 1
+    # The metadata group (3 replicas unless a topology says otherwise) is listed apart.
+    meta = document["metadata"]
+    assert [r["node"] for r in meta["replicas"]] == [r.name for r in cluster_map.meta] == ["m0", "m1", "m2"]
+    assert meta["leader"] in {"m0", "m1", "m2"}
+    assert all(r["health"] == "serving" and r["pid"] == cluster.pid(r["node"]) for r in meta["replicas"])
     table = _table(cluster)
     assert table.returncode == 0, table.stderr
-    assert table.stdout.count("health=serving") == 6 and "slots=" in table.stdout
+    assert table.stdout.count("health=serving") == 6 + 3 and "slots=" in table.stdout
+    assert "metadata group: leader=" in table.stdout
 
 
 def test_a_node_down_or_paused(cluster: LocalCluster) -> None:

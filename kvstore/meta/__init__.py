@@ -1,0 +1,1 @@
+"""The metadata group: the authority on the cluster map (and, as they land, slot moves)."""
