@@ -1,6 +1,8 @@
 """The `kvstore` command line.
 
 kvstore cluster up|status|kill|start|down --dir DIR ...   a local multi-process cluster
+kvstore cluster move-slots --dir DIR --slots A-B --to N   move slots between shards while serving
+kvstore cluster migrations [list|resume|abort ID] --dir DIR
 kvstore node --config FILE                                 one replica (what `cluster up` starts)
 kvstore router --cluster DIR --listen ADDR                 a stateless router
 kvstore health --address HOST:PORT                         exit 0 only if it reports SERVING
@@ -22,7 +24,7 @@ import os
 import sys
 from typing import Any
 
-from kvstore import cli_backup, cli_kv, errors
+from kvstore import cli_backup, cli_kv, cli_moves, errors
 from kvstore.cli_bytes import UsageError
 
 _INSECURE_HELP = (
@@ -105,6 +107,7 @@ def _add_cluster_commands(sub: Any) -> None:
     start.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for it (default 60)")
     down = cluster.add_parser("down", help="stop every node (data is kept)")
     down.add_argument("--dir", required=True)
+    cli_moves.add_move_commands(cluster)
 
 
 def _add_target_options(parser: argparse.ArgumentParser, default: Any) -> None:
@@ -289,6 +292,8 @@ def _cluster(args: argparse.Namespace) -> int:
     from kvstore.cluster.local import LocalCluster
     from kvstore.cluster.status import problems, raft_groups
 
+    if args.action in ("move-slots", "migrations"):
+        return cli_moves.run(args)
     cluster = LocalCluster(args.dir)
     if args.action == "up":
         from kvstore.cluster.topology import load_topology, resolve_topology

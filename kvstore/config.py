@@ -264,6 +264,10 @@ class ServerSettings(Section):
     # FAULT INJECTION, for testing the health service; never set it in a real deployment: SIGUSR1
     # toggles a freeze of applies (Raft keeps ticking), SIGUSR2 a stall of the Raft tick thread.
     fault_injection_signals: bool = False
+    # File holding the cluster's admin secret (`cluster up` writes <dir>/secrets/admin.key, mode
+    # 0600). Calls that change placement or read data in bulk (the slot-move steps; writes to the
+    # metadata group) must carry it (`kvstore-admin-token`); empty: this node refuses them all.
+    admin_secret_file: str = ""
 
 
 @dataclass

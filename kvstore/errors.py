@@ -78,6 +78,16 @@ class WrongShard(KvError):
         return [*super().metadata(), (EPOCH_KEY, str(self.epoch))]
 
 
+class Moving(KvError):
+    """The key's slot is moving between shards right now (the source has fenced it, or the
+    destination has not yet started serving it): nothing was done; retry shortly (the SDK and the
+    router do, as Redis Cluster clients do on TRYAGAIN)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    kind = "moving"
+    retryable = True
+
+
 class UnknownShard(KvError):
     """The request names a shard that is not in the cluster map."""
 
@@ -143,6 +153,7 @@ _BY_KIND: dict[str, type[KvError]] = {
         CrossShardWrite,
         NotLeader,
         WrongShard,
+        Moving,
         UnknownShard,
         ReplicaBehind,
         Unavailable,
@@ -282,3 +293,17 @@ class MapConflict(KvError):
 
 
 _BY_KIND[MapConflict.kind] = MapConflict
+
+
+ADMIN_TOKEN_KEY = "kvstore-admin-token"  # request metadata: the cluster's admin secret
+
+
+class PermissionDenied(KvError):
+    """The call needs the cluster's admin secret (`kvstore-admin-token` metadata: a slot-move
+    step, a write to the metadata group) and did not carry it; nothing was done."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    kind = "permission_denied"
+
+
+_BY_KIND[PermissionDenied.kind] = PermissionDenied

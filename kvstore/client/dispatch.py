@@ -104,6 +104,7 @@ class Dispatcher:
         # The newest map epoch a response named: a newer one than the map's is fetched before
         # the next operation (a node learns a change from the metadata group within a second).
         self.newest_epoch_seen = 0
+        self.extra_metadata: tuple[tuple[str, str], ...] = ()  # sent with every call (an admin token)
         self._rr = itertools.count()
         # This client's session on the servers: its writes' request ids are the client id and a
         # sequence number (`new_request_id`), which the servers keep outcomes under.
@@ -120,7 +121,7 @@ class Dispatcher:
         """What every call carries once the cluster's id is known (from the map): a node of another
         cluster refuses it (errors.ClusterMismatch) instead of answering for data it does not hold."""
         cluster_id = self.cluster_map.cluster_id if self.cluster_map is not None else ""
-        return ((errors.CLUSTER_ID_KEY, cluster_id),) if cluster_id else ()
+        return (((errors.CLUSTER_ID_KEY, cluster_id),) if cluster_id else ()) + self.extra_metadata
 
     def session_token(self) -> str:
         with self._session_lock:
@@ -305,6 +306,10 @@ class Dispatcher:
                     self.leaders[shard.id] = err.leader or self._next_replica(shard, address)
                     if err.leader and attempts.redirect():
                         continue
+                elif isinstance(err, errors.Moving):
+                    # The slot is between owners for a moment: back off (below), then ask again
+                    # under the newest map (the move may have flipped meanwhile).
+                    yield from self.refresh_map(0, attempts.remaining())
                 elif not isinstance(err, errors.Overloaded):
                     # No answer, or no leader there: the next replica may lead now. (Overloaded:
                     # refused before it started, the leader is busy: back off, same leader.)
@@ -357,9 +362,9 @@ class Dispatcher:
                 except errors.KvError as err:
                     if not self.retry.retryable(err):
                         raise
-                    if isinstance(err, errors.WrongShard):
-                        attempts.failed(err)
-                        yield from self.refresh_map(err.epoch, attempts.remaining())
+                    if isinstance(err, errors.WrongShard | errors.Moving):
+                        attempts.failed(err)  # Moving: every replica would say so; back off first
+                        yield from self.refresh_map(getattr(err, "epoch", 0), attempts.remaining())
                         break
                     if isinstance(err, errors.ReplicaBehind):
                         attempts.failed(err)

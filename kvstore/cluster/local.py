@@ -156,6 +156,10 @@ class LocalCluster:
             proxied_raft = self._plan_fault_proxies(count, replicas, ports)
         # A new cluster, a new id (a restore too): its nodes and clients never talk to another's.
         cluster = ClusterSettings(id=new_cluster_id())
+        # The admin secret slot moves and metadata changes need (kvstore-admin-token).
+        server = dataclasses.replace(
+            server or ServerSettings(), admin_secret_file=str(self._write_admin_secret())
+        )
         shard_infos = []
         configs = []
         for shard in range(shards):
@@ -183,7 +187,7 @@ class LocalCluster:
                         cluster=cluster,
                         raft=dataclasses.replace(raft, secret_file=str(self.secret_files.get(name, ""))),
                         storage=storage or StorageSettings(),
-                        server=server or ServerSettings(),
+                        server=server,
                     )
                 )
         meta, meta_configs = self._plan_meta(topology, ports[PORTS_PER_REPLICA * count :], configs[0])
@@ -236,8 +240,21 @@ class LocalCluster:
         replicas = tuple(ReplicaInfo(m[0], m[1], m[2], topology.zone_of(j)) for j, m in enumerate(members))
         return replicas, configs
 
+    @property
+    def admin_secret_path(self) -> Path:
+        return self.dir / "secrets" / "admin.key"
+
+    def admin_token(self) -> str:
+        """The cluster's admin secret (what `kvstore cluster move-slots` and the like send)."""
+        return self.admin_secret_path.read_text().strip()
+
+    def _write_admin_secret(self) -> Path:
+        return self._write_secret_file(self.admin_secret_path)
+
     def _write_secret(self, shard: int | str) -> Path:
-        path = self.secret_path(shard)
+        return self._write_secret_file(self.secret_path(shard))
+
+    def _write_secret_file(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Created 0600 (never briefly readable by others), refused if it already exists.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -15,7 +15,10 @@ afterwards as a cache. If the group loses quorum, reads and changes here fail (`
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 
 from kvstore import errors
 from kvstore.client.aio import AsyncClient
@@ -23,6 +26,8 @@ from kvstore.client.factory import make_core
 from kvstore.routing.cluster_map import ClusterMap
 
 MAP_KEY = b"kvstore/cluster-map"
+MOVE_PREFIX = b"kvstore/moves/"  # + the move id, 12 digits: one record per move (MoveRecord)
+NEXT_MOVE_KEY = b"kvstore/next-move-id"
 DEFAULT_TIMEOUT = 5.0
 
 
@@ -42,8 +47,13 @@ class MapStore:
 
     Built from any map of the cluster (its `meta` names the group); owns its own `AsyncClient`."""
 
-    def __init__(self, cluster_map: ClusterMap, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, cluster_map: ClusterMap, timeout: float = DEFAULT_TIMEOUT, admin_token: str = ""
+    ) -> None:
+        """`admin_token`: the cluster's admin secret, which changes need (reads do not)."""
         core = make_core(None, None, cluster_map.meta_map(), "strong", "leader", None, timeout, "")
+        if admin_token:
+            core.extra_metadata = ((errors.ADMIN_TOKEN_KEY, admin_token),)
         self.client = AsyncClient(_core=core, pipelining=False)
         self.cluster_id = cluster_map.cluster_id
 
@@ -88,3 +98,97 @@ class MapStore:
                 f"the cluster map changed while epoch {proposed.epoch} was being written"
             )
         return proposed
+
+
+@dataclass
+class MoveRecord:
+    """One slot range's move from `source` to `target`: what a coordinator resumes from."""
+
+    id: int
+    first: int
+    last: int
+    source: int
+    target: int
+    # planned, copying, catching_up, fenced, flipped, cleaning, done; aborted; paused (any phase
+    # before flipped, kept in `resume_phase`)
+    phase: str = "planned"
+    rate: float = 0.0  # keys/s, 0: unthrottled
+    keys_copied: int = 0
+    changes_applied: int = 0
+    keys_dropped: int = 0
+    epoch: int = 0  # the map epoch from which the target owns the range (once flipped)
+    error: str = ""  # why the last attempt stopped, if it failed
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+    finished: float = 0.0
+
+    @property
+    def key(self) -> bytes:
+        return MOVE_PREFIX + b"%012d" % self.id
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def decode(cls, value: bytes) -> MoveRecord:
+        try:
+            return cls(**json.loads(value))
+        except (ValueError, TypeError) as exc:
+            raise errors.KvError(
+                f"the metadata group holds a move record that cannot be read: {exc}"
+            ) from None
+
+    @property
+    def finished_phase(self) -> bool:
+        return self.phase in ("done", "aborted")
+
+
+class MoveRecords:
+    """The move records in the metadata group: created with a fresh id, changed by compare-and-set."""
+
+    def __init__(self, store: MapStore) -> None:
+        self.client = store.client
+
+    async def new_id(self) -> int:
+        while True:
+            item = await self.client.get_item(NEXT_MOVE_KEY)
+            current = int(item.value) if item else 0
+            result = await self.client.compare_and_set(
+                NEXT_MOVE_KEY, b"%d" % (current + 1), expected_revision=item.revision if item else 0
+            )
+            if result.succeeded:
+                return current + 1
+
+    async def create(self, record: MoveRecord) -> int:
+        """Store a new record; its revision."""
+        result = await self.client.compare_and_set(record.key, record.encode(), expected_revision=0)
+        if not result.succeeded:
+            raise errors.MapConflict(f"move {record.id} already exists")
+        assert result.revision is not None
+        return result.revision
+
+    async def read(self, move_id: int) -> tuple[MoveRecord, int]:
+        item = await self.client.get_item(MOVE_PREFIX + b"%012d" % move_id)
+        if item is None:
+            raise errors.InvalidArgument(f"there is no move {move_id}")
+        return MoveRecord.decode(item.value), item.revision
+
+    async def save(self, record: MoveRecord, revision: int) -> int:
+        """Write `record` over the version at `revision`; its new revision. `MapConflict` if
+        another coordinator changed it meanwhile (two must never drive one move)."""
+        record.updated = time.time()
+        result = await self.client.compare_and_set(record.key, record.encode(), expected_revision=revision)
+        if not result.succeeded:
+            raise errors.MapConflict(f"move {record.id} was changed by another coordinator")
+        assert result.revision is not None
+        return result.revision
+
+    async def all(self) -> list[MoveRecord]:
+        records: list[MoveRecord] = []
+        continuation = b""
+        while True:
+            page = await self.client.scan(prefix=MOVE_PREFIX, limit=1000, continuation=continuation)
+            records += [MoveRecord.decode(item.value) for item in page]
+            if not page.continuation:
+                return records
+            continuation = page.continuation

@@ -409,3 +409,131 @@ class BackupChunk(_message.Message):
     size: int
     sha256: str
     def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., done: bool = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class MoveClaimRequest(_message.Message):
+    __slots__ = ("shard", "move", "first", "last", "side", "phase", "epoch")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    MOVE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    SIDE_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    move: int
+    first: int
+    last: int
+    side: str
+    phase: str
+    epoch: int
+    def __init__(self, shard: _Optional[int] = ..., move: _Optional[int] = ..., first: _Optional[int] = ..., last: _Optional[int] = ..., side: _Optional[str] = ..., phase: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class MoveClaimResponse(_message.Message):
+    __slots__ = ("header", "imported_through")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    IMPORTED_THROUGH_FIELD_NUMBER: _ClassVar[int]
+    header: ResponseHeader
+    imported_through: int
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., imported_through: _Optional[int] = ...) -> None: ...
+
+class ExportKeysRequest(_message.Message):
+    __slots__ = ("shard", "move", "resume", "after_slot", "after_key", "limit")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    MOVE_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SLOT_FIELD_NUMBER: _ClassVar[int]
+    AFTER_KEY_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    move: int
+    resume: bool
+    after_slot: int
+    after_key: bytes
+    limit: int
+    def __init__(self, shard: _Optional[int] = ..., move: _Optional[int] = ..., resume: bool = ..., after_slot: _Optional[int] = ..., after_key: _Optional[bytes] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ExportKeysResponse(_message.Message):
+    __slots__ = ("header", "keys", "values", "done", "next_slot", "next_key")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_SLOT_FIELD_NUMBER: _ClassVar[int]
+    NEXT_KEY_FIELD_NUMBER: _ClassVar[int]
+    header: ResponseHeader
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    values: _containers.RepeatedScalarFieldContainer[bytes]
+    done: bool
+    next_slot: int
+    next_key: bytes
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., keys: _Optional[_Iterable[bytes]] = ..., values: _Optional[_Iterable[bytes]] = ..., done: bool = ..., next_slot: _Optional[int] = ..., next_key: _Optional[bytes] = ...) -> None: ...
+
+class ExportChangesRequest(_message.Message):
+    __slots__ = ("shard", "move", "after_revision", "limit")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    MOVE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_REVISION_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    move: int
+    after_revision: int
+    limit: int
+    def __init__(self, shard: _Optional[int] = ..., move: _Optional[int] = ..., after_revision: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ExportChangesResponse(_message.Message):
+    __slots__ = ("header", "keys", "values", "deleted", "revisions")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    REVISIONS_FIELD_NUMBER: _ClassVar[int]
+    header: ResponseHeader
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    values: _containers.RepeatedScalarFieldContainer[bytes]
+    deleted: _containers.RepeatedScalarFieldContainer[bool]
+    revisions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., keys: _Optional[_Iterable[bytes]] = ..., values: _Optional[_Iterable[bytes]] = ..., deleted: _Optional[_Iterable[bool]] = ..., revisions: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ImportChangesRequest(_message.Message):
+    __slots__ = ("shard", "move", "keys", "values", "deleted", "through")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    MOVE_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    THROUGH_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    move: int
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    values: _containers.RepeatedScalarFieldContainer[bytes]
+    deleted: _containers.RepeatedScalarFieldContainer[bool]
+    through: int
+    def __init__(self, shard: _Optional[int] = ..., move: _Optional[int] = ..., keys: _Optional[_Iterable[bytes]] = ..., values: _Optional[_Iterable[bytes]] = ..., deleted: _Optional[_Iterable[bool]] = ..., through: _Optional[int] = ...) -> None: ...
+
+class ImportChangesResponse(_message.Message):
+    __slots__ = ("header", "imported_through")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    IMPORTED_THROUGH_FIELD_NUMBER: _ClassVar[int]
+    header: ResponseHeader
+    imported_through: int
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., imported_through: _Optional[int] = ...) -> None: ...
+
+class DropMovedRequest(_message.Message):
+    __slots__ = ("shard", "move", "limit")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    MOVE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    move: int
+    limit: int
+    def __init__(self, shard: _Optional[int] = ..., move: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class DropMovedResponse(_message.Message):
+    __slots__ = ("header", "keys", "changes")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    header: ResponseHeader
+    keys: int
+    changes: int
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., keys: _Optional[int] = ..., changes: _Optional[int] = ...) -> None: ...

@@ -321,6 +321,31 @@ class AdminStub(object):
                 request_serializer=kvstore__pb2.BackupRequest.SerializeToString,
                 response_deserializer=kvstore__pb2.BackupChunk.FromString,
                 )
+        self.MoveClaim = channel.unary_unary(
+                '/kvstore.v2.Admin/MoveClaim',
+                request_serializer=kvstore__pb2.MoveClaimRequest.SerializeToString,
+                response_deserializer=kvstore__pb2.MoveClaimResponse.FromString,
+                )
+        self.ExportKeys = channel.unary_unary(
+                '/kvstore.v2.Admin/ExportKeys',
+                request_serializer=kvstore__pb2.ExportKeysRequest.SerializeToString,
+                response_deserializer=kvstore__pb2.ExportKeysResponse.FromString,
+                )
+        self.ExportChanges = channel.unary_unary(
+                '/kvstore.v2.Admin/ExportChanges',
+                request_serializer=kvstore__pb2.ExportChangesRequest.SerializeToString,
+                response_deserializer=kvstore__pb2.ExportChangesResponse.FromString,
+                )
+        self.ImportChanges = channel.unary_unary(
+                '/kvstore.v2.Admin/ImportChanges',
+                request_serializer=kvstore__pb2.ImportChangesRequest.SerializeToString,
+                response_deserializer=kvstore__pb2.ImportChangesResponse.FromString,
+                )
+        self.DropMoved = channel.unary_unary(
+                '/kvstore.v2.Admin/DropMoved',
+                request_serializer=kvstore__pb2.DropMovedRequest.SerializeToString,
+                response_deserializer=kvstore__pb2.DropMovedResponse.FromString,
+                )
 
 
 class AdminServicer(object):
@@ -344,6 +369,38 @@ class AdminServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MoveClaim(self, request, context):
+        """The steps of a slot move, for its coordinator (kvstore/meta/mover.py); each at the shard's
+        leader, each safe to repeat (docs/architecture.md, "Moving slots").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportChanges(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportChanges(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropMoved(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -361,6 +418,31 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Backup,
                     request_deserializer=kvstore__pb2.BackupRequest.FromString,
                     response_serializer=kvstore__pb2.BackupChunk.SerializeToString,
+            ),
+            'MoveClaim': grpc.unary_unary_rpc_method_handler(
+                    servicer.MoveClaim,
+                    request_deserializer=kvstore__pb2.MoveClaimRequest.FromString,
+                    response_serializer=kvstore__pb2.MoveClaimResponse.SerializeToString,
+            ),
+            'ExportKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportKeys,
+                    request_deserializer=kvstore__pb2.ExportKeysRequest.FromString,
+                    response_serializer=kvstore__pb2.ExportKeysResponse.SerializeToString,
+            ),
+            'ExportChanges': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportChanges,
+                    request_deserializer=kvstore__pb2.ExportChangesRequest.FromString,
+                    response_serializer=kvstore__pb2.ExportChangesResponse.SerializeToString,
+            ),
+            'ImportChanges': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportChanges,
+                    request_deserializer=kvstore__pb2.ImportChangesRequest.FromString,
+                    response_serializer=kvstore__pb2.ImportChangesResponse.SerializeToString,
+            ),
+            'DropMoved': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropMoved,
+                    request_deserializer=kvstore__pb2.DropMovedRequest.FromString,
+                    response_serializer=kvstore__pb2.DropMovedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -420,5 +502,90 @@ class Admin(object):
         return grpc.experimental.unary_stream(request, target, '/kvstore.v2.Admin/Backup',
             kvstore__pb2.BackupRequest.SerializeToString,
             kvstore__pb2.BackupChunk.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def MoveClaim(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/kvstore.v2.Admin/MoveClaim',
+            kvstore__pb2.MoveClaimRequest.SerializeToString,
+            kvstore__pb2.MoveClaimResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ExportKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/kvstore.v2.Admin/ExportKeys',
+            kvstore__pb2.ExportKeysRequest.SerializeToString,
+            kvstore__pb2.ExportKeysResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ExportChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/kvstore.v2.Admin/ExportChanges',
+            kvstore__pb2.ExportChangesRequest.SerializeToString,
+            kvstore__pb2.ExportChangesResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ImportChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/kvstore.v2.Admin/ImportChanges',
+            kvstore__pb2.ImportChangesRequest.SerializeToString,
+            kvstore__pb2.ImportChangesResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def DropMoved(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/kvstore.v2.Admin/DropMoved',
+            kvstore__pb2.DropMovedRequest.SerializeToString,
+            kvstore__pb2.DropMovedResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

@@ -31,6 +31,12 @@ MULTI_PUT = "mput"
 DELETE = "del"
 CAS = "cas"
 BARRIER = "noop"
+# Slot moves (kvstore/replication/slot_moves.py applies them): a claim on a slot range, a batch of
+# imported changes, a bounded drop of what moved away.
+CLAIM = "claim"
+IMPORT = "import"
+DROP_MOVED = "dropmoved"
+MOVE_OPS = (CLAIM, IMPORT, DROP_MOVED)
 
 Op = tuple[Any, ...]
 Proposal = tuple[bytes, Op]  # (request tag or b"", op)
@@ -46,13 +52,18 @@ class Refused:
     """The payload of an op refused while applying (nothing of it written), the same on every
     replica. Travels only in-process, from the tick thread to the loop; never replicated."""
 
-    kind: str  # a `kvstore.errors` kind: InvalidArgument, SessionExpired, or KvError (internal)
+    kind: str  # a `kvstore.errors` kind: InvalidArgument, SessionExpired, Moving, WrongShard, KvError
     message: str
+    epoch: int = 0  # WrongShard: the map epoch from which another shard owns the key
 
     def error(self) -> errors.KvError:
         """The typed error the writer gets."""
         if self.kind == errors.SessionExpired.kind:
             return errors.SessionExpired(self.message)
+        if self.kind == errors.Moving.kind:
+            return errors.Moving(self.message)
+        if self.kind == errors.WrongShard.kind:
+            return errors.WrongShard(epoch=self.epoch)
         cls = errors.InvalidArgument if self.kind == errors.InvalidArgument.kind else errors.KvError
         return cls(f"write refused while applying: {self.message}")
 
@@ -82,6 +93,20 @@ def delete(keys: Iterable[bytes]) -> Op:
 
 def compare_and_set(key: bytes, value: bytes, expected_revision: int) -> Op:
     return (CAS, key, value, expected_revision)
+
+
+def claim(move: int, first: int, last: int, side: str, phase: str, epoch: int = 0) -> Op:
+    return (CLAIM, move, first, last, side, phase, epoch)
+
+
+def import_changes(move: int, changes: Iterable[tuple[bytes, bytes | None]], through: int) -> Op:
+    """Changes (key, value; None: delete) of `move`, in the order they applied at the source,
+    which has applied all of its changes through revision `through` once these are."""
+    return (IMPORT, move, tuple(changes), through)
+
+
+def drop_moved(move: int, limit: int) -> Op:
+    return (DROP_MOVED, move, limit)
 
 
 def barrier() -> Op:
@@ -119,6 +144,8 @@ def touched_keys(op: Op) -> Iterable[bytes]:
         return map(_first, op[1])
     if kind == DELETE:
         return op[1]
+    if kind == IMPORT:
+        return map(_first, op[2])
     return ()
 
 
@@ -152,7 +179,7 @@ def apply_op(storage: Storage, revision: int, op: Op) -> Any:
         storage.put_many(op[1], revision)
         return None
     if kind == DELETE:
-        return sum(1 for key in op[1] if storage.delete(key))
+        return sum(1 for key in op[1] if storage.delete(key, revision))
     if kind == CAS:
         return _compare_and_set(storage, revision, op[1], op[2], op[3])
     if kind == BARRIER:
@@ -187,6 +214,8 @@ def payload_bytes(op: Op) -> int:
         return sum(map(len, itertools.chain.from_iterable(op[1])))  # in C: no per-pair frame
     if kind == DELETE:
         return sum(map(len, op[1]))
+    if kind == IMPORT:
+        return sum(len(k) + len(v or b"") for k, v in op[2])
     return 0
 
 

@@ -38,6 +38,7 @@ from kvstore.replication.backup_copy import BackupCopies, ShardCopy, TickTasks
 from kvstore.replication.faults import FaultInjector
 from kvstore.replication.liveness import ReplicaLiveness
 from kvstore.replication.peer_transport import PeerIdentity
+from kvstore.replication.slot_claims import SlotClaims
 from kvstore.replication.state_machine import (
     Completion,
     ProposalFate,
@@ -231,6 +232,11 @@ class Shard:
 
     def is_leader(self) -> bool:
         return self._machine.is_leader()
+
+    @property
+    def claims(self) -> SlotClaims:
+        """This replica's claims on moving slot ranges, as of its last committed apply batch."""
+        return self._machine.claims
 
     def leader_client_address(self) -> str:
         raft_address = self._machine.leader_address()

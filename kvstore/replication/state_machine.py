@@ -44,6 +44,7 @@ from kvstore.replication.freshness import FreshnessStampingTransport, FreshnessT
 from kvstore.replication.peer_transport import PeerIdentity, peer_password
 from kvstore.replication.raft_fixes import PatchedSyncObj
 from kvstore.replication.read_index import ReadIndex
+from kvstore.replication.slot_moves import SlotMoves
 from kvstore.replication.snapshots import SnapshotManager
 from kvstore.replication.storage_health import StorageHealth, is_transient
 from kvstore.storage.engine import Storage
@@ -106,7 +107,9 @@ class _ReapplyCarefully(Exception):
     """An op failed deterministically after writing: redo the batch with a savepoint per op."""
 
 
-class ShardStateMachine(AppliedPositionCheck, ReadIndex, DurableLog, FreshnessTracking, PatchedSyncObj):
+class ShardStateMachine(
+    AppliedPositionCheck, ReadIndex, SlotMoves, DurableLog, FreshnessTracking, PatchedSyncObj
+):
     def __init__(
         self,
         storage: Storage,
@@ -145,6 +148,7 @@ class ShardStateMachine(AppliedPositionCheck, ReadIndex, DurableLog, FreshnessTr
         self._deferred_acks: list[tuple[Any, int, int, tuple[float, int] | None]] = []
         self._init_freshness()
         self._init_read_index()
+        self._init_slot_moves()
         self._last_reported = 0
         self._last_refusal_log = -1e9
         self._entry_stamp = 0  # the stamp of the entry being applied (apply_entry)
@@ -295,14 +299,21 @@ class ShardStateMachine(AppliedPositionCheck, ReadIndex, DurableLog, FreshnessTr
         with "session expired" (nothing applied); anything else applies and is recorded."""
         tag, op = commands.check_proposal(proposal, self._max_request_id)
         storage = self._storage
+        if op[0] in commands.MOVE_OPS:  # proposed by a node for a move's coordinator: no request id
+            return index, self.apply_move_op(index, op)
         if not commands.is_request_tag(tag):  # none, or an opaque id journaled by an older version
-            return index, commands.apply_op(storage, index, op)
+            return index, self.claims_refusal(op) or commands.apply_op(storage, index, op)
         request = commands.parse_tag(tag)
         stamp = self._entry_stamp
         now = storage.advance_dedup_clock(stamp if isinstance(stamp, int) and 0 <= stamp < 1 << 63 else 0)
         seen = storage.recall_outcome(request.key)
         if seen is not None:
             return seen.revision, commands.payload_of(storage, op, seen)  # a retry: apply nothing
+        # A slot moving or moved away: refused, and no outcome kept (nothing applied; the retry
+        # that reaches the slot's owner must apply).
+        moving = self.claims_refusal(op)
+        if moving is not None:
+            return index, moving
         if request.retry:
             refusal = self._forgotten(request, now)
             if refusal:
@@ -395,6 +406,7 @@ class ShardStateMachine(AppliedPositionCheck, ReadIndex, DurableLog, FreshnessTr
             try:
                 self._storage.commit()
                 self._dirty = False
+                self._publish_claims()
             except Exception as exc:
                 self._storage_failed(exc, "committing an apply batch")
         if self._apply_failed:
@@ -435,6 +447,7 @@ class ShardStateMachine(AppliedPositionCheck, ReadIndex, DurableLog, FreshnessTr
             self._storage.abort()
             grew = self._map_full and self._storage.grow()
             self._stored_applied, self._stored_term = self._storage.applied_position()
+            self._reload_claims()
         except Exception as abort_exc:  # even the rollback failed: keep backing off
             grew, exc = False, abort_exc
         # Entries after LMDB's index were rolled back with the transaction: re-apply them.
@@ -457,6 +470,7 @@ class ShardStateMachine(AppliedPositionCheck, ReadIndex, DurableLog, FreshnessTr
 
     def _on_snapshot_installed(self, applied: int) -> None:
         self._stored_applied, self._stored_term = self._storage.applied_position()
+        self._reload_claims()
         self._dirty = False
         # Entries the snapshot covers are never applied here: their proposers time out.
         for index in [i for i in self._awaiting_reapply if i <= applied]:

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 from kvstore import errors
 from kvstore.storage.engine import OverBudget, Record, Storage
+from kvstore.storage.move_tables import Change
 
 __all__ = ["ReadView", "Record", "ShardStatus", "WriteResult"]
 
@@ -59,6 +60,16 @@ class ReadView:
         """Records in key order, whether more follow, and the applied index (a page ends early at
         `budget_bytes`, never before its first record)."""
         return self._storage.scan(start, end, prefix, limit, after=after, budget_bytes=budget_bytes)
+
+    def slot_keys(
+        self, first: int, last: int, after: tuple[int, bytes] | None, limit: int, budget_bytes: int
+    ) -> tuple[list[Record], tuple[int, bytes] | None, int]:
+        """Records of slots first..last in (slot, key) order after `after` (see Storage.slot_keys)."""
+        return self._storage.slot_keys(first, last, after, limit, budget_bytes)
+
+    def changes(self, move: int, after: int, limit: int, budget_bytes: int) -> tuple[list[Change], int]:
+        """A move's change log from revisions after `after` (see Storage.changes)."""
+        return self._storage.changes(move, after, limit, budget_bytes)
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,14 +51,19 @@ class MapFollower:
     whichever gets there first wins, the others find it stored)."""
 
     def __init__(
-        self, start: ClusterMap, adopt: Callable[[ClusterMap], bool], seed: bool, cache_dir: str | Path | None
+        self,
+        start: ClusterMap,
+        adopt: Callable[[ClusterMap], bool],
+        seed: bool,
+        cache_dir: str | Path | None,
+        admin_token: str = "",
     ) -> None:
         self.epoch = start.epoch
         self._start = start
         self._adopt = adopt
         self._seed = seed
         self._cache = Path(cache_dir) / CACHE_FILE if cache_dir is not None else None
-        self._store = MapStore(start, timeout=2.0)
+        self._store = MapStore(start, timeout=2.0, admin_token=admin_token)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._trouble = ""  # what went wrong at the last poll ("" if it worked)

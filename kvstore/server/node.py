@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -29,8 +28,9 @@ from kvstore.replication.faults import FaultInjector
 from kvstore.replication.shard import Shard, open_shard
 from kvstore.replication.views import ReadView, Record, WriteResult
 from kvstore.routing.cluster_map import META_SHARD, ClusterMap
+from kvstore.routing.ring import slot_of
 from kvstore.server import validation as check
-from kvstore.server.backup import backup_stream, stream_errors
+from kvstore.server.admin import AdminServicer
 from kvstore.server.batch import ResponseBudget, run_batch
 from kvstore.server.health import NodeHealth, add_health, start_health_port
 from kvstore.server.map_follower import MapFollower, newest_map
@@ -105,11 +105,26 @@ class NodeContext:
         )
 
     def check_owned(self, keys: list[bytes], client_epoch: int) -> None:
-        """`client_epoch`: the map epoch the request was routed by (a newer one wakes the follower)."""
+        """Refuse keys this shard does not serve now: its own claims on moving slots decide
+        (kvstore/replication/slot_claims.py), else the map. `client_epoch`: the map epoch the
+        request was routed by (a newer one than ours wakes the follower)."""
         if client_epoch > self.cluster_map.epoch:
             self.saw_epoch(client_epoch)
+        if self.shard.claims and self.check_claims(keys):
+            return
         if not self.cluster_map.slots.all_on(self.config.shard, keys):
             raise errors.WrongShard(epoch=self.cluster_map.epoch)
+
+    def check_claims(self, keys: list[bytes]) -> bool:
+        """True if this shard's claims say it holds all of `keys`; raises if they say it must not
+        serve them (moving: `Moving`; moved away: `WrongShard`); False if they do not say."""
+        verdict = self.shard.claims.verdict(map(slot_of, keys))
+        if verdict.state == "moving":
+            raise errors.Moving("these keys' slots are moving between shards: try again shortly")
+        if verdict.state == "gone":
+            self.saw_epoch(verdict.epoch)
+            raise errors.WrongShard(epoch=max(verdict.epoch, self.cluster_map.epoch))
+        return verdict.state == "owned"
 
 
 class KVServicer(pb_grpc.KVServicer):
@@ -190,6 +205,8 @@ class KVServicer(pb_grpc.KVServicer):
         check.check_key(request.key, self.limits)
         self.ctx.check_owned([request.key], request.epoch)
         view = await self._fresh(request.read)
+        if self.shard.claims:  # claims may have changed while the replica caught up
+            self.ctx.check_claims([request.key])
         if budget is not None:
             budget.admit()
         record, applied = view.get(request.key)
@@ -211,6 +228,8 @@ class KVServicer(pb_grpc.KVServicer):
         keys = check.distinct(check.check_keys(request.keys, self.limits))
         self.ctx.check_owned(keys, request.epoch)
         view = await self._fresh(request.read)
+        if self.shard.claims:  # claims may have changed while the replica caught up
+            self.ctx.check_claims(keys)
         if budget is not None:
             budget.admit()
         found, values, revisions, applied = view.get_columns(keys, self.limits.max_response_bytes)
@@ -244,55 +263,6 @@ class KVServicer(pb_grpc.KVServicer):
         )
 
 
-class AdminServicer(pb_grpc.AdminServicer):
-    def __init__(self, ctx: NodeContext) -> None:
-        self.ctx = ctx
-
-    @rpc_errors
-    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
-        status = self.ctx.shard.status()
-        config = self.ctx.config
-        leader_name = ""
-        for replica in self.ctx.cluster_map.shard(config.shard).replicas:
-            if replica.raft_address == status.leader_raft_address:
-                leader_name = replica.name
-        return pb.StatusResponse(
-            node=config.name,
-            shard=config.shard,
-            role=status.role,
-            term=status.term,
-            leader=leader_name,
-            leader_address=status.leader_address,
-            commit_index=status.commit_index,
-            applied_index=status.applied_index,
-            leader_commit_index=status.leader_commit_index,
-            staleness_seconds=status.staleness_seconds,
-            epoch=self.ctx.data_map.epoch,
-            key_count=status.key_count,
-            address=self.ctx.cluster_map.replica(config.name)[1].address,
-            zone=config.zone,
-            raft_log_size=status.raft_log_size,
-            health=self.ctx.health.text,
-            pid=os.getpid(),
-            cluster_id=config.cluster.id,
-        )
-
-    @rpc_errors
-    async def ClusterMap(
-        self, request: pb.ClusterMapRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ClusterMapResponse:
-        response = self.ctx.data_map.to_proto()
-        response.cluster_id = self.ctx.config.cluster.id  # the node's own, whatever the map file says
-        return response
-
-    @stream_errors
-    async def Backup(
-        self, request: pb.BackupRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.BackupChunk]:
-        async for chunk in backup_stream(self.ctx, request):  # kvstore/server/backup.py
-            yield chunk
-
-
 def grpc_options(config: NodeConfig) -> list[tuple[str, int]]:
     """Message limits derived from the request and answer limits (`Limits.max_message_bytes`)."""
     return config.limits.grpc_options()
@@ -316,7 +286,11 @@ async def serve(config: NodeConfig) -> None:
     if data_map.meta:
         is_meta = cluster_map is not data_map
         ctx.follower = MapFollower(
-            data_map, ctx.adopt, seed=is_meta, cache_dir=None if is_meta else config.data_dir
+            data_map,
+            ctx.adopt,
+            seed=is_meta,
+            cache_dir=None if is_meta else config.data_dir,
+            admin_token=admin_secret(config) if is_meta else "",  # the group's own replicas seed it
         )
         ctx.follower.start()
     health = ctx.health
@@ -366,6 +340,21 @@ def starting_maps(config: NodeConfig) -> tuple[ClusterMap, ClusterMap]:
     return data_map, data_map
 
 
+META_WRITES = frozenset({"Put", "Delete", "MultiPut", "CompareAndSet", "Batch"})
+MOVE_STEPS = frozenset({"MoveClaim", "ExportKeys", "ExportChanges", "ImportChanges", "DropMoved"})
+
+
+def admin_secret(config: NodeConfig) -> str:
+    """The cluster's admin secret from `server.admin_secret_file` ("" when none is set)."""
+    path = config.server.admin_secret_file
+    if not path:
+        return ""
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise errors.KvError(f"server.admin_secret_file {path}: {exc.strerror}") from None
+
+
 def listen_addresses(config: NodeConfig) -> list[tuple[str, str]]:
     """(setting, address) of every address this node listens on."""
     addresses = [("listen", config.listen), ("raft_bind", config.raft_bind)]
@@ -395,8 +384,26 @@ async def _bind_servers(
     server = grpc.aio.server(options=[*grpc_options(config), ("grpc.so_reuseport", 0)])
     gate = ConcurrencyGate(config.server.max_concurrent_rpcs, config.server.max_concurrent_ops)
     cluster_id = config.cluster.id
-    add_service(server, KVServicer(ctx), "KV", gate, cluster_id=cluster_id)
-    add_service(server, AdminServicer(ctx), "Admin", cluster_id=cluster_id)
+    secret = admin_secret(config)
+    # The metadata group's keys are the cluster's placement: only an admin changes them.
+    kv_admin = META_WRITES if ctx.data_map is not ctx.cluster_map else frozenset()
+    add_service(
+        server,
+        KVServicer(ctx),
+        "KV",
+        gate,
+        cluster_id=cluster_id,
+        admin_methods=kv_admin,
+        admin_secret=secret,
+    )
+    add_service(
+        server,
+        AdminServicer(ctx),
+        "Admin",
+        cluster_id=cluster_id,
+        admin_methods=MOVE_STEPS,
+        admin_secret=secret,
+    )
     add_health(server, health.servicer)
     try:
         server.add_insecure_port(config.listen)

@@ -5,6 +5,7 @@ concurrency gate in front of the KV methods."""
 from __future__ import annotations
 
 import functools
+import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -148,15 +149,36 @@ async def _refuse_another_cluster(cluster_id: str, context: grpc.aio.ServicerCon
             await abort_for(refusal, context, "the cluster check")
 
 
+def admin_only(secret: str, method: Callable[[Any, Any], Awaitable[T]]) -> Callable[[Any, Any], Awaitable[T]]:
+    """Refuse a call without the cluster's admin secret (`kvstore-admin-token`) before any work,
+    PERMISSION_DENIED; every call when this node has no secret (`server.admin_secret_file`)."""
+
+    async def checked(request: Any, context: grpc.aio.ServicerContext) -> T:
+        given = next((v for k, v in context.invocation_metadata() or () if k == errors.ADMIN_TOKEN_KEY), "")
+        if not secret or not hmac.compare_digest(given.encode(), secret.encode()):
+            why = (
+                "this node has no admin secret (server.admin_secret_file)"
+                if not secret
+                else ("the call carries no admin secret" if not given else "the call's admin secret is wrong")
+            )
+            await abort_for(errors.PermissionDenied(f"{why}: nothing was done"), context, "the admin check")
+        return await method(request, context)
+
+    return checked
+
+
 def add_service(
     server: grpc.aio.Server,
     servicer: Any,
     service_name: str,
     gate: ConcurrencyGate | None = None,
     cluster_id: str | None = None,
+    admin_methods: frozenset[str] = frozenset(),
+    admin_secret: str = "",
 ) -> None:
-    """Register `servicer` for a service of proto/kvstore.proto, its RPCs counted by `gate`, and
-    (`cluster_id`) refused when they name another cluster (`same_cluster`).
+    """Register `servicer` for a service of proto/kvstore.proto, its RPCs counted by `gate`,
+    (`cluster_id`) refused when they name another cluster (`same_cluster`), and `admin_methods`
+    refused without `admin_secret` (`admin_only`).
 
     Like the generated add_*Servicer_to_server, except that undecodable bytes reach the method as
     `Malformed` and are answered INVALID_ARGUMENT (gRPC's default would be a bare UNKNOWN)."""
@@ -175,6 +197,8 @@ def add_service(
                 response_serializer=response_cls.SerializeToString,
             )
             continue
+        if method.name in admin_methods:
+            behaviour = admin_only(admin_secret, behaviour)
         if cluster_id is not None:
             behaviour = same_cluster(cluster_id, behaviour)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(

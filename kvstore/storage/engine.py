@@ -40,6 +40,7 @@ from kvstore.routing.ring import SLOT_COUNT, slot_of, slots_of
 from kvstore.storage.copies import data_digest
 from kvstore.storage.dedup import DedupTables, Outcome, Session
 from kvstore.storage.disk import DiskSpace, fsync_directory
+from kvstore.storage.move_tables import Change, MoveTables
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,10 @@ class Storage:
         self._env_lock = threading.Lock()
         self._txn: lmdb.Transaction | None = None
         self._txn_bytes = 0
+        # Slot ranges whose writes are logged for a move out (move, first, last), set by the
+        # caller from its claims (`set_exporting`); and the (revision, position) of the last change.
+        self._exporting: tuple[tuple[int, int, int], ...] = ()
+        self._last_change = (0, 0)
         self._snapshots_running = 0
         live, old = self.path / "lmdb", self.path / "lmdb.old"
         if not live.exists() and old.exists():
@@ -119,7 +124,7 @@ class Storage:
         self._env = lmdb.open(
             str(env_path),
             map_size=max(self._map_size, _existing_size(env_path)),
-            max_dbs=8,
+            max_dbs=16,
             sync=self._fsync,
             metasync=self._metasync,
             writemap=False,
@@ -132,6 +137,7 @@ class Storage:
         self._slots = self._env.open_db(b"slots", dupsort=True)
         self._build_slot_index(rebuild_slot_index)
         self._dedup = DedupTables(self._env, self._meta)
+        self._moves = MoveTables(self._env, self._meta)
         _drop_pickled_requests(self._env)
 
     @property
@@ -271,12 +277,18 @@ class Storage:
         return out, more, _position(applied_raw)[0]
 
     def slot_keys(
-        self, first: int, last: int, after: tuple[int, bytes] | None = None, limit: int = 1000
+        self,
+        first: int,
+        last: int,
+        after: tuple[int, bytes] | None = None,
+        limit: int = 1000,
+        budget_bytes: int = 1 << 62,
     ) -> tuple[list[Record], tuple[int, bytes] | None, int]:
         """Records of the keys in slots first..last (inclusive), in (slot, key) order, strictly
-        after the position `after`, at most `limit` of them. Returns (records, the position to
-        continue from, or None when the range is done, applied index of the snapshot read).
-        Reads the index and those keys only: cost in proportion to what is listed."""
+        after the position `after`, at most `limit` of them and `budget_bytes` of keys and values
+        (at least one). Returns (records, the position to continue from, or None when the range
+        is done, applied index of the snapshot read). Reads the index and those keys only: cost
+        in proportion to what is listed."""
         if not 0 <= first <= last < SLOT_COUNT or limit < 1:
             raise ValueError(f"slots {first}-{last} (limit {limit}) are not within 0-{SLOT_COUNT - 1}")
         if after is not None and not first <= after[0] <= last:
@@ -296,16 +308,18 @@ class Storage:
                     positioned = slot + 1 < SLOT_COUNT and cursor.set_range(_SLOT.pack(slot + 1))
             get = txn.get
             last_slot = first
+            used = 0
             while positioned:
                 slot = _SLOT.unpack(cursor.key())[0]
                 if slot > last:
                     break
-                if len(out) == limit:
+                if len(out) == limit or (out and used >= budget_bytes):
                     return out, (last_slot, out[-1].key), applied
                 key = cursor.value()
                 raw = get(key, db=self._data)
                 if raw is not None:  # always, while the index is kept with the data
                     out.append(_unpack(key, raw))
+                    used += len(key) + len(raw)
                     last_slot = slot
                 positioned = cursor.next()
         return out, None, applied
@@ -345,6 +359,8 @@ class Storage:
         if txn.replace(key, _pack(revision, value), db=self._data) is None:  # a new key: index it
             txn.put(_SLOT.pack(slot_of(key)), key, db=self._slots)
         self._txn_bytes += 2 * len(key) + len(value) + 64
+        if self._exporting:
+            self._log_change(key, value, revision)
 
     def put_many(self, items: tuple[tuple[bytes, bytes], ...], revision: int) -> None:
         """Every (key, value) at one revision. Only new keys are indexed: an index insert costs as
@@ -358,13 +374,72 @@ class Storage:
         if new:
             txn.cursor(db=self._slots).putmulti(_index_rows(new))
         self._txn_bytes += sum(map(len, itertools.chain.from_iterable(items))) + 80 * len(items)
+        if self._exporting:
+            for key, value in items:
+                self._log_change(key, value, revision)
 
-    def delete(self, key: bytes) -> bool:
+    def delete(self, key: bytes, revision: int = 0) -> bool:
+        """`revision`: the deleting entry's (the change log of a move out records it)."""
         txn = self._write_txn()
         if not txn.delete(key, db=self._data):
             return False
         txn.delete(_SLOT.pack(slot_of(key)), key, db=self._slots)
+        if self._exporting:
+            self._log_change(key, None, revision)
         return True
+
+    # ----- slot moves (kvstore/storage/move_tables.py) -----
+
+    def set_exporting(self, ranges: tuple[tuple[int, int, int], ...]) -> None:
+        """From now on, log every write to these (move, first slot, last slot) ranges (apply thread)."""
+        self._exporting = ranges
+
+    def _log_change(self, key: bytes, value: bytes | None, revision: int) -> None:
+        slot = slot_of(key)
+        for move, first, last in self._exporting:
+            if first <= slot <= last:
+                last_revision, position = self._last_change
+                position = position + 1 if last_revision == revision else 0
+                self._last_change = (revision, position)
+                self._moves.record(self._write_txn(), move, revision, position, key, value)
+                self._txn_bytes += 2 * len(key) + len(value or b"") + 64
+                return
+
+    def claims_blob(self, in_batch: bool = False) -> bytes:
+        """The shard's slot claims as stored (b"": none); `in_batch`: as the open batch has them."""
+        if in_batch:
+            return self._moves.claims(self._write_txn())
+        with self._env_lock, self._env.begin() as txn:
+            return self._moves.claims(txn)
+
+    def set_claims_blob(self, blob: bytes) -> None:
+        self._moves.set_claims(self._write_txn(), blob)
+
+    def changes(self, move: int, after: int, limit: int, budget_bytes: int) -> tuple[list[Change], int]:
+        """(logged changes of `move` from revisions after `after`, whole revisions, in order (see
+        `MoveTables.read`), the applied index of the snapshot read)."""
+        with self._env_lock, self._env.begin() as txn:
+            applied = _position(txn.get(_APPLIED, db=self._meta))[0]
+            return self._moves.read(txn, move, after, limit, budget_bytes), applied
+
+    def drop_changes(self, move: int, limit: int) -> int:
+        return self._moves.drop(self._write_txn(), move, limit)
+
+    def drop_slot_range(self, first: int, last: int, limit: int) -> int:
+        """Delete up to `limit` keys of slots first..last (never logged); how many were deleted."""
+        txn = self._write_txn()
+        cursor = txn.cursor(db=self._slots)
+        positioned = cursor.set_range(_SLOT.pack(first))
+        dropped = 0
+        while positioned and dropped < limit:
+            row = cursor.key()
+            if len(row) != _SLOT.size or _SLOT.unpack(row)[0] > last:  # past the end, or the range
+                break
+            txn.delete(cursor.value(), db=self._data)
+            positioned = cursor.delete()  # moves to the next row
+            dropped += 1
+        self._txn_bytes += 128 * dropped
+        return dropped
 
     def get_for_update(self, key: bytes) -> Record | None:
         """Read inside the open write transaction: sees this batch's own earlier writes."""

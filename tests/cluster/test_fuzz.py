@@ -22,6 +22,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -38,11 +39,14 @@ from tests.conftest import running_cluster, stop_process, wait_until
 
 pytestmark = pytest.mark.slow
 
+MOVE_STEP_SET = {"MoveClaim", "ExportKeys", "ExportChanges", "ImportChanges", "DropMoved"}
 SERVICE_OF = {
     **dict.fromkeys(
         ["Put", "Get", "Delete", "MultiPut", "MultiGet", "Scan", "CompareAndSet", "Batch"], "kvstore.v2.KV"
     ),
-    **dict.fromkeys(["Status", "ClusterMap", "Backup"], "kvstore.v2.Admin"),
+    **dict.fromkeys(
+        ["Status", "ClusterMap", "Backup", *(MOVE_STEPS := sorted(MOVE_STEP_SET))], "kvstore.v2.Admin"
+    ),
 }
 # Backup chunk sizes at and around the limits (server/backup.py: 0 = default, else 64 KiB..4 MiB).
 CHUNK_SIZES = [0, 1, (64 << 10) - 1, 64 << 10, 4 << 20, (4 << 20) + 1, 2**32 - 1]
@@ -50,7 +54,11 @@ STREAMING = {"Backup"}  # server-streaming: every message is read (a backup copy
 NODE_METHODS = sorted(SERVICE_OF)
 ROUTER_METHODS = sorted(m for m, service in SERVICE_OF.items() if service == "kvstore.v2.KV")  # KV only
 # A refusal must be one of these, and say why: anything else (UNKNOWN, INTERNAL) is a bug.
-DEFINITE_REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+DEFINITE_REFUSALS = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.PERMISSION_DENIED,  # an admin-only call without the admin secret
+}
 # Answers that are not about the request itself (leadership moved, overloaded for a moment).
 TRANSIENT = {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE}
 # Examples per fuzzing round (more with KVSTORE_FUZZ_EXAMPLES: the generator is seeded at random).
@@ -204,6 +212,8 @@ def requests(draw: st.DrawFn, limits: Limits, methods: list[str]) -> tuple[str, 
         return method, request.SerializeToString(), [key]
     if method in ("Status", "ClusterMap"):  # Admin: empty requests, so only junk bytes vary
         return method, draw(st.binary(max_size=64)), []
+    if method in MOVE_STEP_SET:
+        return method, move_step(draw, method, limits).SerializeToString(), []
     if method == "Backup":  # a whole copy of the store per call: the shard and chunk size vary
         request = pb.BackupRequest(
             shard=draw(st.sampled_from([0, 1, 2**32 - 1])),
@@ -223,6 +233,49 @@ def requests(draw: st.DrawFn, limits: Limits, methods: list[str]) -> tuple[str, 
     if count and draw(st.booleans()):
         ops.append(pb.BatchOp())  # an empty op
     return method, pb.BatchRequest(ops=ops).SerializeToString(), [key]
+
+
+def move_step(draw: st.DrawFn, method: str, limits: Limits) -> Any:
+    """A slot-move step with fields at and past their bounds. Never a claim this node would take
+    (its shard is 0; a claim names another): fuzzing with the admin secret must not fence the
+    shard; every other step names a move no shard has a claim for."""
+    move = draw(st.sampled_from([0, 1, 7, 2**63, 2**64 - 1]))
+    shard = draw(st.sampled_from([0, 1, 2**32 - 1]))
+    limit = draw(st.sampled_from([0, 1, 10_000, 10_001, 2**32 - 1]))
+    slot = st.sampled_from([0, 1, 65_535, 65_536, 2**32 - 1])
+    if method == "MoveClaim":
+        return pb.MoveClaimRequest(
+            shard=draw(st.sampled_from([1, 2**32 - 1])),
+            move=move,
+            first=draw(slot),
+            last=draw(slot),
+            side=draw(st.sampled_from(["out", "in", "", "sideways"])),
+            phase=draw(
+                st.sampled_from(["logging", "fenced", "gone", "importing", "serving", "aborted", "x"])
+            ),
+            epoch=draw(st.sampled_from([0, 2**64 - 1])),
+        )
+    if method == "ExportKeys":
+        return pb.ExportKeysRequest(
+            shard=shard,
+            move=move,
+            resume=draw(st.booleans()),
+            after_slot=draw(slot),
+            after_key=draw(key_strategy(limits)),
+            limit=limit,
+        )
+    if method == "ExportChanges":
+        return pb.ExportChangesRequest(
+            shard=shard, move=move, after_revision=draw(st.sampled_from([0, 2**64 - 1])), limit=limit
+        )
+    if method == "ImportChanges":
+        keys = keys_of(draw, limits)
+        values = [draw(value_strategy(limits)) if len(keys) <= 17 else b"v" for _ in keys]
+        deleted = [draw(st.booleans()) for _ in keys]
+        if keys and draw(st.booleans()):
+            deleted = deleted[:-1]  # unpaired
+        return pb.ImportChangesRequest(shard=shard, move=move, keys=keys, values=values, deleted=deleted)
+    return pb.DropMovedRequest(shard=shard, move=move, limit=limit)
 
 
 def snapshot_of(node: Node, keys: list[bytes], limits: Limits) -> dict[bytes, tuple[bytes, int]]:
@@ -245,7 +298,12 @@ def assert_writes_commit(node: Node) -> None:
 
 
 def fuzz_rpcs(
-    target: Node, state: Node, limits: Limits, examples: int, methods: list[str] = NODE_METHODS
+    target: Node,
+    state: Node,
+    limits: Limits,
+    examples: int,
+    methods: list[str] = NODE_METHODS,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> dict[str, set[grpc.StatusCode]]:
     """Send `examples` generated requests to `target` (a node or a router), checking each answer,
     that a refused write left `state` (the leader) unchanged, and that both stay healthy."""
@@ -257,7 +315,7 @@ def fuzz_rpcs(
         method, payload, keys = request
         writes = method in ("Put", "Delete", "MultiPut", "CompareAndSet")
         before = snapshot_of(state, keys, limits) if writes else {}
-        code, details, _ = target.call(method, payload)
+        code, details, _ = target.call(method, payload, metadata=metadata)
         seen.setdefault(method, set()).add(code)
         assert code == grpc.StatusCode.OK or code in DEFINITE_REFUSALS | TRANSIENT, (method, code, details)
         if code != grpc.StatusCode.OK:
@@ -281,6 +339,24 @@ def test_every_rpc_answers_clearly_and_refusals_change_nothing(cluster: LocalClu
     assert set(seen) == set(SERVICE_OF), sorted(seen)
     codes = set().union(*seen.values())
     assert {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT} <= codes, seen
+
+
+def test_slot_move_steps_need_the_admin_secret_and_refuse_hostile_fields_clearly(
+    cluster: LocalCluster, limits: Limits
+) -> None:
+    """Without the admin secret every step is PERMISSION_DENIED (above); with it, steps for moves
+    this shard has no part in, and malformed ones, are refused clearly and change nothing."""
+    node = leader(cluster)
+    token = ((errors.ADMIN_TOKEN_KEY, cluster.admin_token()),)
+    try:
+        seen = fuzz_rpcs(node, node, limits, max(40, EXAMPLES // 2), MOVE_STEPS, token)
+        code, _, _ = node.call("DropMoved", pb.DropMovedRequest(shard=0, move=1, limit=1).SerializeToString())
+        assert code == grpc.StatusCode.PERMISSION_DENIED  # no secret, no step
+    finally:
+        node.close()
+    assert set(seen) == MOVE_STEP_SET, sorted(seen)
+    assert grpc.StatusCode.PERMISSION_DENIED not in set().union(*seen.values()), seen
+    assert grpc.StatusCode.INVALID_ARGUMENT in set().union(*seen.values()), seen
 
 
 def test_a_cluster_id_in_the_metadata_is_served_only_when_it_is_this_clusters(

@@ -51,7 +51,7 @@ async def _read(cluster: LocalCluster, timeout: float = 5.0) -> tuple[ClusterMap
 
 
 async def _change(cluster: LocalCluster, make_next: object, timeout: float = 5.0) -> ClusterMap:
-    store = MapStore(cluster.cluster_map(), timeout=timeout)
+    store = MapStore(cluster.cluster_map(), timeout=timeout, admin_token=cluster.admin_token())
     try:
         return await store.change(make_next)  # type: ignore[arg-type]
     finally:
@@ -156,7 +156,7 @@ def test_a_change_made_from_a_map_that_is_no_longer_the_newest_is_refused(cluste
             return stale, revision
 
     async def attempt() -> None:
-        store = StaleStore(cluster.cluster_map())
+        store = StaleStore(cluster.cluster_map(), admin_token=cluster.admin_token())
         try:
             with pytest.raises(errors.MapConflict):
                 await store.change(lambda m: m.with_slots_moved((slot, slot, 0)))
@@ -178,6 +178,8 @@ def test_a_change_made_from_a_map_that_is_no_longer_the_newest_is_refused(cluste
 def test_without_the_groups_quorum_shards_serve_and_map_changes_wait(cluster: LocalCluster) -> None:
     before = _stored(cluster)
     slot, key = _unused_slot(before, owner=0, used=USED)
+    # Every node has the group's newest map before the group loses its quorum.
+    wait_until(lambda: set(_epochs(cluster).values()) == {before.epoch}, timeout=5, interval=0.1)
     leader = cluster.meta_status()["leader"]  # type: ignore[index]
     lost = [leader, next(r.name for r in before.meta if r.name != leader)]
     for name in lost:

@@ -13,7 +13,9 @@ from kvstore.client.plans import Call, Plan
 from kvstore.client.split import sub_request_id
 from kvstore.config import NodeConfig, StorageSettings
 from kvstore.replication import commands
+from kvstore.replication.slot_moves import SlotMoves
 from kvstore.replication.state_machine import ShardStateMachine
+from kvstore.routing.ring import slot_of
 from kvstore.storage.dedup import CAS_FAILED, DONE, Outcome
 from kvstore.storage.engine import Storage
 
@@ -27,7 +29,7 @@ def _id(client: int, seq: int) -> bytes:
     return client.to_bytes(16, "big") + seq.to_bytes(8, "big")
 
 
-class _Replica:
+class _Replica(SlotMoves):
     """The apply rules of `ShardStateMachine` on a real Storage, without Raft around them."""
 
     _apply_proposal = ShardStateMachine._apply_proposal
@@ -45,6 +47,7 @@ class _Replica:
         self._last_refusal_log = -1e9
         self.refused_ops = 0
         self.index = 0
+        self._init_slot_moves()
 
     def apply(self, request_id: bytes, op: commands.Op, *, retry: bool = False, at: float) -> commands.Result:
         self.index += 1
@@ -52,6 +55,7 @@ class _Replica:
         result = self._apply_proposal(self.index, (commands.request_tag(request_id, retry), op))
         self._storage.set_applied(self.index)
         self._storage.commit()
+        self._publish_claims()
         return result
 
 
@@ -303,3 +307,20 @@ def test_pickled_request_tables_of_older_versions_are_dropped_unread(tmp_path: P
         assert txn.get(b"requests") is None and txn.get(b"req_by_index") is None
     s.close()
     Storage(tmp_path, fsync=False).close()  # and opening again (nothing to drop) is fine
+
+
+def test_a_write_refused_because_its_slot_moves_keeps_no_outcome(tmp_path: Path) -> None:
+    """A fenced slot refuses the write (Moving) and records nothing: when the move is aborted, the
+    client's retry under the same request id applies, instead of being answered "failed"."""
+    replica = _Replica(Storage(tmp_path / "s", fsync=False))
+    key = b"moving-key"
+    slot = slot_of(key)
+    replica.apply(b"", commands.claim(1, slot, slot, "out", "logging"), at=1.0)
+    replica.apply(b"", commands.claim(1, slot, slot, "out", "fenced"), at=1.0)
+    request = _id(7, 1)
+    refused = replica.apply(request, commands.put(key, b"v"), at=2.0)
+    assert isinstance(refused[1], commands.Refused) and refused[1].kind == errors.Moving.kind
+    assert replica._storage.recall_outcome(request) is None
+    replica.apply(b"", commands.claim(1, slot, slot, "out", "aborted"), at=3.0)
+    revision, payload = replica.apply(request, commands.put(key, b"v"), retry=True, at=4.0)
+    assert payload is None and replica._storage.get(key).value == b"v"
