@@ -2,6 +2,7 @@
 
 kvstore cluster up|status|kill|start|down --dir DIR ...   a local multi-process cluster
 kvstore cluster move-slots --dir DIR --slots A-B --to N   move slots between shards while serving
+kvstore cluster add-shard --dir DIR [--replicas N]        a new shard, and its share of the slots
 kvstore cluster migrations [list|resume|abort ID] --dir DIR
 kvstore node --config FILE                                 one replica (what `cluster up` starts)
 kvstore router --cluster DIR --listen ADDR                 a stateless router
@@ -172,7 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     chaos = sub.add_parser("chaos", help="faults + recorded history + linearizability checking")
     chaos.add_argument("--shards", type=int, default=2)
     chaos.add_argument("--duration", type=float, default=60.0)
-    chaos.add_argument("--nemesis", default="kill,pause,partition,delay")
+    chaos.add_argument(
+        "--nemesis",
+        default="kill,pause,partition,delay",
+        help="comma-separated: kill, pause, partition, delay (one at a time), and reshard (slot moves "
+        "back and forth all through the run, beside the others; a metadata group joins the cluster)",
+    )
     chaos.add_argument("--seed", type=int, default=1)
     chaos.add_argument("--out", default="results/chaos")
     chaos.add_argument(
@@ -256,7 +262,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "bench":
         return _run_repo_script("loadtests/bench.py", args)
     if args.command == "chaos":
-        from kvstore.chaos.runner import run_chaos_cli
+        from kvstore.chaos.command import run_chaos_cli
 
         return run_chaos_cli(args)
     return cli_kv.run(args)
@@ -292,7 +298,7 @@ def _cluster(args: argparse.Namespace) -> int:
     from kvstore.cluster.local import LocalCluster
     from kvstore.cluster.status import problems, raft_groups
 
-    if args.action in ("move-slots", "migrations"):
+    if args.action in ("move-slots", "migrations", "add-shard"):
         return cli_moves.run(args)
     cluster = LocalCluster(args.dir)
     if args.action == "up":

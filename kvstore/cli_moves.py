@@ -1,4 +1,5 @@
-"""`kvstore cluster move-slots` and `kvstore cluster migrations` (kvstore/meta/mover.py).
+"""`kvstore cluster move-slots`, `add-shard` and `migrations` (kvstore/meta/mover.py,
+kvstore/cluster/grow.py).
 
 Exit statuses: 0 done, 1 the move stopped (its phase and why on stderr; `migrations resume` or
 `abort` it), 2 usage, as in the table of `kvstore --help`.
@@ -18,6 +19,14 @@ from kvstore import errors
 
 
 def add_move_commands(cluster: Any) -> None:
+    add = cluster.add_parser(
+        "add-shard",
+        help="start a new shard (a Raft group of its own) and move its share of the slots to it "
+        "(~1/(N+1), only from the others), while the cluster serves",
+    )
+    add.add_argument("--dir", required=True)
+    add.add_argument("--replicas", type=int, default=None, help="default: as many as the other shards")
+    add.add_argument("--rate", type=float, default=0.0, help="keys/s (default: no limit)")
     move = cluster.add_parser(
         "move-slots",
         help="move a slot range to a shard while the cluster serves (copy, catch up, brief fence, "
@@ -74,7 +83,14 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> int:
         mover = Mover(cluster_map, cluster.admin_token(), say=say)
         try:
-            if args.action == "move-slots":
+            if args.action == "add-shard":
+                from kvstore.cluster.grow import add_shard
+
+                began = time.monotonic()
+                shard, moves = await add_shard(cluster, args.replicas, args.rate, say)
+                copied = sum(m.keys_copied for m in moves)
+                say(f"shard {shard} added: {copied} keys moved to it in {time.monotonic() - began:.1f}s")
+            elif args.action == "move-slots":
                 first, last = parse_slots(args.slots)
                 began = time.monotonic()
                 moves = await mover.move_slots(first, last, args.to, rate=args.rate)
@@ -89,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
                     print(json.dumps([asdict(m) for m in moves], indent=2))
                 for m in [] if args.json else moves:
                     print(
-                        f"move {m.id}: slots {m.first}-{m.last} shard {m.source} -> {m.target}  "
+                        f"move {m.id}: {m.describe()} shard {m.source} -> {m.target}  "
                         f"{m.phase:<11} "
                         f"copied={m.keys_copied} replayed={m.changes_applied} dropped={m.keys_dropped}"
                         + (f"  error: {m.error}" if m.error else "")

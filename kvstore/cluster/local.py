@@ -254,6 +254,14 @@ class LocalCluster:
     def _write_secret(self, shard: int | str) -> Path:
         return self._write_secret_file(self.secret_path(shard))
 
+    def write_shard_secret(self, shard: int) -> Path:
+        """A new shard's Raft secret file (refused if it exists): `cluster add-shard`."""
+        return self._write_secret(shard)
+
+    def write_node_config(self, config: NodeConfig) -> None:
+        """A new node's config file (`cluster add-shard`); its data and log directories exist."""
+        self._config_path(config.name).write_text(config.to_toml())
+
     def _write_secret_file(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Created 0600 (never briefly readable by others), refused if it already exists.

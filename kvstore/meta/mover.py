@@ -53,6 +53,16 @@ class MoveFailed(errors.KvError):
     """A move stopped; its record says in which phase (resume or abort it)."""
 
 
+def plan_moves(
+    cluster_map: ClusterMap, first: int, last: int, target: int
+) -> dict[int, list[tuple[int, int]]]:
+    """Per source shard, the (first, last) runs of slots first..last it owns (not `target`)."""
+    moves: dict[int, list[tuple[int, int]]] = {}
+    for run_first, run_last, source in plan_ranges(cluster_map, first, last, target):
+        moves.setdefault(source, []).append((run_first, run_last))
+    return moves
+
+
 def plan_ranges(cluster_map: ClusterMap, first: int, last: int, target: int) -> list[tuple[int, int, int]]:
     """(first, last, source) runs of slots first..last that another shard than `target` owns."""
     if not 0 <= first <= last < SLOT_COUNT:
@@ -174,19 +184,28 @@ class Mover:
         current, _ = await self.store.read()
         if current is None:
             raise errors.Unavailable("the metadata group holds no cluster map yet")
-        runs = plan_ranges(current, first, last, target)
+        return await self.move_ranges(plan_moves(current, first, last, target), target, rate, stop_at)
+
+    async def move_ranges(
+        self,
+        by_source: dict[int, list[tuple[int, int]]],
+        target: int,
+        rate: float = 0.0,
+        stop_at: str | None = None,
+    ) -> list[MoveRecord]:
+        """One move per source shard of its (first, last) ranges to `target`, one after another."""
         busy = [m for m in await self.records.all() if not m.finished_phase]
-        for run_first, run_last, _ in runs:
+        for ranges in by_source.values():
             for m in busy:
-                if m.first <= run_last and run_first <= m.last:
+                if m.overlaps(ranges):
                     raise errors.InvalidArgument(
-                        f"slots {m.first}-{m.last} are in move {m.id} ({m.phase}): resume or abort it first"
+                        f"{m.describe()} are in move {m.id} ({m.phase}): resume or abort it first"
                     )
         done = []
-        for run_first, run_last, source in runs:
-            record = MoveRecord(await self.records.new_id(), run_first, run_last, source, target, rate=rate)
+        for source, ranges in sorted(by_source.items()):
+            record = MoveRecord(await self.records.new_id(), ranges, source, target, rate=rate)
             await self.records.create(record)
-            self.say(f"move {record.id}: slots {run_first}-{run_last} from shard {source} to shard {target}")
+            self.say(f"move {record.id}: {record.describe()} from shard {source} to shard {target}")
             done.append(await self.resume(record.id, stop_at))
         return done
 
@@ -234,7 +253,7 @@ class Mover:
                     break
         record.finished = time.time()
         await self.records.save(record, revision)
-        self.say(f"move {move_id}: aborted; shard {record.source} keeps slots {record.first}-{record.last}")
+        self.say(f"move {move_id}: aborted; shard {record.source} keeps its {record.describe()}")
         return record
 
     # ----- the phases --------------------------------------------------------------------------
@@ -297,8 +316,7 @@ class Mover:
         request = pb.MoveClaimRequest(
             shard=shard,
             move=record.id,
-            first=record.first,
-            last=record.last,
+            ranges=[pb.SlotRange(first=a, last=b) for a, b in record.ranges],
             side=side,
             phase=phase,
             epoch=epoch,
@@ -377,16 +395,15 @@ class Mover:
 
     async def _flip(self, record: MoveRecord) -> int:
         """The map change that gives the range to the target; its epoch (done already: the current)."""
+        moves = [(a, b, record.target) for a, b in record.ranges]
         while True:
             current, _ = await self.store.read()
             assert current is not None
-            owners = {current.slots.shard_for_slot(s) for s in range(record.first, record.last + 1)}
+            owners = {current.slots.shard_for_slot(s) for a, b in record.ranges for s in range(a, b + 1)}
             if owners == {record.target}:
                 return current.epoch  # flipped before a crash
             try:
-                flipped = await self.store.change(
-                    lambda m: m.with_slots_moved((record.first, record.last, record.target))
-                )
+                flipped = await self.store.change(lambda m: m.with_slots_moved(*moves))
             except errors.MapConflict:
                 continue  # another change landed (another move's flip): read again
             return flipped.epoch

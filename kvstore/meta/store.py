@@ -24,6 +24,7 @@ from kvstore import errors
 from kvstore.client.aio import AsyncClient
 from kvstore.client.factory import make_core
 from kvstore.routing.cluster_map import ClusterMap
+from kvstore.routing.slot_table import ranges_overlap
 
 MAP_KEY = b"kvstore/cluster-map"
 MOVE_PREFIX = b"kvstore/moves/"  # + the move id, 12 digits: one record per move (MoveRecord)
@@ -105,8 +106,7 @@ class MoveRecord:
     """One slot range's move from `source` to `target`: what a coordinator resumes from."""
 
     id: int
-    first: int
-    last: int
+    ranges: list[tuple[int, int]]  # (first, last) slot ranges, sorted and apart
     source: int
     target: int
     # planned, copying, catching_up, fenced, flipped, cleaning, done; aborted; paused (any phase
@@ -132,7 +132,9 @@ class MoveRecord:
     @classmethod
     def decode(cls, value: bytes) -> MoveRecord:
         try:
-            return cls(**json.loads(value))
+            data = json.loads(value)
+            data["ranges"] = [tuple(r) for r in data["ranges"]]
+            return cls(**data)
         except (ValueError, TypeError) as exc:
             raise errors.KvError(
                 f"the metadata group holds a move record that cannot be read: {exc}"
@@ -141,6 +143,19 @@ class MoveRecord:
     @property
     def finished_phase(self) -> bool:
         return self.phase in ("done", "aborted")
+
+    @property
+    def slot_count(self) -> int:
+        return sum(last - first + 1 for first, last in self.ranges)
+
+    def overlaps(self, ranges: list[tuple[int, int]]) -> bool:
+        return ranges_overlap(self.ranges, ranges)
+
+    def describe(self) -> str:
+        """e.g. "slots 0-99,200-299 (200 slots)"."""
+        shown = ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in self.ranges[:4])
+        more = f",... ({len(self.ranges)} ranges" if len(self.ranges) > 4 else " ("
+        return f"slots {shown}{more}{', ' if more.endswith('ranges') else ''}{self.slot_count} slots)"
 
 
 class MoveRecords:

@@ -411,22 +411,20 @@ class BackupChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., done: bool = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class MoveClaimRequest(_message.Message):
-    __slots__ = ("shard", "move", "first", "last", "side", "phase", "epoch")
+    __slots__ = ("shard", "move", "ranges", "side", "phase", "epoch")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     MOVE_FIELD_NUMBER: _ClassVar[int]
-    FIRST_FIELD_NUMBER: _ClassVar[int]
-    LAST_FIELD_NUMBER: _ClassVar[int]
+    RANGES_FIELD_NUMBER: _ClassVar[int]
     SIDE_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     shard: int
     move: int
-    first: int
-    last: int
+    ranges: _containers.RepeatedCompositeFieldContainer[SlotRange]
     side: str
     phase: str
     epoch: int
-    def __init__(self, shard: _Optional[int] = ..., move: _Optional[int] = ..., first: _Optional[int] = ..., last: _Optional[int] = ..., side: _Optional[str] = ..., phase: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+    def __init__(self, shard: _Optional[int] = ..., move: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[SlotRange, _Mapping]]] = ..., side: _Optional[str] = ..., phase: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class MoveClaimResponse(_message.Message):
     __slots__ = ("header", "imported_through")

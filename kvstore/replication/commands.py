@@ -95,8 +95,9 @@ def compare_and_set(key: bytes, value: bytes, expected_revision: int) -> Op:
     return (CAS, key, value, expected_revision)
 
 
-def claim(move: int, first: int, last: int, side: str, phase: str, epoch: int = 0) -> Op:
-    return (CLAIM, move, first, last, side, phase, epoch)
+def claim(move: int, ranges: Iterable[tuple[int, int]], side: str, phase: str, epoch: int = 0) -> Op:
+    """`ranges`: the move's (first, last) slot ranges, sorted and apart."""
+    return (CLAIM, move, tuple((int(a), int(b)) for a, b in ranges), side, phase, epoch)
 
 
 def import_changes(move: int, changes: Iterable[tuple[bytes, bytes | None]], through: int) -> Op:

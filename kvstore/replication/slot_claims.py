@@ -20,24 +20,52 @@ ordered after it is refused, never taken and missed by the final catch-up.
 
 from __future__ import annotations
 
+import bisect
 import json
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from kvstore import errors
+from kvstore.routing.ring import SLOT_COUNT
+from kvstore.routing.slot_table import ranges_overlap
+
+Ranges = tuple[tuple[int, int], ...]  # (first, last) slot ranges, inclusive, sorted, apart
+# Ranges one move may claim: the ring places slots one by one, so a new shard's share of a
+# 3-shard cluster is ~8,000 separate ranges; 65,536 is every slot apart.
+MAX_RANGES = 65_536
 
 OUT_PHASES = ("logging", "fenced", "gone", "aborted")
 IN_PHASES = ("importing", "serving", "aborted")
 
 
+def check_ranges(ranges: Any) -> Ranges:
+    """`ranges` as sorted, disjoint (first, last) pairs within the slots; ValueError otherwise."""
+    try:
+        checked = tuple((int(a), int(b)) for a, b in ranges)
+    except (TypeError, ValueError):
+        raise ValueError("slot ranges must be (first, last) pairs of slots") from None
+    if not 0 < len(checked) <= MAX_RANGES:
+        raise ValueError(f"a move claims 1 to {MAX_RANGES} slot ranges, not {len(checked)}")
+    previous = -1
+    for first, last in checked:
+        if not previous < first <= last < SLOT_COUNT:
+            raise ValueError(f"slot ranges must be sorted, apart, within 0-{SLOT_COUNT - 1}: {first}-{last}")
+        previous = last
+    return checked
+
+
+def in_ranges(ranges: Ranges, slot: int) -> bool:
+    i = bisect.bisect_right(ranges, (slot, SLOT_COUNT)) - 1
+    return i >= 0 and ranges[i][0] <= slot <= ranges[i][1]
+
+
 @dataclass(frozen=True)
 class Claim:
     move: int  # the move's id (from the metadata group: increasing)
-    first: int
-    last: int
+    ranges: Ranges
     side: str  # "out" or "in"
     phase: str
-    epoch: int = 0  # gone / serving: the map epoch from which the destination owns the range
+    epoch: int = 0  # gone / serving: the map epoch from which the destination owns the ranges
     imported_through: int = 0  # in: the source revision whose changes are all applied here
 
     def check(self) -> None:
@@ -46,8 +74,15 @@ class Claim:
             raise ValueError(f"a claim's side is 'out' or 'in', not {self.side!r}")
         if self.phase not in phases:
             raise ValueError(f"a claim {self.side} is {', '.join(phases)}, not {self.phase!r}")
-        if not (0 <= self.first <= self.last < 65536) or self.move < 1:
-            raise ValueError(f"bad claim range {self.first}-{self.last} or move {self.move}")
+        if self.move < 1:
+            raise ValueError(f"a move's id is positive, not {self.move}")
+        check_ranges(self.ranges)
+
+    def covers(self, slot: int) -> bool:
+        return in_ranges(self.ranges, slot)
+
+    def overlaps(self, other: Claim) -> bool:
+        return ranges_overlap(self.ranges, other.ranges)
 
 
 @dataclass(frozen=True)
@@ -83,7 +118,11 @@ class SlotClaims:
     def from_blob(cls, blob: bytes) -> SlotClaims:
         if not blob:
             return cls()
-        return cls(tuple(Claim(**c) for c in json.loads(blob)))
+        claims = []
+        for c in json.loads(blob):
+            c["ranges"] = tuple(tuple(r) for r in c["ranges"])
+            claims.append(Claim(**c))
+        return cls(tuple(claims))
 
     def with_claim(self, claim: Claim) -> SlotClaims:
         """These claims with `claim` set (replacing the same move's claim on the same side)."""
@@ -106,7 +145,7 @@ class SlotClaims:
         OWNED if claims say this shard holds every one of them; else NONE (the map decides)."""
         owned = unclaimed = 0
         for slot in slots:
-            claim = next((c for c in self._live if c.first <= slot <= c.last), None)
+            claim = next((c for c in self._live if c.covers(slot)), None)
             if claim is None:
                 unclaimed += 1
             elif claim.phase in ("fenced", "importing"):
@@ -126,8 +165,6 @@ class SlotClaims:
             return errors.WrongShard(epoch=verdict.epoch)
         return None
 
-    def exporting(self) -> tuple[tuple[int, int, int], ...]:
-        """(move, first, last) of every range whose writes the change log records."""
-        return tuple(
-            (c.move, c.first, c.last) for c in self._live if c.side == "out" and c.phase == "logging"
-        )
+    def exporting(self) -> tuple[tuple[int, Ranges], ...]:
+        """(move, ranges) of every claim whose writes the change log records."""
+        return tuple((c.move, c.ranges) for c in self._live if c.side == "out" and c.phase == "logging")

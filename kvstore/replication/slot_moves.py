@@ -15,10 +15,11 @@ never sees a destination "serving" before the imports before it are readable.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from kvstore.replication import commands
-from kvstore.replication.slot_claims import Claim, SlotClaims
+from kvstore.replication.slot_claims import Claim, SlotClaims, check_ranges
 from kvstore.routing.ring import slot_of
 from kvstore.storage.engine import Storage
 
@@ -78,24 +79,22 @@ class SlotMoves:
         self._storage.set_exporting(claims.exporting())
 
     def _apply_claim(self, op: commands.Op) -> None:
-        if len(op) != 7:
+        if len(op) != 6:
             raise commands.OpRefused("malformed claim")
-        _, move, first, last, side, phase, epoch = op
+        _, move, ranges, side, phase, epoch = op
         try:
-            claim = Claim(int(move), int(first), int(last), str(side), str(phase), int(epoch))
+            claim = Claim(int(move), check_ranges(ranges), str(side), str(phase), int(epoch))
             claim.check()
         except (TypeError, ValueError) as exc:
             raise commands.OpRefused(f"bad claim: {exc}") from None
         claims = self._claims_in_batch
         current = claims.find(claim.move, claim.side)
         if current is not None:
-            if (current.first, current.last) != (claim.first, claim.last):
-                raise commands.OpRefused(
-                    f"move {claim.move} claims slots {current.first}-{current.last} here"
-                )
+            if current.ranges != claim.ranges:
+                raise commands.OpRefused(f"move {claim.move} claims other slots here")
             if current.phase == claim.phase:
                 return None  # a repeated step
-            claim = Claim(**{**current.__dict__, "phase": claim.phase, "epoch": claim.epoch or current.epoch})
+            claim = replace(current, phase=claim.phase, epoch=claim.epoch or current.epoch)
         if claim.phase not in _NEXT[current.phase if current else None]:
             was = current.phase if current else "nothing"
             raise commands.OpRefused(
@@ -113,10 +112,8 @@ class SlotMoves:
         if claim is None or claim.phase != "importing":
             raise commands.OpRefused(f"this shard is not importing move {move}")
         for key, _ in changes:
-            if not claim.first <= slot_of(key) <= claim.last:
-                raise commands.OpRefused(
-                    f"a key of move {move}'s import is outside slots {claim.first}-{claim.last}"
-                )
+            if not claim.covers(slot_of(key)):
+                raise commands.OpRefused(f"a key of move {move}'s import is outside its slots")
         storage = self._storage
         for key, value in changes:
             if value is None:
@@ -135,15 +132,16 @@ class SlotMoves:
         out, into = claims.find(move, "out"), claims.find(move, "in")
         mine = out or into
         if mine is not None and any(
-            c.move > move and c.first <= mine.last and mine.first <= c.last and c.phase != "aborted"
-            for c in claims.claims
+            c.move > move and c.phase != "aborted" and c.overlaps(mine) for c in claims.claims
         ):
             raise commands.OpRefused(f"a later move claims slots of move {move}: its keys are not dropped")
         keys = 0
-        if out is not None and out.phase == "gone":
-            keys = self._storage.drop_slot_range(out.first, out.last, limit)
-        elif into is not None and into.phase == "aborted":
-            keys = self._storage.drop_slot_range(into.first, into.last, limit)
+        dropping = out if out is not None and out.phase == "gone" else into
+        if dropping is not None and (dropping is out or dropping.phase == "aborted"):
+            for first, last in dropping.ranges:
+                keys += self._storage.drop_slot_range(first, last, limit - keys)
+                if keys >= limit:
+                    break
         elif out is None and into is None:
             raise commands.OpRefused(f"this shard has no part in move {move}")
         changes = (

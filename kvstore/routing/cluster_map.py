@@ -86,10 +86,9 @@ class ClusterMap:
 
     def with_slots_moved(self, *moves: SlotRange) -> ClusterMap:
         """The next map (epoch + 1), in which each (first, last, shard) of `moves` owns those slots."""
-        table = self.slots
-        for first, last, to in moves:
+        for to in {to for _, _, to in moves}:
             self.shard(to)  # UnknownShard unless it is in the map
-            table = table.moved(first, last, to)
+        table = self.slots.moved_all(moves)
         return dataclasses.replace(self, epoch=self.epoch + 1, slot_ranges=tuple(table.overrides()))
 
     @cached_property

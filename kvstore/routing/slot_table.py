@@ -143,12 +143,18 @@ class SlotTable:
 
     def moved(self, first: int, last: int, to: int) -> SlotTable:
         """A new table in which `to` owns slots first..last (inclusive)."""
-        if not 0 <= first <= last < SLOT_COUNT:
-            raise ValueError(f"slots {first}-{last} are not within 0-{SLOT_COUNT - 1}")
-        if to not in self._shards:
-            raise ValueError(f"shard {to} is not one of {sorted(self._shards)}")
+        return self.moved_all([(first, last, to)])
+
+    def moved_all(self, moves: Iterable[SlotRange]) -> SlotTable:
+        """A new table in which each (first, last, shard) of `moves` owns those slots (one copy of
+        the table, however many ranges: a new shard's share is thousands of them)."""
         owners = list(self._owners)
-        owners[first : last + 1] = [to] * (last - first + 1)
+        for first, last, to in moves:
+            if not 0 <= first <= last < SLOT_COUNT:
+                raise ValueError(f"slots {first}-{last} are not within 0-{SLOT_COUNT - 1}")
+            if to not in self._shards:
+                raise ValueError(f"shard {to} is not one of {sorted(self._shards)}")
+            owners[first : last + 1] = [to] * (last - first + 1)
         return SlotTable(self._ring, owners, self._shards)
 
     def proposal_for(self, ring_with_new_shard: Ring, new_shard: int) -> list[SlotRange]:
@@ -177,3 +183,16 @@ class SlotTable:
 
     def __repr__(self) -> str:
         return f"SlotTable({self._ring!r}, {len(self.overrides())} override ranges)"
+
+
+def ranges_overlap(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]) -> bool:
+    """Whether two sorted lists of disjoint (first, last) ranges share a slot (one merge pass)."""
+    i = j = 0
+    while i < len(a) and j < len(b):
+        if a[i][1] < b[j][0]:
+            i += 1
+        elif b[j][1] < a[i][0]:
+            j += 1
+        else:
+            return True
+    return False

@@ -14,8 +14,9 @@ from kvstore import errors
 from kvstore.consistency import ConsistencyLevel
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.replication import commands
-from kvstore.replication.slot_claims import IN_PHASES, OUT_PHASES, Claim
-from kvstore.routing.ring import SLOT_COUNT, slot_of
+from kvstore.replication.slot_claims import IN_PHASES, OUT_PHASES, Claim, check_ranges
+from kvstore.replication.views import Record
+from kvstore.routing.ring import slot_of
 from kvstore.server import validation as check
 
 if TYPE_CHECKING:
@@ -53,11 +54,11 @@ async def move_claim(ctx: NodeContext, request: pb.MoveClaimRequest) -> pb.MoveC
             f"side must be 'out' or 'in', and phase one of its phases (out: {', '.join(OUT_PHASES)}; "
             f"in: {', '.join(IN_PHASES)}), not {request.side!r} {request.phase!r}"
         )
-    if not request.first <= request.last < SLOT_COUNT:
-        raise errors.InvalidArgument(
-            f"slots {request.first}-{request.last} are not a range of 0-{SLOT_COUNT - 1}"
-        )
-    op = commands.claim(request.move, request.first, request.last, request.side, request.phase, request.epoch)
+    try:
+        ranges = check_ranges((r.first, r.last) for r in request.ranges)
+    except ValueError as exc:
+        raise errors.InvalidArgument(str(exc)) from None
+    op = commands.claim(request.move, ranges, request.side, request.phase, request.epoch)
     revision, _ = await ctx.shard.write(op)
     claim = ctx.shard.claims.find(request.move, "in")
     through = claim.imported_through if claim is not None and request.side == "in" else 0
@@ -69,12 +70,25 @@ async def export_keys(ctx: NodeContext, request: pb.ExportKeysRequest) -> pb.Exp
     limit = _limit(request.limit)
     claim = _claim(ctx, request.move, "out")
     after = (request.after_slot, request.after_key) if request.resume else None
-    if after is not None and not claim.first <= after[0] <= claim.last:
-        raise errors.InvalidArgument(f"after_slot {after[0]} is outside slots {claim.first}-{claim.last}")
+    if after is not None and not claim.covers(after[0]):
+        raise errors.InvalidArgument(f"after_slot {after[0]} is outside move {request.move}'s slots")
     view = await ctx.shard.fresh_view(ConsistencyLevel.STRONG)
     _claim(ctx, request.move, "out")  # still moving out once fresh (not aborted meanwhile)
     budget = ctx.config.limits.max_response_bytes
-    records, following, applied = view.slot_keys(claim.first, claim.last, after, limit, budget)
+    records: list[Record] = []
+    following: tuple[int, bytes] | None = None
+    applied = 0
+    for first, last in claim.ranges:  # the ranges from the one `after` is in, while the page has room
+        if after is not None and last < after[0]:
+            continue
+        start = after if after is not None and first <= after[0] else None
+        page, following, applied = view.slot_keys(first, last, start, limit - len(records), budget)
+        records += page
+        budget -= sum(len(r.key) + len(r.value) for r in page)
+        if following is not None or len(records) >= limit or budget <= 0:
+            if following is None:  # this range is done, the page is full: the next one from its start
+                following = _next_range_start(claim.ranges, last)
+            break
     response = pb.ExportKeysResponse(
         header=ctx.header(applied),
         keys=[r.key for r in records],
@@ -84,6 +98,13 @@ async def export_keys(ctx: NodeContext, request: pb.ExportKeysRequest) -> pb.Exp
     if following is not None:
         response.next_slot, response.next_key = following
     return response
+
+
+def _next_range_start(ranges: tuple[tuple[int, int], ...], last: int) -> tuple[int, bytes] | None:
+    """Where a page resumes once the range ending at `last` is done: the next range's start (as a
+    position before its first key), or None if it was the last range."""
+    following = [first for first, _ in ranges if first > last]
+    return (following[0], b"") if following else None
 
 
 async def export_changes(ctx: NodeContext, request: pb.ExportChangesRequest) -> pb.ExportChangesResponse:
@@ -111,11 +132,9 @@ async def import_changes(ctx: NodeContext, request: pb.ImportChangesRequest) -> 
         raise errors.InvalidArgument("keys, values and deleted must pair up")
     if keys:
         check.check_pairs(keys, values, limits)
-        outside = [k for k in keys if not claim.first <= slot_of(k) <= claim.last]
+        outside = [k for k in keys if not claim.covers(slot_of(k))]
         if outside:
-            raise errors.InvalidArgument(
-                f"{len(outside)} key(s) are outside move {request.move}'s slots {claim.first}-{claim.last}"
-            )
+            raise errors.InvalidArgument(f"{len(outside)} key(s) are outside move {request.move}'s slots")
     changes = [(k, None if gone else v) for k, v, gone in zip(keys, values, request.deleted, strict=True)]
     revision, _ = await ctx.shard.write(commands.import_changes(request.move, changes, request.through))
     now = ctx.shard.claims.find(request.move, "in")

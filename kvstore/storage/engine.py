@@ -22,6 +22,7 @@ Layout (named databases in one environment):
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import os
@@ -106,9 +107,9 @@ class Storage:
         self._env_lock = threading.Lock()
         self._txn: lmdb.Transaction | None = None
         self._txn_bytes = 0
-        # Slot ranges whose writes are logged for a move out (move, first, last), set by the
-        # caller from its claims (`set_exporting`); and the (revision, position) of the last change.
-        self._exporting: tuple[tuple[int, int, int], ...] = ()
+        # Slot ranges whose writes are logged for a move out (move, sorted (first, last) ranges),
+        # set by the caller from its claims (`set_exporting`); the (revision, position) of the last change.
+        self._exporting: tuple[tuple[int, tuple[tuple[int, int], ...]], ...] = ()
         self._last_change = (0, 0)
         self._snapshots_running = 0
         live, old = self.path / "lmdb", self.path / "lmdb.old"
@@ -390,14 +391,15 @@ class Storage:
 
     # ----- slot moves (kvstore/storage/move_tables.py) -----
 
-    def set_exporting(self, ranges: tuple[tuple[int, int, int], ...]) -> None:
-        """From now on, log every write to these (move, first slot, last slot) ranges (apply thread)."""
-        self._exporting = ranges
+    def set_exporting(self, moves: tuple[tuple[int, tuple[tuple[int, int], ...]], ...]) -> None:
+        """From now on, log every write to these moves' (move, sorted (first, last) slot ranges)."""
+        self._exporting = moves
 
     def _log_change(self, key: bytes, value: bytes | None, revision: int) -> None:
         slot = slot_of(key)
-        for move, first, last in self._exporting:
-            if first <= slot <= last:
+        for move, ranges in self._exporting:
+            i = bisect.bisect_right(ranges, (slot, SLOT_COUNT)) - 1
+            if i >= 0 and ranges[i][0] <= slot <= ranges[i][1]:
                 last_revision, position = self._last_change
                 position = position + 1 if last_revision == revision else 0
                 self._last_change = (revision, position)

@@ -247,8 +247,10 @@ def move_step(draw: st.DrawFn, method: str, limits: Limits) -> Any:
         return pb.MoveClaimRequest(
             shard=draw(st.sampled_from([1, 2**32 - 1])),
             move=move,
-            first=draw(slot),
-            last=draw(slot),
+            ranges=[
+                pb.SlotRange(first=draw(slot), last=draw(slot))
+                for _ in range(draw(st.sampled_from([0, 1, 2])))
+            ],
             side=draw(st.sampled_from(["out", "in", "", "sideways"])),
             phase=draw(
                 st.sampled_from(["logging", "fenced", "gone", "importing", "serving", "aborted", "x"])

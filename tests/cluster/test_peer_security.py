@@ -352,7 +352,8 @@ def test_node_refuses_to_start_without_a_secret_unless_insecure(tmp_path: Path) 
 def test_insecure_cluster_still_refuses_readonly_and_admin(tmp_path: Path) -> None:
     raft = dataclasses.replace(TEST_RAFT, insecure=True)
     with running_cluster(tmp_path / "insecure", raft=raft) as cluster:
-        assert not (cluster.dir / "secrets").exists()
+        # No Raft secret (only the admin secret, which is not about Raft peers).
+        assert sorted(p.name for p in (cluster.dir / "secrets").iterdir()) == ["admin.key"]
         assert "INSECURE" in cluster.log_path("s0r0").read_text()
         for first in ("readonly", ["status"]):
             dialer = RaftDialer(raft_port(cluster, "s0r0"))

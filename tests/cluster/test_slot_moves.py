@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -256,3 +258,60 @@ def test_a_move_aborted_after_its_fence_leaves_the_source_owning_all_of_it(clust
     assert got[keys[0]] == b"after the abort" and all(got[k] == b"2" for k in keys[1:])
     counts = _owned_counts(cluster, keys)
     assert counts == counts_before  # the target dropped what it imported
+
+
+def test_a_session_token_from_the_source_keeps_its_promise_on_the_target(cluster: LocalCluster) -> None:
+    """A session token names shards; after a move, its entry for the source says nothing to the
+    target. The promise holds anyway: a target replica serves the range only once it has applied
+    its `serving` claim, which follows every import through the fence, and so every write the
+    session made at the source. Read from the target's followers right after the move."""
+    before = _stored_map(cluster)
+    first, last = _runs(before, owner=0)[0]
+    keys = _keys(first, last, 50, "session")
+    with Client.from_cluster(cluster.dir, consistency="session", read_policy="followers_only") as kv:
+        for key in keys:
+            kv.put(key, b"mine")  # at the source, shard 0
+        _move(cluster, first, last, target=1)
+        for key in keys:
+            assert kv.get(key) == b"mine"
+        assert kv.core.cluster_map.slots.shard_for(keys[0]) == 1
+
+
+def test_add_shard_under_load_takes_its_share_and_loses_nothing(cluster: LocalCluster) -> None:
+    """`kvstore cluster add-shard` (issue 16): a third shard starts and takes ~1/3 of the slots,
+    only from the other two, while a writer and a reader run; every acknowledged write is then
+    found, and no strong read was older than a write acknowledged before it began."""
+    before = _stored_map(cluster)
+    keys = [f"spread:{i}".encode() for i in range(1500)]
+    with Client.from_cluster(cluster.dir) as kv:
+        kv.put_many({k: b"0" for k in keys}, atomic=False)
+    with Load(cluster, keys) as load:
+        time.sleep(1.0)
+        began = time.monotonic()
+        added = subprocess.run(
+            [sys.executable, "-m", "kvstore", "cluster", "add-shard", "--dir", str(cluster.dir)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        took = time.monotonic() - began
+        time.sleep(1.0)
+    assert added.returncode == 0, added.stdout + added.stderr
+    print(added.stdout[-600:], f"add-shard took {took:.1f}s; {load.writes} writes, {load.reads} reads")
+    assert not load.stale, load.stale[:5]
+    assert not load.errors, load.errors[:5]
+    assert load.writes > 50 and load.reads > 50
+
+    after = _stored_map(cluster)
+    assert [s.id for s in after.shards] == [0, 1, 2]
+    counts = after.slots.slot_counts()
+    assert 0.25 < counts[2] / 65536 < 0.42, counts
+    # Only slots of the new shard changed owner: none moved between the old two.
+    assert all(
+        after.slots.shard_for_slot(s) in (before.slots.shard_for_slot(s), 2) for s in range(0, 65536, 7)
+    )
+    with Client.from_cluster(cluster.dir) as kv:
+        load.check_final(kv)
+    status = {s["shard"]: s for s in cluster.status()}
+    on_new = sum(1 for k in keys if after.slots.shard_for(k) == 2)
+    assert status[2]["leader"] and status[2]["key_count"] >= on_new > 0

@@ -315,12 +315,12 @@ def test_a_write_refused_because_its_slot_moves_keeps_no_outcome(tmp_path: Path)
     replica = _Replica(Storage(tmp_path / "s", fsync=False))
     key = b"moving-key"
     slot = slot_of(key)
-    replica.apply(b"", commands.claim(1, slot, slot, "out", "logging"), at=1.0)
-    replica.apply(b"", commands.claim(1, slot, slot, "out", "fenced"), at=1.0)
+    replica.apply(b"", commands.claim(1, [(slot, slot)], "out", "logging"), at=1.0)
+    replica.apply(b"", commands.claim(1, [(slot, slot)], "out", "fenced"), at=1.0)
     request = _id(7, 1)
     refused = replica.apply(request, commands.put(key, b"v"), at=2.0)
     assert isinstance(refused[1], commands.Refused) and refused[1].kind == errors.Moving.kind
     assert replica._storage.recall_outcome(request) is None
-    replica.apply(b"", commands.claim(1, slot, slot, "out", "aborted"), at=3.0)
+    replica.apply(b"", commands.claim(1, [(slot, slot)], "out", "aborted"), at=3.0)
     revision, payload = replica.apply(request, commands.put(key, b"v"), retry=True, at=4.0)
     assert payload is None and replica._storage.get(key).value == b"v"
