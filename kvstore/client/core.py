@@ -254,7 +254,27 @@ class ClientCore(Dispatcher):
             for s in cluster_map.shards
         ]
         responses = yield Parallel(plans)
-        merged = list(heapq.merge(*(r.kvs for r in responses), key=lambda kv: kv.key))
+        shard_ids = [s.id for s in cluster_map.shards]
+        tagged = heapq.merge(
+            *([(kv.key, i, kv) for kv in r.kvs] for i, r in zip(shard_ids, responses, strict=True))
+        )
+        merged_tagged = list(tagged)
+        if any(a[0] == b[0] for a, b in itertools.pairwise(merged_tagged)):
+            # A key listed by two shards: a move's source (fenced: its copy as of the fence) and
+            # its target (serving) for a moment. The newest map says whose it is (a mover flips
+            # the map, and waits for every node to have it, before the target serves).
+            fresh = yield from self.refresh_map(deadline=deadline)
+            owner = fresh.slots.shard_for
+            merged_tagged = [
+                entry
+                for j, entry in enumerate(merged_tagged)
+                if not (
+                    (j > 0 and merged_tagged[j - 1][0] == entry[0])
+                    or (j + 1 < len(merged_tagged) and merged_tagged[j + 1][0] == entry[0])
+                )
+                or owner(entry[0]) == entry[1]
+            ]
+        merged = [kv for _, _, kv in merged_tagged]
         more = len(merged) > limit or any(r.continuation for r in responses)
         page = merged[:limit]
         # A shard's page may end early (at the node's answer limit): the merged page must end
@@ -268,7 +288,8 @@ class ClientCore(Dispatcher):
             page = within
         combined = combine_headers(pb.ScanResponse(), responses)
         combined.kvs.extend(page)
-        combined.continuation = page[-1].key if more and page else b""
+        if more:  # a shard's page may hold no key it lists (moving slots): go on from where it ended
+            combined.continuation = page[-1].key if page else min(ends) if ends else b""
         return combined
 
     # ----- one KV request message (`Client.send`: the router, tools that want the headers) --------

@@ -48,6 +48,7 @@ from kvstore.routing.cluster_map import ClusterMap
 from kvstore.routing.ring import SLOT_COUNT as SLOTS
 from kvstore.storage.copies import DataDigest, NotAStoreCopy, describe_copy
 from kvstore.storage.disk import fsync_directory
+from kvstore.storage.move_tables import forget_moves
 
 FORMAT, VERSION = "kvstore-backup", 1
 MANIFEST = "manifest.json"
@@ -77,6 +78,37 @@ class ShardDigest:
 # ----- backup ---------------------------------------------------------------------------------
 
 
+def _moves_at_rest(cluster: LocalCluster, cluster_map: ClusterMap) -> int:
+    """The number of slot moves the metadata group records (0 without a group), once none is in
+    flight: a copy taken mid-move would hold a range on both sides, one of them half imported,
+    so a backup refuses to start then (and fails if one starts meanwhile: the count changes)."""
+    if not cluster_map.meta:
+        return 0
+    import asyncio
+
+    from kvstore.meta.store import MapStore, MoveRecords
+
+    async def read() -> list[Any]:
+        store = MapStore(cluster_map)
+        try:
+            return await MoveRecords(store).all()
+        finally:
+            await store.close()
+
+    try:
+        moves = asyncio.run(read())
+    except errors.KvError as exc:
+        raise BackupFailed(f"the metadata group cannot say whether slots are moving: {exc.message}") from None
+    busy = [m for m in moves if not m.finished_phase]
+    if busy:
+        m = busy[0]
+        raise BackupFailed(
+            f"move {m.id} ({m.describe()}) is in phase {m.phase}: resume it to done or abort it "
+            "(kvstore cluster migrations), then back up"
+        )
+    return len(moves)
+
+
 def backup_cluster(cluster_dir: str | Path, out_dir: str | Path, say: Say = print) -> dict[str, Any]:
     """Back up every shard of the cluster at `cluster_dir` into `out_dir` (new or empty); returns
     the manifest. Shards are copied in parallel, each from the first replica that serves it
@@ -88,6 +120,7 @@ def backup_cluster(cluster_dir: str | Path, out_dir: str | Path, say: Say = prin
         raise FileExistsError(f"{out} is not empty: a backup goes into a new or empty directory")
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    moves_before = _moves_at_rest(cluster, cluster_map)
     leaders = {s["shard"]: s["leader"] for s in cluster.status(timeout=2.0)}
     with ThreadPoolExecutor(len(cluster_map.shards)) as pool:
         entries = list(
@@ -102,6 +135,8 @@ def backup_cluster(cluster_dir: str | Path, out_dir: str | Path, say: Say = prin
                 f"shard {entry['shard']} was copied under cluster map epoch {entry['epoch']}, but "
                 f"{cluster.map_path} has epoch {cluster_map.epoch}: the map changed; back up again"
             )
+    if _moves_at_rest(cluster, cluster_map) != moves_before:
+        raise BackupFailed("a slot move began while the shards were copied: back up again once it is done")
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -413,6 +448,9 @@ def _seed(data_dir: Path, store_copy: Path, entry: dict[str, Any], members: list
     lmdb_dir = data_dir / "lmdb"
     lmdb_dir.mkdir(parents=True)
     shutil.copyfile(store_copy, lmdb_dir / "data.mdb")  # in the kernel where it can (sendfile)
+    # Claims of finished moves say what the restored map's slot table says already; their move
+    # ids would collide with the new cluster's (its metadata group counts from 1 again).
+    forget_moves(lmdb_dir)
     with open(lmdb_dir / "data.mdb", "rb+") as dest:
         os.fsync(dest.fileno())
     fsync_directory(lmdb_dir)

@@ -129,6 +129,27 @@ class ShardCalls:
             pause = min(1.0, pause * 2)
         raise errors.Unavailable(f"shard {shard_id} did not answer {method} within {CALL_TIMEOUT:g}s: {last}")
 
+    async def wait_for_epoch(self, epoch: int, timeout: float = 10.0) -> list[str]:
+        """Wait until every replica of every shard that answers holds map `epoch` or newer (they
+        poll the metadata group twice a second); the names of those that did not in time."""
+        deadline = time.monotonic() + timeout
+        waiting = [r for s in self.cluster_map.shards for r in s.replicas]
+        while waiting and time.monotonic() < deadline:
+            behind = []
+            for replica in waiting:
+                try:
+                    status = await self._stub(replica.address).Status(
+                        pb.StatusRequest(), timeout=1.0, metadata=self._metadata
+                    )
+                except grpc.RpcError:
+                    continue  # down or cut off: it starts from its cached map, or learns later
+                if status.epoch < epoch:
+                    behind.append(replica)
+            waiting = behind
+            if waiting:
+                await asyncio.sleep(0.1)
+        return [r.name for r in waiting]
+
 
 _OPTIONS = [("grpc.max_receive_message_length", 512 << 20), ("grpc.max_send_message_length", 512 << 20)]
 
@@ -272,7 +293,11 @@ class Mover:
             if next_phase == "done":
                 record.finished = time.time()
             revision = await self.records.save(record, revision)
-            self.say(f"move {record.id}: {next_phase} ({time.monotonic() - began:.1f}s)")
+            elapsed = time.monotonic() - began
+            self.say(
+                f"move {record.id}: {next_phase} ({elapsed:.1f}s: {record.keys_copied} keys copied, "
+                f"{record.changes_applied} changes replayed, {record.keys_dropped} dropped)"
+            )
         return record
 
     async def _planned(self, shards: ShardCalls, record: MoveRecord, throttle: Throttle) -> str:
@@ -297,6 +322,11 @@ class Mover:
         return "flipped"
 
     async def _flipped(self, shards: ShardCalls, record: MoveRecord, throttle: Throttle) -> str:
+        # Every node holds the new map before the target serves: a scan that meets the range on
+        # both sides for that moment can tell whose it is from any node's map (core.scan).
+        behind = await shards.wait_for_epoch(record.epoch)
+        if behind:
+            self.say(f"move {record.id}: {', '.join(behind)} still behind epoch {record.epoch}")
         await self._claim(shards, record.target, record, "in", "serving", record.epoch)
         await self._claim(shards, record.source, record, "out", "gone", record.epoch)
         return "cleaning"

@@ -156,6 +156,13 @@ class SlotClaims:
                 owned += 1
         return OWNED if owned and not unclaimed else NONE
 
+    def holds_for_scan(self, slot: int) -> bool:
+        """Whether a scan here lists a key of `slot`: not while it is being imported (the source
+        still answers for it) nor once it has gone (the target does), so that a key is listed
+        by one shard at a time. A fenced slot is listed by its source: it holds the final state."""
+        claim = next((c for c in self._live if c.covers(slot)), None)
+        return claim is None or claim.phase not in ("importing", "gone")
+
     def write_refusal(self, slots: Any) -> errors.KvError | None:
         """Why a write to `slots` must not apply here (checked as it applies), or None."""
         verdict = self.verdict(slots)

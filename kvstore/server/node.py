@@ -258,6 +258,9 @@ class KVServicer(pb_grpc.KVServicer):
             budget_bytes=self.limits.max_response_bytes,
         )
         continuation = records[-1].key if more and records else b""
+        claims = self.shard.claims
+        if claims:  # keys moving in, or gone: listed by the shard that answers for them
+            records = [r for r in records if claims.holds_for_scan(slot_of(r.key))]
         return pb.ScanResponse(
             header=self.ctx.header(applied), kvs=[_kv(r) for r in records], continuation=continuation
         )

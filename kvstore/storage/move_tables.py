@@ -15,6 +15,7 @@ Knows nothing of Raft; every method runs inside the caller's transaction.
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 from typing import NamedTuple
 
 import lmdb
@@ -97,3 +98,15 @@ class MoveTables:
                 break
             dropped += 1
         return dropped
+
+
+def forget_moves(lmdb_dir: Path) -> None:
+    """Drop every claim and change log from the store at `lmdb_dir` (not open elsewhere): a
+    restored copy, whose cluster starts counting moves afresh."""
+    env = lmdb.open(str(lmdb_dir), max_dbs=16, subdir=True, sync=True)
+    try:
+        with env.begin(write=True) as txn:
+            txn.delete(_CLAIMS, db=env.open_db(b"meta", txn=txn))
+            txn.drop(env.open_db(MoveTables.NAME, txn=txn), delete=False)
+    finally:
+        env.close()
