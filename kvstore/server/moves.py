@@ -81,7 +81,8 @@ async def export_keys(ctx: NodeContext, request: pb.ExportKeysRequest) -> pb.Exp
     for first, last in claim.ranges:  # the ranges from the one `after` is in, while the page has room
         if after is not None and last < after[0]:
             continue
-        start = after if after is not None and first <= after[0] else None
+        # An empty after_key: from the start of the range after_slot begins (`_next_range_start`).
+        start = after if after is not None and after[1] and first <= after[0] else None
         page, following, applied = view.slot_keys(first, last, start, limit - len(records), budget)
         records += page
         budget -= sum(len(r.key) + len(r.value) for r in page)
