@@ -333,8 +333,15 @@ def fuzz_rpcs(
 
 def test_every_rpc_answers_clearly_and_refusals_change_nothing(cluster: LocalCluster, limits: Limits) -> None:
     node = leader(cluster)
+    seen: dict[str, set[grpc.StatusCode]] = {}
     try:
-        seen = fuzz_rpcs(node, node, limits, EXAMPLES)
+        # Every RPC gets its share of the examples (drawn among 18 methods at random, one could
+        # go without any in a run: 0.1% of runs did).
+        for method in NODE_METHODS:
+            for name, codes in fuzz_rpcs(
+                node, node, limits, max(4, EXAMPLES // len(NODE_METHODS)), [method]
+            ).items():
+                seen.setdefault(name, set()).update(codes)
     finally:
         node.close()
     # The generator reached every RPC and both sides of the limits: some served, some refused.
