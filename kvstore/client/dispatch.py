@@ -364,7 +364,8 @@ class Dispatcher:
                         raise
                     if isinstance(err, errors.WrongShard | errors.Moving):
                         attempts.failed(err)  # Moving: every replica would say so; back off first
-                        yield from self.refresh_map(getattr(err, "epoch", 0), attempts.remaining())
+                        epoch = err.epoch if isinstance(err, errors.WrongShard) else 0
+                        yield from self.refresh_map(epoch, attempts.remaining())
                         break
                     if isinstance(err, errors.ReplicaBehind):
                         attempts.failed(err)

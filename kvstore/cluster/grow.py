@@ -20,7 +20,7 @@ from kvstore.cluster.topology import PORTS_PER_REPLICA
 from kvstore.config import NodeConfig
 from kvstore.meta.mover import Mover, plan_ranges
 from kvstore.meta.store import MapStore, MoveRecord
-from kvstore.routing.cluster_map import ClusterMap, ReplicaInfo, ShardInfo
+from kvstore.routing.cluster_map import ClusterMap, ShardInfo
 from kvstore.routing.ring import Ring
 
 if TYPE_CHECKING:
@@ -81,32 +81,15 @@ async def add_shard(
 def _plan_replicas(
     cluster: LocalCluster, current: ClusterMap, shard: int, count: int
 ) -> tuple[ShardInfo, list[NodeConfig]]:
-    """The new shard's replicas (s<shard>r<i>, free ports) and their configs, made like an
-    existing data node's: the same cluster, limits and settings, a Raft secret of their own."""
+    """The new shard's replicas (s<shard>r<i>, free ports, the first shard's zones in turn) and
+    their configs, made like an existing data node's, with a Raft secret of their own."""
     like = cluster.node_config(current.shards[0].replicas[0].name)
     ports = [p for p in free_ports(PORTS_PER_REPLICA * count + 8) if p not in cluster.reserved_ports]
-    ports = ports[: PORTS_PER_REPLICA * count]
     secret = "" if like.raft.insecure else str(cluster.write_shard_secret(shard))
-    members = []
-    for r in range(count):
-        grpc_port, raft_port, health_port = ports[PORTS_PER_REPLICA * r : PORTS_PER_REPLICA * (r + 1)]
-        zone = current.shards[0].replicas[r % len(current.shards[0].replicas)].zone
-        addresses = (f"127.0.0.1:{port}" for port in (grpc_port, raft_port, health_port))
-        members.append((f"s{shard}r{r}", *addresses, zone))
-    configs = [
-        dataclasses.replace(
-            like,
-            name=name,
-            shard=shard,
-            listen=grpc_addr,
-            raft_bind=raft_addr,
-            raft_advertise=raft_addr,
-            peers=[m[2] for m in members if m[0] != name],
-            data_dir=str(cluster.dir / "data" / name),
-            zone=zone,
-            health_listen=health_addr,
-            raft=dataclasses.replace(like.raft, secret_file=secret),
-        )
-        for name, grpc_addr, raft_addr, health_addr, zone in members
-    ]
-    return ShardInfo(shard, tuple(ReplicaInfo(m[0], m[1], m[2], m[4]) for m in members)), configs
+    zones_of_first = [r.zone for r in current.shards[0].replicas]
+    names = [f"s{shard}r{r}" for r in range(count)]
+    zones = [zones_of_first[r % len(zones_of_first)] for r in range(count)]
+    replicas, configs = cluster.plan_group(
+        like, shard, names, zones, ports[: PORTS_PER_REPLICA * count], secret
+    )
+    return ShardInfo(shard, replicas), configs

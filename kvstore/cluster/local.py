@@ -211,33 +211,42 @@ class LocalCluster:
     def _plan_meta(
         self, topology: Topology, ports: list[int], like: NodeConfig
     ) -> tuple[tuple[ReplicaInfo, ...], list[NodeConfig]]:
-        """The metadata group's replicas (m0, m1, ...) and their configs, made like `like`'s: the
-        same cluster, Raft and storage settings, a secret of their own (no shard's replica can
-        join the group, nor the group's a shard)."""
+        """The metadata group's replicas (m0, m1, ...) and their configs (`plan_group`), with a
+        secret of their own (no shard's replica can join the group, nor the group's a shard)."""
         if not topology.meta_replicas:
             return (), []
         secret = "" if like.raft.insecure else str(self._write_secret("meta"))
+        names = [f"m{j}" for j in range(topology.meta_replicas)]
+        zones = [topology.zone_of(j) for j in range(topology.meta_replicas)]
+        return self.plan_group(like, META_SHARD, names, zones, ports, secret)
+
+    def plan_group(
+        self, like: NodeConfig, shard: int, names: list[str], zones: list[str], ports: list[int], secret: str
+    ) -> tuple[tuple[ReplicaInfo, ...], list[NodeConfig]]:
+        """A Raft group of replicas `names` in `zones` on `ports` (gRPC, Raft, health each, in
+        turn), serving as `shard`: their map entries and configs, made like `like`'s (the same
+        cluster, limits and settings) with the Raft secret file `secret` ("": --insecure)."""
         members = [
-            (f"m{j}", *(f"127.0.0.1:{p}" for p in ports[PORTS_PER_REPLICA * j : PORTS_PER_REPLICA * (j + 1)]))
-            for j in range(topology.meta_replicas)
+            (name, *(f"127.0.0.1:{p}" for p in ports[PORTS_PER_REPLICA * j : PORTS_PER_REPLICA * (j + 1)]))
+            for j, name in enumerate(names)
         ]
         configs = [
             dataclasses.replace(
                 like,
                 name=name,
-                shard=META_SHARD,
+                shard=shard,
                 listen=grpc_addr,
                 raft_bind=raft_addr,
                 raft_advertise=raft_addr,
                 peers=[m[2] for m in members if m[0] != name],
                 data_dir=str(self.dir / "data" / name),
-                zone=topology.zone_of(j),
+                zone=zone,
                 health_listen=health_addr,
                 raft=dataclasses.replace(like.raft, secret_file=secret),
             )
-            for j, (name, grpc_addr, raft_addr, health_addr) in enumerate(members)
+            for (name, grpc_addr, raft_addr, health_addr), zone in zip(members, zones, strict=True)
         ]
-        replicas = tuple(ReplicaInfo(m[0], m[1], m[2], topology.zone_of(j)) for j, m in enumerate(members))
+        replicas = tuple(ReplicaInfo(m[0], m[1], m[2], zone) for m, zone in zip(members, zones, strict=True))
         return replicas, configs
 
     @property

@@ -61,11 +61,18 @@ class MapStore:
     async def close(self) -> None:
         await self.client.close()
 
-    async def read(self, timeout: float | None = None) -> tuple[ClusterMap | None, int]:
-        """The newest map and its revision in the group (None, 0 before it was seeded)."""
+    async def read(
+        self, timeout: float | None = None, unless_revision: int = 0
+    ) -> tuple[ClusterMap | None, int]:
+        """The newest map and its revision in the group (None, 0 before it was seeded). With
+        `unless_revision`: (None, that revision) when the map is still that version, not decoded
+        again (a map with thousands of moved ranges takes milliseconds to build: every node
+        polls twice a second)."""
         item = await self.client.get_item(MAP_KEY, timeout=timeout)
         if item is None:
             return None, 0
+        if unless_revision and item.revision == unless_revision:
+            return None, item.revision
         stored = decode(item.value)
         if stored.cluster_id != self.cluster_id:
             raise errors.ClusterMismatch(

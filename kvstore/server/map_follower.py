@@ -67,6 +67,7 @@ class MapFollower:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._trouble = ""  # what went wrong at the last poll ("" if it worked)
+        self._revision = 0  # the stored map's revision at the last poll (unchanged: not decoded)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="map-follower")
@@ -95,7 +96,7 @@ class MapFollower:
             if self._seed and await self._store.seed(self._start):
                 log.info("seeded the metadata group with the cluster map (epoch %d)", self._start.epoch)
             self._seed = False
-            stored, _ = await self._store.read()
+            stored, self._revision = await self._store.read(unless_revision=self._revision)
         except errors.KvError as exc:
             self._report(f"the metadata group is unreachable ({exc.kind}: {exc.message})")
             return

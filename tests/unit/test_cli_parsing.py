@@ -161,3 +161,14 @@ def test_errors_become_one_line_and_an_exit_status(
 
     monkeypatch.setattr(cli_kv, "run", fail)
     assert _run(capsys, "--cluster", "/c", "put", "k", "v") == (code, "", stderr)
+
+
+def test_move_slots_takes_a_slot_range_or_one_slot_and_refuses_anything_else() -> None:
+    from kvstore import errors
+    from kvstore.cli_moves import parse_slots
+
+    assert parse_slots("0-1023") == (0, 1023) and parse_slots("7") == (7, 7)
+    assert parse_slots("65535") == (65535, 65535)
+    for bad in ("", "a-b", "5-4", "0-65536", "-1", "1-2-3"):
+        with pytest.raises(errors.InvalidArgument, match="--slots"):
+            parse_slots(bad)
